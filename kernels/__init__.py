@@ -1,0 +1,1 @@
+"""Triton kernels of yarn-triton, installed as ``yarn_triton.kernels``."""

@@ -1,0 +1,58 @@
+"""Shared test helpers.
+
+Kernel tests run on ``kernel_device``: the CPU under ``TRITON_INTERPRET=1`` (how CI covers
+every kernel path), CUDA when a GPU is present, and are skipped otherwise.
+"""
+
+import os
+
+import pytest
+import torch
+
+from yarn_triton.kernels.rope_kernel import INTERPRETED
+
+# Relative-error bounds of the kernel output vs the float64 truth, per dtype: storage
+# rounding of the output dominates (bf16 2**-8, fp16 2**-11, fp32 ~1e-7 with precise angles).
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+POISON = float("nan")
+
+
+def _kernel_device():
+    if INTERPRETED:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    return None
+
+
+KERNEL_DEVICE = _kernel_device()
+requires_kernel = pytest.mark.skipif(
+    KERNEL_DEVICE is None, reason="needs a CUDA GPU or TRITON_INTERPRET=1"
+)
+requires_cuda = pytest.mark.skipif(
+    INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA GPU (native, not interpreted)"
+)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere gives inf (never passes)."""
+    out64, ref64 = out.double().cpu(), ref.double().cpu()
+    if torch.isnan(out64).any() or torch.isnan(ref64).any():
+        return float("inf")
+    return ((out64 - ref64).norm() / ref64.norm()).item()
+
+
+@pytest.fixture
+def kdev():
+    if KERNEL_DEVICE is None:
+        pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1")
+    return KERNEL_DEVICE
+
+
+@pytest.fixture
+def gen():
+    """A fresh generator per test: inputs differ run to run (seed printed on failure)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+    g.seed_value = seed
+    return g

@@ -1,0 +1,123 @@
+"""Pure-PyTorch reference: the materialised cos/sin-cache way of the source models.
+
+This is the oracle of the tests and the path taken for CPU tensors. It builds the cos/sin
+cache (``emb = cat(freqs, freqs)``, times ``cos_sin_scale``) for the positions it is given,
+indexes it by position id, and applies ``x * cos + rotate_half(x) * sin`` -- after the
+DeepSeek pair permutation for ``layout="deepseek"``. ``compute_dtype=torch.float64`` turns
+it into the float64 truth for the same float32 ``inv_freq``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .rope import RopeParams
+
+__all__ = ["rope_reference", "apply_rope_reference_", "rotate_half", "cos_sin_cache", "LAYOUTS"]
+
+LAYOUTS = ("neox", "interleaved", "deepseek")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[-x2, x1]`` for ``x = [x1, x2]`` split in halves along the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def cos_sin_cache(
+    params: RopeParams, positions: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Materialised ``cos, sin`` of shape ``positions.shape + (rope_dim,)``, scaled by
+    ``params.cos_sin_scale``, in ``dtype`` (angles are computed in ``dtype`` too).
+
+    The cache rows are built once per distinct position and gathered by position id, so
+    arbitrary (also negative or very large) positions work; each row equals the row
+    ``arange(max_position)`` would give for that position.
+    """
+    uniq, inverse = torch.unique(positions.reshape(-1), return_inverse=True)
+    inv_freq = params.inv_freq.to(device=positions.device, dtype=dtype)
+    freqs = torch.outer(uniq.to(dtype), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = emb.cos() * params.cos_sin_scale
+    sin = emb.sin() * params.cos_sin_scale
+    shape = tuple(positions.shape) + (params.rope_dim,)
+    return cos[inverse].reshape(shape), sin[inverse].reshape(shape)
+
+
+def _deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """DeepSeek's ``[x0, x1, x2, x3, ...] -> [x0, x2, ..., x1, x3, ...]`` on the last dim."""
+    *lead, d = x.shape
+    return x.view(*lead, d // 2, 2).transpose(-1, -2).reshape(*lead, d)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "deepseek":
+        x = _deinterleave(x)
+    if layout == "interleaved":
+        # GPT-J pairs (x[2i], x[2i+1]) rotate by angle i; cos/sin halves are identical.
+        half = cos.shape[-1] // 2
+        c, s = cos[..., :half], sin[..., :half]
+        xe, xo = x[..., 0::2], x[..., 1::2]
+        return torch.stack((xe * c - xo * s, xo * c + xe * s), dim=-1).flatten(-2)
+    return x * cos + rotate_half(x) * sin
+
+
+def rope_reference(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    positions: torch.Tensor,
+    params: RopeParams,
+    *,
+    layout: str = "neox",
+    rotary_dim: Optional[int] = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Out-of-place reference rope; same conventions as :func:`yarn_triton.apply_rope_`.
+
+    Args:
+        q: ``[*T, Hq, Dq]``; heads at dim -2, head dim last.
+        k: ``[*T, Hk, Dk]`` or None.
+        positions: integer tensor broadcastable to ``T``.
+        params: the rope parameters; ``rotary_dim`` (default ``params.rope_dim``) leading
+            channels of each head are rotated, the rest copied.
+        layout: ``"neox"``, ``"interleaved"`` or ``"deepseek"``.
+        compute_dtype: dtype of the cache and of the arithmetic (float32 like the source
+            models; float64 for the truth).
+
+    Returns:
+        New ``(q_out, k_out)`` in the input dtypes (``k_out`` is None when ``k`` is).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    rot = params.rope_dim if rotary_dim is None else rotary_dim
+    cos, sin = cos_sin_cache(params, positions, compute_dtype)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+
+    def one(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if x is None:
+            return None
+        xc = x.to(compute_dtype)
+        rotated = _rotate(xc[..., :rot], cos, sin, layout)
+        return torch.cat((rotated, xc[..., rot:]), dim=-1).to(x.dtype)
+
+    return one(q), one(k)
+
+
+def apply_rope_reference_(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    positions: torch.Tensor,
+    params: RopeParams,
+    *,
+    layout: str = "neox",
+    rotary_dim: Optional[int] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """In-place form of :func:`rope_reference` (float32 math), used for CPU tensors."""
+    q_out, k_out = rope_reference(q, k, positions, params, layout=layout, rotary_dim=rotary_dim)
+    with torch.no_grad():
+        q.copy_(q_out)
+        if k is not None:
+            k.copy_(k_out)
+    return q, k
