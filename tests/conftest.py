@@ -50,9 +50,10 @@ def kdev():
 
 
 @pytest.fixture
-def gen():
-    """A fresh generator per test: inputs differ run to run (seed printed on failure)."""
+def gen(request):
+    """A fresh generator per test: inputs differ run to run; the seed is reported with a
+    failure so it can be replayed."""
     seed = int.from_bytes(os.urandom(4), "little")
-    g = torch.Generator().manual_seed(seed)
-    g.seed_value = seed
-    return g
+    request.node.user_properties.append(("seed", seed))
+    print(f"generator seed {seed}")
+    return torch.Generator().manual_seed(seed)
