@@ -1,9 +1,10 @@
-"""The one Triton kernel of yarn-triton: rotary embedding, applied in place to q and k.
+"""The one Triton kernel of yarn-triton: rotary embedding of q and k in one launch.
 
 Each program owns ``BLOCK_T`` tokens x ``BLOCK_H`` heads of either q or k (grid axis 1 runs
-over q's head blocks, then k's), so q and k are rotated in a single launch whatever their
-head counts. Per token it loads the position, forms ``angle = position * inv_freq`` and
-takes cos/sin in registers; nothing is read but q, k, the positions and ``inv_freq``.
+over q's head blocks, then k's), so q and k are rotated together whatever their head
+counts. Per token it finds the position, forms ``angle = position * inv_freq`` and takes
+cos/sin in registers: nothing is read but q, k, the positions and ``inv_freq``, and no
+cos/sin cache exists anywhere.
 
 Compile-time switches select the variant, not copies of the kernel:
 
@@ -11,9 +12,14 @@ Compile-time switches select the variant, not copies of the kernel:
   channels ``(x[2i], x[2i+1])`` or as halves ``(x[i], x[i + R/2])``. neox is halves/halves,
   interleaved pairs/pairs, deepseek pairs/halves (its de-interleave happens on the way
   through registers) and deepseek's inverse halves/pairs.
-* ``INVERSE``: rotate by ``-angle`` (the backward pass, or undoing a rotation).
+* ``INVERSE``: rotate by ``-angle`` (the backward pass).
 * ``PRECISE``: form the angle in float64 and reduce it by 2*pi before the float32 cos/sin,
-  so it is right to ~1e-7 rad at any int32 position instead of ``angle * 6e-8``.
+  so it is right to ~1e-7 rad at any int32 position instead of ``|angle| * 6e-8``.
+* ``INPLACE``: output pointers equal the inputs; otherwise the channels past the rotary
+  dim are copied too (``TAIL_PAD`` wide), making the out-of-place call a single pass.
+* ``POS_MODE``: 0 reads a position per token; 1 derives it as ``pos_base + index in the
+  sequence (+ offsets[seq] when HAS_OFFSETS)``. ``VARLEN`` finds each token's sequence in
+  ``cu_seqlens`` (packed ``[T, H, D]`` batches) by binary search.
 
 This module only launches; argument checking lives in ``yarn_triton.op``.
 """
@@ -21,13 +27,13 @@ This module only launches; argument checking lives in ``yarn_triton.op``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["rope_kernel", "launch_rope", "LaunchConfig", "heuristic_config", "INTERPRETED"]
+__all__ = ["rope_kernel", "launch_rope", "LaunchConfig", "Operand", "heuristic_config", "INTERPRETED"]
 
 # 2*pi split for Cody-Waite reduction: _TWO_PI_HI has 22 significant bits, so n * _TWO_PI_HI
 # is exact in float64 for |n| < 2**31; _TWO_PI_LO is the rest of 2*pi (beyond math.tau too).
@@ -39,8 +45,8 @@ _INV_TWO_PI = tl.constexpr(1.0 / math.tau)
 
 @triton.jit
 def _angles(pos, inv_freq, PRECISE: tl.constexpr):
-    """``[BLOCK_T, HALF_PAD]`` float32 angles ``pos * inv_freq`` (reduced to about [-pi, pi]
-    when PRECISE)."""
+    """``[BLOCK_T, HALF_PAD]`` float32 angles ``pos * inv_freq`` (reduced to about
+    [-pi, pi] when PRECISE)."""
     if PRECISE:
         a = pos.to(tl.float64)[:, None] * inv_freq.to(tl.float64)[None, :]
         n = tl.floor(a * _INV_TWO_PI + 0.5)
@@ -51,75 +57,119 @@ def _angles(pos, inv_freq, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _find_sequence(cu_ptr, tok, n_seqs):
+    """Largest ``i < n_seqs`` with ``cu[i] <= tok``, per token: a binary search over the
+    packed batch's prefix sums, on the device (no host round trip, graph-capturable)."""
+    lo = tl.zeros_like(tok)
+    hi = lo + (n_seqs - 1)
+    span = n_seqs
+    while span > 0:  # floor(log2(n_seqs)) + 1 halvings leave one candidate
+        mid = (lo + hi + 1) // 2
+        ok = tl.load(cu_ptr + mid) <= tok
+        active = lo < hi
+        lo = tl.where(active & ok, mid, lo)
+        hi = tl.where(active & ok, hi, tl.where(active, mid - 1, hi))
+        span = span // 2
+    return lo
+
+
+@triton.jit
 def _rotate_tile(
-    ptr, row_off, tok_mask, h0, n_heads, stride_h, stride_d, cos, sin,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-    IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr,
+    in_ptr, out_ptr, in_row, out_row, tok_mask, h0, n_heads,
+    in_sh, in_sd, out_sh, out_sd, cos, sin,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL, TAIL_PAD: tl.constexpr,
+    IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr, INPLACE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Rotate heads ``h0 .. h0+BLOCK_H`` of ``BLOCK_T`` tokens in place.
+    """Rotate heads ``h0 .. h0+BLOCK_H`` of ``BLOCK_T`` tokens.
 
-    ``row_off`` is the int64 element offset of each token's first head. The whole rope part
-    of a head is loaded before any of it is stored, which is what makes the in-place
-    permutation of the deepseek layout safe.
+    ``in_row`` / ``out_row`` are int64 element offsets of each token's first head. The
+    whole rope part of a head is loaded before any of it is stored, which is what makes
+    the in-place permutation of the deepseek layout safe.
     """
-    h = h0 + tl.arange(0, BLOCK_H)
-    head_off = row_off[:, None, None] + h.to(tl.int64)[None, :, None] * stride_h
-    th_mask = tok_mask[:, None, None] & (h < n_heads)[None, :, None]
+    h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)[None, :, None]
+    th_mask = tok_mask[:, None, None] & (h < n_heads)
+    src = in_ptr + in_row[:, None, None] + h * in_sh
+    dst = out_ptr + out_row[:, None, None] + h * out_sh
     j = tl.arange(0, HALF_PAD)[None, None, :]
     half_mask = th_mask & (j < HALF)
     d = tl.arange(0, 2 * HALF_PAD)[None, None, :]
     pair_mask = th_mask & (d < 2 * HALF)
 
     if IN_PAIRS:
-        x = tl.load(ptr + head_off + d * stride_d, mask=pair_mask, other=0.0).to(tl.float32)
+        x = tl.load(src + d * in_sd, mask=pair_mask, other=0.0).to(tl.float32)
         x1, x2 = tl.split(tl.reshape(x, [BLOCK_T, BLOCK_H, HALF_PAD, 2]))
     else:
-        x1 = tl.load(ptr + head_off + j * stride_d, mask=half_mask, other=0.0).to(tl.float32)
-        x2 = tl.load(ptr + head_off + (j + HALF) * stride_d, mask=half_mask, other=0.0).to(tl.float32)
+        x1 = tl.load(src + j * in_sd, mask=half_mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + (j + HALF) * in_sd, mask=half_mask, other=0.0).to(tl.float32)
+    if not INPLACE and TAIL_PAD > 0:  # pass-through channels of a partial rotary
+        t = tl.arange(0, TAIL_PAD)[None, None, :]
+        tail_mask = th_mask & (t < TAIL)
+        tail = tl.load(src + (2 * HALF + t) * in_sd, mask=tail_mask)
+        tl.store(dst + (2 * HALF + t) * out_sd, tail, mask=tail_mask)
 
     c = cos[:, None, :]
     s = sin[:, None, :]
     y1 = x1 * c - x2 * s
     y2 = x2 * c + x1 * s
 
-    out_ty = ptr.dtype.element_ty
+    out_ty = out_ptr.dtype.element_ty
     if OUT_PAIRS:
         y = tl.reshape(tl.join(y1, y2), [BLOCK_T, BLOCK_H, 2 * HALF_PAD])
-        tl.store(ptr + head_off + d * stride_d, y.to(out_ty), mask=pair_mask)
+        tl.store(dst + d * out_sd, y.to(out_ty), mask=pair_mask)
     else:
-        tl.store(ptr + head_off + j * stride_d, y1.to(out_ty), mask=half_mask)
-        tl.store(ptr + head_off + (j + HALF) * stride_d, y2.to(out_ty), mask=half_mask)
+        tl.store(dst + j * out_sd, y1.to(out_ty), mask=half_mask)
+        tl.store(dst + (j + HALF) * out_sd, y2.to(out_ty), mask=half_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pos_base"])
 def rope_kernel(
-    q_ptr, k_ptr, pos_ptr, inv_freq_ptr,
-    scale,
-    n_tokens, seq_len,
-    n_q_heads, n_k_heads,
-    q_sb, q_ss, q_sh, q_sd,
-    k_sb, k_ss, k_sh, k_sd,
+    q_ptr, qo_ptr, k_ptr, ko_ptr, pos_ptr, cu_ptr, inv_freq_ptr,
+    scale, pos_base,
+    n_tokens, seq_len, n_seqs,
+    n_q_heads, n_k_heads, q_tail, k_tail,
+    q_sb, q_ss, q_sh, q_sd, qo_sb, qo_ss, qo_sh, qo_sd,
+    k_sb, k_ss, k_sh, k_sd, ko_sb, ko_ss, ko_sh, ko_sd,
     pos_sb, pos_ss,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+    Q_TAIL_PAD: tl.constexpr, K_TAIL_PAD: tl.constexpr,
     IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr,
-    INVERSE: tl.constexpr, PRECISE: tl.constexpr,
+    INVERSE: tl.constexpr, PRECISE: tl.constexpr, INPLACE: tl.constexpr,
+    POS_MODE: tl.constexpr, HAS_OFFSETS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Grid: ``(cdiv(n_tokens, BLOCK_T), cdiv(n_q_heads, BLOCK_H) + cdiv(n_k_heads, BLOCK_H))``.
 
     Tokens are indexed ``t = b * seq_len + s``; every tensor is addressed through its own
     (batch, seq, head, dim) strides, so views of fused projections and transposed
-    ``[B, H, S, D]`` tensors need no copy. Offsets are int64.
+    ``[B, H, S, D]`` tensors need no copy. All offsets are int64.
     """
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
 
     tok = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_mask = tok < n_tokens
-    b = tok // seq_len
-    s = tok - b * seq_len
-    pos = tl.load(pos_ptr + b * pos_sb + s * pos_ss, mask=tok_mask, other=0)
+    if VARLEN:
+        # packed [T, H, D]: address by the flat token index, position within its sequence
+        b = tl.zeros_like(tok)
+        s = tok
+        seq = _find_sequence(cu_ptr, tok, n_seqs)
+        start = tl.load(cu_ptr + seq, mask=tok_mask, other=0)
+        end = tl.load(cu_ptr + seq + 1, mask=tok_mask & (seq < n_seqs), other=0)
+        tok_mask = tok_mask & (tok >= start) & (tok < end)  # padding past cu[-1] is left alone
+        local = tok - start
+    else:
+        b = tok // seq_len
+        s = tok - b * seq_len
+        seq = b
+        local = s
+
+    if POS_MODE == 0:
+        pos = tl.load(pos_ptr + b * pos_sb + s * pos_ss, mask=tok_mask, other=0).to(tl.int64)
+    else:
+        pos = local + pos_base
+        if HAS_OFFSETS:
+            pos += tl.load(pos_ptr + seq * pos_sb, mask=tok_mask, other=0).to(tl.int64)
 
     jf = tl.arange(0, HALF_PAD)
     inv_freq = tl.load(inv_freq_ptr + jf, mask=jf < HALF, other=0.0)
@@ -131,17 +181,21 @@ def rope_kernel(
 
     n_q_blocks = tl.cdiv(n_q_heads, BLOCK_H)
     if pid_h < n_q_blocks:
-        _rotate_tile(q_ptr, b * q_sb + s * q_ss, tok_mask, pid_h * BLOCK_H, n_q_heads, q_sh, q_sd,
-                     cos, sin, HALF, HALF_PAD, IN_PAIRS, OUT_PAIRS, BLOCK_T, BLOCK_H)
+        _rotate_tile(q_ptr, qo_ptr, b * q_sb + s * q_ss, b * qo_sb + s * qo_ss, tok_mask,
+                     pid_h * BLOCK_H, n_q_heads, q_sh, q_sd, qo_sh, qo_sd, cos, sin,
+                     HALF, HALF_PAD, q_tail, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, BLOCK_T, BLOCK_H)
     else:
-        _rotate_tile(k_ptr, b * k_sb + s * k_ss, tok_mask, (pid_h - n_q_blocks) * BLOCK_H, n_k_heads,
-                     k_sh, k_sd, cos, sin, HALF, HALF_PAD, IN_PAIRS, OUT_PAIRS, BLOCK_T, BLOCK_H)
+        _rotate_tile(k_ptr, ko_ptr, b * k_sb + s * k_ss, b * ko_sb + s * ko_ss, tok_mask,
+                     (pid_h - n_q_blocks) * BLOCK_H, n_k_heads, k_sh, k_sd, ko_sh, ko_sd, cos, sin,
+                     HALF, HALF_PAD, k_tail, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, BLOCK_T, BLOCK_H)
 
 
 INTERPRETED = not isinstance(rope_kernel, triton.runtime.JITFunction)
 
 
 class LaunchConfig(NamedTuple):
+    """Launch shape: tokens and heads per program, warps, pipelining stages."""
+
     block_t: int
     block_h: int
     num_warps: int
@@ -162,37 +216,84 @@ def heuristic_config(n_tokens: int, n_q_heads: int, n_k_heads: int, half: int) -
     return LaunchConfig(block_t, block_h, num_warps)
 
 
+class Operand(NamedTuple):
+    """One of q/k: input and output tensors with (batch, seq, head, dim) element strides."""
+
+    src: torch.Tensor
+    src_strides: Sequence[int]
+    dst: torch.Tensor
+    dst_strides: Sequence[int]
+
+
+def _tail(op: Optional[Operand], rot: int, inplace: bool):
+    if op is None or inplace:
+        return 0, 0
+    tail = op.src.shape[-1] - rot
+    return tail, (triton.next_power_of_2(tail) if tail > 0 else 0)
+
+
 def launch_rope(
-    q: torch.Tensor, q_strides: tuple,
-    k: Optional[torch.Tensor], k_strides: tuple,
-    positions: torch.Tensor, pos_strides: tuple,
-    inv_freq: torch.Tensor, scale: float,
-    n_tokens: int, seq_len: int,
-    half: int, in_pairs: bool, out_pairs: bool, inverse: bool, precise: bool,
+    q: Operand,
+    k: Optional[Operand],
+    inv_freq: torch.Tensor,
+    scale: float,
+    *,
+    n_tokens: int,
+    seq_len: int,
+    half: int,
+    in_pairs: bool,
+    out_pairs: bool,
+    inverse: bool,
+    precise: bool,
+    per_token_positions: Optional[torch.Tensor],
+    pos_strides: Sequence[int],
+    offsets: Optional[torch.Tensor],
+    offsets_stride: int,
+    pos_base: int,
+    cu_seqlens: Optional[torch.Tensor],
     config: Optional[LaunchConfig] = None,
 ) -> None:
     """Launch :func:`rope_kernel` on already-validated arguments.
 
-    ``*_strides`` are ``(batch, seq, head, dim)`` element strides for q and k and
-    ``(batch, seq)`` for positions. ``k`` may be None (q only).
+    Positions come in one of three forms: ``per_token_positions`` addressed by
+    ``pos_strides`` (batch, seq); or derived as ``pos_base + index within the sequence``
+    plus ``offsets[seq]`` when ``offsets`` is given; sequences are the batch rows, or the
+    ``cu_seqlens`` ranges of a packed batch (then ``seq_len`` is unused).
     """
-    n_q_heads = q.shape[-2]
-    n_k_heads = 0 if k is None else k.shape[-2]
+    n_q_heads = q.src.shape[-2]
+    n_k_heads = 0 if k is None else k.src.shape[-2]
     if n_tokens == 0 or n_q_heads + n_k_heads == 0:
         return
+    inplace = q.dst is q.src
+    rot = 2 * half
+    q_tail, q_tail_pad = _tail(q, rot, inplace)
+    k_tail, k_tail_pad = _tail(k, rot, inplace)
     if k is None:
-        k, k_strides = q, (0, 0, 0, 0)
+        k = Operand(q.src, (0, 0, 0, 0), q.dst, (0, 0, 0, 0))
     cfg = config or heuristic_config(n_tokens, n_q_heads, n_k_heads, half)
     grid = (
         triton.cdiv(n_tokens, cfg.block_t),
         triton.cdiv(n_q_heads, cfg.block_h) + triton.cdiv(n_k_heads, cfg.block_h),
     )
+    per_token = per_token_positions is not None
+    pos_ptr = per_token_positions if per_token else offsets
+    pos_sb, pos_ss = pos_strides if per_token else (offsets_stride, 0)
+    varlen = cu_seqlens is not None
+    n_seqs = cu_seqlens.shape[0] - 1 if varlen else 0
     rope_kernel[grid](
-        q, k, positions, inv_freq, float(scale),
-        n_tokens, seq_len, n_q_heads, n_k_heads,
-        *q_strides, *k_strides, *pos_strides,
+        q.src, q.dst, k.src, k.dst,
+        inv_freq if pos_ptr is None else pos_ptr,
+        cu_seqlens if varlen else inv_freq,
+        inv_freq, float(scale), int(pos_base),
+        n_tokens, seq_len, n_seqs,
+        n_q_heads, n_k_heads, q_tail, k_tail,
+        *q.src_strides, *q.dst_strides, *k.src_strides, *k.dst_strides,
+        pos_sb, pos_ss,
         HALF=half, HALF_PAD=triton.next_power_of_2(half),
-        IN_PAIRS=in_pairs, OUT_PAIRS=out_pairs, INVERSE=inverse, PRECISE=precise,
+        Q_TAIL_PAD=q_tail_pad, K_TAIL_PAD=k_tail_pad,
+        IN_PAIRS=in_pairs, OUT_PAIRS=out_pairs,
+        INVERSE=inverse, PRECISE=precise, INPLACE=inplace,
+        POS_MODE=0 if per_token else 1, HAS_OFFSETS=offsets is not None, VARLEN=varlen,
         BLOCK_T=cfg.block_t, BLOCK_H=cfg.block_h,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -1,9 +1,19 @@
 """yarn-triton: YaRN rotary position embeddings, applied in place by one Triton kernel."""
 
-from .rope import RopeParams
+from .rope import RopeParams, RopeTracker
+from .config import SUPPORTED_ROPE_TYPES, rope_params_from_config
 from .reference import rope_reference
-from .op import apply_rope_
+from .op import apply_rope, apply_rope_
 from .module import YarnRotaryEmbedding
 
-__all__ = ["RopeParams", "apply_rope_", "rope_reference", "YarnRotaryEmbedding"]
+__all__ = [
+    "RopeParams",
+    "RopeTracker",
+    "SUPPORTED_ROPE_TYPES",
+    "rope_params_from_config",
+    "apply_rope",
+    "apply_rope_",
+    "rope_reference",
+    "YarnRotaryEmbedding",
+]
 __version__ = "0.1.0"

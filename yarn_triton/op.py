@@ -1,23 +1,27 @@
-"""The op layer: argument checking, geometry, and dispatch to the kernel or the reference.
+"""The op layer: argument checking, geometry, custom ops and autograd.
 
-Everything a caller can get wrong is checked here, before any launch, so a bad call raises
-and leaves q and k untouched.
+Data flows one way: the public functions check everything a caller can get wrong (before
+any launch, so a bad call raises and leaves q and k untouched), then run either directly
+(eager) or through the ``torch.library`` custom ops (under ``torch.compile``, and for
+autograd), which end in :func:`_execute`: the kernel for CUDA tensors (and CPU tensors
+under ``TRITON_INTERPRET=1``), the PyTorch reference for other CPU tensors.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .reference import LAYOUTS, apply_rope_reference_
+from .reference import LAYOUTS, apply_rope_reference_, packed_token_mask, positions_from_offsets
 from .rope import RopeParams
-from .kernels.rope_kernel import INTERPRETED, LaunchConfig, launch_rope
+from .kernels.rope_kernel import INTERPRETED, LaunchConfig, Operand, launch_rope
 
-__all__ = ["apply_rope_", "LAYOUTS"]
+__all__ = ["apply_rope_", "apply_rope", "LAYOUTS"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_POS_DTYPES = (torch.int32, torch.int64)
+_INT_DTYPES = (torch.int32, torch.int64)
+Offsets = Union[int, torch.Tensor, None]
 
 
 # --------------------------------------------------------------------------------------
@@ -49,23 +53,32 @@ def _check_tensor(name: str, t: torch.Tensor) -> None:
             f"got shape {tuple(t.shape)}"
         )
     if torch._debug_has_internal_overlap(t) == 1:
-        raise ValueError(f"{name} has overlapping elements (e.g. an expand()ed view); it cannot be written in place")
+        raise ValueError(
+            f"{name} has overlapping elements (e.g. an expand()ed view); it cannot be written in place"
+        )
+
+
+def _check_index_tensor(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}; they must share a device")
 
 
 def _extent(t: torch.Tensor) -> Tuple[int, int]:
     """Byte range ``[lo, hi)`` that ``t``'s elements occupy."""
     lo = hi = t.data_ptr()
     for size, stride in zip(t.shape, t.stride()):
-        if size == 0:
-            return lo, lo
         span = (size - 1) * stride * t.element_size()
         lo, hi = (lo + span, hi) if span < 0 else (lo, hi + span)
     return lo, hi + t.element_size()
 
 
 def _nested(sizes: Sequence[int], strides: Sequence[int]) -> bool:
-    """True when, in decreasing stride order, each stride exceeds the span of all smaller ones
-    (then an element offset has one decomposition into indices)."""
+    """True when, in increasing stride order, each stride exceeds the span of all smaller
+    ones (then an element offset has one decomposition into indices)."""
     span = 0
     for size, stride in sorted(zip(sizes, strides), key=lambda p: p[1]):
         if stride <= span:
@@ -87,8 +100,8 @@ def _offsets_meet(diff: int, dims: List[Tuple[int, int, int]]) -> bool:
 
 
 def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors might share an element. Exact for views with equal nested strides
-    (q/k heads of one fused projection); conservative otherwise."""
+    """Whether two tensors might share an element. Exact for views with equal nested
+    strides (q/k heads of one fused projection); conservative otherwise."""
     if a.numel() == 0 or b.numel() == 0:
         return False
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
@@ -96,10 +109,10 @@ def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     (alo, ahi), (blo, bhi) = _extent(a), _extent(b)
     if ahi <= blo or bhi <= alo:
         return False
-    if a.element_size() != b.element_size() or a.stride() != b.stride() or a.dim() != b.dim():
+    if a.element_size() != b.element_size() or a.stride() != b.stride():
         return True
     sizes = [max(x, y) for x, y in zip(a.shape, b.shape)]
-    if not _nested(sizes, a.stride()) or any(s < 0 for s in a.stride()):
+    if any(s < 0 for s in a.stride()) or not _nested(sizes, a.stride()):
         return True
     diff_bytes = b.data_ptr() - a.data_ptr()
     if diff_bytes % a.element_size():
@@ -114,10 +127,12 @@ def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 def check_rope_args(
     q: torch.Tensor,
     k: Optional[torch.Tensor],
-    positions: torch.Tensor,
+    positions: Optional[torch.Tensor],
     params: RopeParams,
     layout: str,
     rotary_dim: Optional[int],
+    offsets: Offsets = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> int:
     """Validate a rope call; returns the rotary dim. Raises TypeError/ValueError naming the
     offending argument."""
@@ -138,21 +153,33 @@ def check_rope_args(
         if _may_overlap(q, k):
             raise ValueError("q and k overlap in memory; in-place rope needs them disjoint")
 
-    if not isinstance(positions, torch.Tensor):
-        raise TypeError(f"positions must be a torch.Tensor, got {type(positions).__name__}")
-    if positions.dtype not in _POS_DTYPES:
-        raise TypeError(f"positions must be int32 or int64, got {positions.dtype}")
-    if positions.device != q.device:
-        raise ValueError(f"positions is on {positions.device} but q is on {q.device}")
     tokens = tuple(q.shape[:-2])
-    try:
-        shape = torch.broadcast_shapes(tuple(positions.shape), tokens)
-    except RuntimeError:
-        shape = None
-    if shape != tokens:
-        raise ValueError(
-            f"positions of shape {tuple(positions.shape)} do not broadcast to q's token dims {tokens}"
-        )
+    if positions is not None:
+        if offsets is not None or cu_seqlens is not None:
+            raise ValueError("give either positions, or offsets/cu_seqlens to derive them, not both")
+        _check_index_tensor("positions", positions, q.device)
+        try:
+            shape = torch.broadcast_shapes(tuple(positions.shape), tokens)
+        except RuntimeError:
+            shape = None
+        if shape != tokens:
+            raise ValueError(
+                f"positions of shape {tuple(positions.shape)} do not broadcast to q's token dims {tokens}"
+            )
+    elif cu_seqlens is not None:
+        _check_index_tensor("cu_seqlens", cu_seqlens, q.device)
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+            raise ValueError(f"cu_seqlens must be 1-D [batch + 1] with batch >= 1, got shape {tuple(cu_seqlens.shape)}")
+        if q.dim() != 3:
+            raise ValueError(f"with cu_seqlens, q must be packed [total_tokens, heads, head_dim], got {tuple(q.shape)}")
+        _check_offsets(offsets, cu_seqlens.shape[0] - 1, q.device)
+    else:
+        if q.dim() not in (3, 4):
+            raise ValueError(
+                "without positions, q must be [batch, seq, heads, head_dim] or [seq, heads, head_dim] "
+                f"(position = offset + index in the sequence), got {tuple(q.shape)}"
+            )
+        _check_offsets(offsets, q.shape[0] if q.dim() == 4 else 1, q.device)
 
     rot = params.rope_dim if rotary_dim is None else rotary_dim
     if isinstance(rot, bool) or not isinstance(rot, int):
@@ -166,14 +193,20 @@ def check_rope_args(
         )
     for name, t in (("q", q), ("k", k)):
         if t is not None and t.shape[-1] < rot:
-            raise ValueError(
-                f"{name}'s head dim (last dim) is {t.shape[-1]}, smaller than rotary_dim={rot}"
-            )
+            raise ValueError(f"{name}'s head dim (last dim) is {t.shape[-1]}, smaller than rotary_dim={rot}")
     return rot
 
 
+def _check_offsets(offsets: Offsets, n_seqs: int, device: torch.device) -> None:
+    if offsets is None or (isinstance(offsets, int) and not isinstance(offsets, bool)):
+        return
+    _check_index_tensor("offsets", offsets, device)
+    if tuple(offsets.shape) != (n_seqs,):
+        raise ValueError(f"offsets must have shape ({n_seqs},), one per sequence, got {tuple(offsets.shape)}")
+
+
 # --------------------------------------------------------------------------------------
-# Geometry: fold the token dims of q, k and positions into (batch, seq)
+# Geometry: fold the token dims of all tensors into (batch, seq)
 # --------------------------------------------------------------------------------------
 def _fold_tokens(shape: Sequence[int], strides_list: Sequence[Sequence[int]]):
     """Merge adjacent token dims that are contiguous with each other in every tensor.
@@ -191,30 +224,48 @@ def _fold_tokens(shape: Sequence[int], strides_list: Sequence[Sequence[int]]):
     return [n for n, _ in merged], [[st[i] for _, st in merged] for i in range(len(strides_list))]
 
 
-def _launch(q, k, pos, params, rot, layout, inverse, precise, config) -> None:
+def _operand(src, dst, token_strides):
+    """Operand with (batch, seq, head, dim) strides from folded token strides."""
+    (s_sb, s_ss), (d_sb, d_ss) = token_strides
+    return Operand(src, (s_sb, s_ss, src.stride(-2), src.stride(-1)),
+                   dst, (d_sb, d_ss, dst.stride(-2), dst.stride(-1)))
+
+
+def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_freq, scale,
+                   rot, layout, inverse, precise, config) -> None:
+    in_pairs, out_pairs = layout_switches(layout, inverse)
+    common = dict(half=rot // 2, in_pairs=in_pairs, out_pairs=out_pairs, inverse=inverse,
+                  precise=precise, pos_base=pos_base, cu_seqlens=cu_seqlens, config=config,
+                  offsets=offsets, offsets_stride=0 if offsets is None else offsets.stride(0))
+    if positions is None:
+        # implicit positions: [B, S, H, D], [S, H, D] or packed [T, H, D]
+        def bs(t):
+            return (t.stride(0), t.stride(1)) if t.dim() == 4 else (0, t.stride(0))
+        B, S = (q.shape[0], q.shape[1]) if q.dim() == 4 else (1, q.shape[0])
+        qop = _operand(q, qo, (bs(q), bs(qo)))
+        kop = None if k is None else _operand(k, ko, (bs(k), bs(ko)))
+        launch_rope(qop, kop, inv_freq, scale, n_tokens=B * S, seq_len=S,
+                    per_token_positions=None, pos_strides=(0, 0), **common)
+        return
+
     tokens = tuple(q.shape[:-2])
-    pos = pos.expand(tokens)
-    tensors = [q, pos] if k is None else [q, pos, k]
+    pos = positions.expand(tokens)
+    tensors = [q, qo, pos] + ([] if k is None else [k, ko])
     sizes, strides = _fold_tokens(tokens, [t.stride()[: len(tokens)] for t in tensors])
     if len(sizes) > 2:
         # Three or more token dims that no stride folds together: peel the outermost.
         for i in range(q.shape[0]):
-            _launch(q[i], None if k is None else k[i], pos[i], params, rot, layout, inverse, precise, config)
+            _launch_kernel(q[i], qo[i], None if k is None else k[i], None if k is None else ko[i],
+                           pos[i], offsets, pos_base, cu_seqlens, inv_freq, scale,
+                           rot, layout, inverse, precise, config)
         return
     while len(sizes) < 2:
         sizes.insert(0, 1)
         strides = [[0] + st for st in strides]
-    (q_sb, q_ss), (p_sb, p_ss) = strides[0], strides[1]
-    k_strides = None if k is None else (*strides[2], k.stride(-2), k.stride(-1))
-    in_pairs, out_pairs = layout_switches(layout, inverse)
-    launch_rope(
-        q, (q_sb, q_ss, q.stride(-2), q.stride(-1)),
-        k, k_strides,
-        pos, (p_sb, p_ss),
-        params.inv_freq_on(q.device), params.cos_sin_scale,
-        sizes[0] * sizes[1], sizes[1],
-        rot // 2, in_pairs, out_pairs, inverse, precise, config,
-    )
+    qop = _operand(q, qo, strides[0:2])
+    kop = None if k is None else _operand(k, ko, strides[3:5])
+    launch_rope(qop, kop, inv_freq, scale, n_tokens=sizes[0] * sizes[1], seq_len=sizes[1],
+                per_token_positions=pos, pos_strides=tuple(strides[2]), **common)
 
 
 def uses_kernel(t: torch.Tensor) -> bool:
@@ -222,17 +273,102 @@ def uses_kernel(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" or (INTERPRETED and t.device.type == "cpu")
 
 
+def _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
+             rot, layout, inverse, precise, config=None) -> None:
+    """Rotate ``q``/``k`` into ``qo``/``ko`` (the same tensors for in place)."""
+    if uses_kernel(q):
+        _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_freq, scale,
+                       rot, layout, inverse, precise, config)
+        return
+    mask = None
+    if positions is None:
+        positions = positions_from_offsets(q, offsets if offsets is not None else pos_base, cu_seqlens)
+        if offsets is not None and pos_base:
+            positions = positions + pos_base
+        if cu_seqlens is not None:
+            mask = packed_token_mask(q, cu_seqlens)
+    params = RopeParams(inv_freq.cpu(), rot, scale)
+    apply_rope_reference_(q, k, positions, params, layout=layout, rotary_dim=rot, inverse=inverse,
+                          token_mask=mask, out=(qo, ko))
+
+
 # --------------------------------------------------------------------------------------
-# Public entry point
+# Custom ops (torch.compile sees these) and autograd
 # --------------------------------------------------------------------------------------
+@torch.library.custom_op("yarn_triton::rope_", mutates_args=("q", "k"))
+def _rope_inplace_op(
+    q: torch.Tensor, k: Optional[torch.Tensor], positions: Optional[torch.Tensor],
+    offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor,
+    scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool, precise: bool,
+) -> None:
+    _execute(q, q, k, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
+             rotary_dim, layout, inverse, precise)
+
+
+@torch.library.custom_op("yarn_triton::rope", mutates_args=())
+def _rope_op(
+    q: torch.Tensor, k: Optional[torch.Tensor], positions: Optional[torch.Tensor],
+    offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor,
+    scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool, precise: bool,
+) -> List[torch.Tensor]:
+    qo = torch.empty_like(q)
+    ko = None if k is None else torch.empty_like(k)
+    _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
+             rotary_dim, layout, inverse, precise)
+    return [qo] if ko is None else [qo, ko]
+
+
+@_rope_op.register_fake
+def _rope_fake(q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rotary_dim,
+               layout, inverse, precise):
+    return [torch.empty_like(q)] + ([] if k is None else [torch.empty_like(k)])
+
+
+def _rope_setup_context(ctx, inputs, output) -> None:
+    q, k, positions, offsets, cu_seqlens, inv_freq, *scalars = inputs
+    ctx.save_for_backward(positions, offsets, cu_seqlens, inv_freq)
+    ctx.scalars = scalars
+    ctx.has_k = k is not None
+
+
+def _rope_backward(ctx, grads):
+    """The inverse rotation of the incoming gradients (same kernel, INVERSE flipped),
+    angles recomputed from the saved positions."""
+    positions, offsets, cu_seqlens, inv_freq = ctx.saved_tensors
+    scale, pos_base, rot, layout, inverse, precise = ctx.scalars
+    gq = grads[0]
+    gk = grads[1] if ctx.has_k else None
+    outs = torch.ops.yarn_triton.rope(gq, gk, positions, offsets, cu_seqlens, inv_freq, scale,
+                                      pos_base, rot, layout, not inverse, precise)
+    return (outs[0], outs[1] if ctx.has_k else None) + (None,) * 10
+
+
+torch.library.register_autograd("yarn_triton::rope", _rope_backward, setup_context=_rope_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------
+def _split_offsets(offsets: Offsets) -> Tuple[Optional[torch.Tensor], int]:
+    if isinstance(offsets, torch.Tensor):
+        return offsets, 0
+    return None, int(offsets or 0)
+
+
+def _needs_grad(q: torch.Tensor, k: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad))
+
+
 def apply_rope_(
     q: torch.Tensor,
     k: Optional[torch.Tensor],
-    positions: torch.Tensor,
+    positions: Optional[torch.Tensor],
     params: RopeParams,
     *,
     layout: str = "neox",
     rotary_dim: Optional[int] = None,
+    offsets: Offsets = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
     precise_angles: bool = True,
     config: Optional[LaunchConfig] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -244,28 +380,69 @@ def apply_rope_(
         k: ``[*T, Hk, Dk]`` with the same token dims ``T`` and device as q (head counts
             may differ: MHA, GQA, MQA, MLA), or None to rotate q alone.
         positions: int32/int64 tensor of shape ``T`` or broadcastable to it; any values,
-            also past the model's max_position_embeddings.
+            also past the model's max_position_embeddings. None to derive positions in the
+            kernel as ``offset + index in the sequence`` (see ``offsets``/``cu_seqlens``).
         params: :class:`RopeParams` (``inv_freq`` and cos/sin scale).
         layout: ``"neox"`` (rotate_half: Llama, Qwen), ``"interleaved"`` (GPT-J pairs) or
             ``"deepseek"`` (pairs de-interleaved, then rotate_half; output stays split).
         rotary_dim: channels rotated per head, default and only valid value
             ``params.rope_dim``; channels ``rotary_dim:`` of each head are left untouched.
+        offsets: with ``positions=None``: an int, or an int32/int64 tensor ``[B]``, the
+            position of each sequence's first token (KV-cache decode: the cache length).
+        cu_seqlens: with ``positions=None``: int32/int64 ``[B+1]`` prefix sums of a packed
+            variable-length batch ``q [T, H, D]``; tokens past ``cu_seqlens[-1]`` are left
+            untouched.
         precise_angles: form angles in float64 and reduce by 2*pi in the kernel (accurate
             at any position); False gives the float32 ``position * inv_freq`` of
             materialised caches.
         config: explicit launch shape (benchmarks); default picks one.
 
     Returns:
-        ``(q, k)``, the same tensors, rotated. CPU tensors take the PyTorch reference path
-        (float32 angles) unless ``TRITON_INTERPRET=1``, where they run the kernel.
+        ``(q, k)``, the same tensors, rotated. Under autograd the rotation is recorded (as
+        a copy of :func:`apply_rope`'s result), so gradients flow; a leaf that requires
+        grad is refused, as by any in-place op. CPU tensors take the PyTorch reference
+        path (float32 angles) unless ``TRITON_INTERPRET=1``, where they run the kernel.
     """
-    rot = check_rope_args(q, k, positions, params, layout, rotary_dim)
-    if not uses_kernel(q):
-        return apply_rope_reference_(q, k, positions, params, layout=layout, rotary_dim=rot)
-    if torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)):
-        raise RuntimeError(
-            "apply_rope_ on tensors that require grad is not supported by the in-place kernel; "
-            "use yarn_triton.apply_rope (out of place, differentiable)"
-        )
-    _launch(q, k, positions, params, rot, layout, False, precise_angles, config)
+    rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens)
+    if _needs_grad(q, k):
+        out = apply_rope(q, k, positions, params, layout=layout, rotary_dim=rot, offsets=offsets,
+                         cu_seqlens=cu_seqlens, precise_angles=precise_angles)
+        q.copy_(out[0])
+        if k is not None:
+            k.copy_(out[1])
+        return q, k
+    off_t, pos_base = _split_offsets(offsets)
+    inv_freq = params.inv_freq_on(q.device)
+    if torch.compiler.is_compiling():
+        torch.ops.yarn_triton.rope_(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale,
+                                    pos_base, rot, layout, False, precise_angles)
+    else:  # eager: straight to the launch, no dispatcher round trip
+        _execute(q, q, k, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base,
+                 rot, layout, False, precise_angles, config)
     return q, k
+
+
+def apply_rope(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    positions: Optional[torch.Tensor],
+    params: RopeParams,
+    *,
+    layout: str = "neox",
+    rotary_dim: Optional[int] = None,
+    offsets: Offsets = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    precise_angles: bool = True,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Out-of-place, differentiable :func:`apply_rope_`: returns new rotated ``(q, k)``
+    (``k`` None when not given), in one pass over the inputs (channels past the rotary
+    dim are copied by the same kernel). Arguments as in :func:`apply_rope_`.
+
+    The backward pass is the inverse rotation, by the same kernel, recomputing angles from
+    the positions; nothing else is saved.
+    """
+    rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens)
+    off_t, pos_base = _split_offsets(offsets)
+    out = torch.ops.yarn_triton.rope(q, k, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
+                                     params.cos_sin_scale, pos_base, rot, layout, False, precise_angles)
+    return out[0], (out[1] if k is not None else None)

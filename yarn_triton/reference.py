@@ -9,13 +9,15 @@ it into the float64 truth for the same float32 ``inv_freq``.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
 from .rope import RopeParams
 
-__all__ = ["rope_reference", "apply_rope_reference_", "rotate_half", "cos_sin_cache", "LAYOUTS"]
+__all__ = [
+    "rope_reference", "apply_rope_reference_", "positions_from_offsets", "rotate_half", "cos_sin_cache", "LAYOUTS",
+]
 
 LAYOUTS = ("neox", "interleaved", "deepseek")
 
@@ -49,10 +51,23 @@ def cos_sin_cache(
 def _deinterleave(x: torch.Tensor) -> torch.Tensor:
     """DeepSeek's ``[x0, x1, x2, x3, ...] -> [x0, x2, ..., x1, x3, ...]`` on the last dim."""
     *lead, d = x.shape
-    return x.view(*lead, d // 2, 2).transpose(-1, -2).reshape(*lead, d)
+    return x.reshape(*lead, d // 2, 2).transpose(-1, -2).reshape(*lead, d)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
+def _reinterleave(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_deinterleave`."""
+    *lead, d = x.shape
+    return x.reshape(*lead, 2, d // 2).transpose(-1, -2).reshape(*lead, d)
+
+
+def _rotate(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, inverse: bool = False
+) -> torch.Tensor:
+    if inverse:
+        # R(-angle), and for deepseek the de-interleave undone after it: the adjoint of the
+        # forward map, i.e. its backward.
+        y = _rotate(x, cos, -sin, "neox" if layout == "deepseek" else layout)
+        return _reinterleave(y) if layout == "deepseek" else y
     if layout == "deepseek":
         x = _deinterleave(x)
     if layout == "interleaved":
@@ -73,6 +88,7 @@ def rope_reference(
     layout: str = "neox",
     rotary_dim: Optional[int] = None,
     compute_dtype: torch.dtype = torch.float32,
+    inverse: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Out-of-place reference rope; same conventions as :func:`yarn_triton.apply_rope_`.
 
@@ -85,6 +101,7 @@ def rope_reference(
         layout: ``"neox"``, ``"interleaved"`` or ``"deepseek"``.
         compute_dtype: dtype of the cache and of the arithmetic (float32 like the source
             models; float64 for the truth).
+        inverse: apply the inverse rotation (the backward of the forward map).
 
     Returns:
         New ``(q_out, k_out)`` in the input dtypes (``k_out`` is None when ``k`` is).
@@ -99,10 +116,52 @@ def rope_reference(
         if x is None:
             return None
         xc = x.to(compute_dtype)
-        rotated = _rotate(xc[..., :rot], cos, sin, layout)
+        rotated = _rotate(xc[..., :rot], cos, sin, layout, inverse)
         return torch.cat((rotated, xc[..., rot:]), dim=-1).to(x.dtype)
 
     return one(q), one(k)
+
+
+def positions_from_offsets(
+    q: torch.Tensor,
+    offsets: Union[int, torch.Tensor, None] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Explicit int64 positions for the implicit forms (reference path only; the kernel
+    derives them itself).
+
+    * ``cu_seqlens`` ``[B+1]`` with packed ``q`` ``[T, H, D]``: position of token ``t`` of
+      sequence ``i`` is ``t - cu_seqlens[i] (+ offsets[i])``; tokens outside
+      ``[cu_seqlens[0], cu_seqlens[-1])`` get position -1 (the kernel leaves them untouched).
+    * otherwise ``q`` ``[B, S, H, D]`` (or ``[S, H, D]``): ``s (+ offsets[b])``.
+    """
+    dev = q.device
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=dev, dtype=torch.int64)
+        t = torch.arange(q.shape[0], device=dev)
+        seq = (torch.searchsorted(cu, t, right=True) - 1).clamp(0, max(cu.numel() - 2, 0))
+        pos = t - cu[seq]
+        if isinstance(offsets, torch.Tensor):
+            pos = pos + offsets.to(device=dev, dtype=torch.int64)[seq]
+        elif offsets:
+            pos = pos + int(offsets)
+        return pos
+    S = q.shape[-3]
+    pos = torch.arange(S, device=dev, dtype=torch.int64)
+    if q.dim() == 4:
+        pos = pos.expand(q.shape[0], S)
+        if isinstance(offsets, torch.Tensor):
+            pos = pos + offsets.to(device=dev, dtype=torch.int64)[:, None]
+    if not isinstance(offsets, torch.Tensor) and offsets:
+        pos = pos + int(offsets)
+    return pos
+
+
+def packed_token_mask(q: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``[T]`` bool: which tokens of a packed batch belong to a sequence."""
+    t = torch.arange(q.shape[0], device=q.device)
+    cu = cu_seqlens.to(q.device)
+    return (t >= cu[0]) & (t < cu[-1])
 
 
 def apply_rope_reference_(
@@ -113,11 +172,19 @@ def apply_rope_reference_(
     *,
     layout: str = "neox",
     rotary_dim: Optional[int] = None,
+    inverse: bool = False,
+    token_mask: Optional[torch.Tensor] = None,
+    out: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """In-place form of :func:`rope_reference` (float32 math), used for CPU tensors."""
-    q_out, k_out = rope_reference(q, k, positions, params, layout=layout, rotary_dim=rotary_dim)
-    with torch.no_grad():
-        q.copy_(q_out)
-        if k is not None:
-            k.copy_(k_out)
-    return q, k
+    """In-place (or into ``out``) form of :func:`rope_reference` with float32 math, used
+    for CPU tensors. Tokens where ``token_mask`` is False are copied unchanged."""
+    q_new, k_new = rope_reference(q, k, positions, params, layout=layout, rotary_dim=rotary_dim,
+                                  inverse=inverse)
+    dst_q, dst_k = (q, k) if out is None else out
+    for dst, src, new in ((dst_q, q, q_new), (dst_k, k, k_new)):
+        if dst is None:
+            continue
+        if token_mask is not None:
+            new = torch.where(token_mask.view(-1, *([1] * (src.dim() - 1))), new, src)
+        dst.copy_(new)
+    return dst_q, dst_k

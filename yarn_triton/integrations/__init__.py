@@ -1,0 +1,17 @@
+"""Integrations with model libraries.
+
+Each integration lives in its own submodule and imports its library only when that
+submodule is imported, so ``import yarn_triton`` never pulls in transformers::
+
+    from yarn_triton.integrations.transformers import enable_fused_rope, disable_fused_rope
+"""
+
+__all__ = ["transformers"]
+
+
+def __getattr__(name):
+    if name == "transformers":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.transformers")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
