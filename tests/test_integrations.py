@@ -199,7 +199,7 @@ def test_rope_function_matches_transformers(family, gen):
         d, k_heads = attn.qk_rope_head_dim, 1
     else:
         d, k_heads = attn.head_dim, model.config.num_key_value_heads
-    b, s = 2, 12
+    b, s = 2, 6
     pos = (torch.arange(s) + torch.tensor([[0], [37]])).to(DEVICE)  # per-row offsets
     q_proj = torch.randn(b, s, heads, d + 6, generator=gen).to(DEVICE)
     k_proj = torch.randn(b, s, k_heads, d + 4, generator=gen).to(DEVICE)
@@ -241,11 +241,11 @@ def test_rope_function_matches_transformers(family, gen):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_fp32_and_switch_back(family, gen, monkeypatch):
     model = make_model(family)
-    # positions past max_position_embeddings (256) in the second call
-    ids = torch.randint(0, VOCAB, (2, 16), generator=gen).to(DEVICE)
-    pos = (torch.arange(16) + 250).unsqueeze(0).expand(2, -1).to(DEVICE)
-    ref = logits(model, ids)
-    ref_pos = logits(model, ids, position_ids=pos)
+    # Row 1 runs at positions past max_position_embeddings (256). Few tokens: under
+    # TRITON_INTERPRET=1 every token costs a few ms of interpreted kernel.
+    ids = torch.randint(0, VOCAB, (2, 8), generator=gen).to(DEVICE)
+    pos = (torch.arange(8) + torch.tensor([[0], [250]])).to(DEVICE)
+    ref = logits(model, ids, position_ids=pos)
     state = model.state_dict()
     rotary = model.model.rotary_emb
     originals = {n: getattr(modeling_module(model), n) for n in ROPE_FUNCTIONS if hasattr(modeling_module(model), n)}
@@ -262,10 +262,9 @@ def test_logits_fp32_and_switch_back(family, gen, monkeypatch):
     assert is_fused_rope_enabled(model)
     assert isinstance(model.model.rotary_emb, FusedRotaryEmbedding)
     assert model.state_dict().keys() == state.keys()
-    out = logits(model, ids)
+    out = logits(model, ids, position_ids=pos)
     assert calls == [EXPECTED_LAYOUT[USED_FUNCTION[family]]] * 2  # one launch per layer
     assert rel_err(out, ref) < 1e-5
-    assert rel_err(logits(model, ids, position_ids=pos), ref_pos) < 1e-5
     assert enable_fused_rope(model) is model  # idempotent
 
     disable_fused_rope(model)
@@ -273,7 +272,7 @@ def test_logits_fp32_and_switch_back(family, gen, monkeypatch):
     assert model.model.rotary_emb is rotary
     for n, fn in originals.items():
         assert getattr(modeling_module(model), n) is fn
-    assert torch.equal(logits(model, ids), ref)
+    assert torch.equal(logits(model, ids, position_ids=pos), ref)
     assert disable_fused_rope(model) is model  # idempotent
 
 
@@ -281,7 +280,7 @@ def test_logits_fp32_and_switch_back(family, gen, monkeypatch):
 def test_logits_bf16(family, gen):
     """bf16: the fused path (float32 math, one rounding) is no further from the float32
     model than transformers' own bf16 rope (bf16 cos/sin and products) is."""
-    ids = torch.randint(0, VOCAB, (2, 16), generator=gen).to(DEVICE)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=gen).to(DEVICE)
     truth = logits(make_model(family), ids)
     model = make_model(family, dtype=torch.bfloat16)
     ref = logits(model, ids)
@@ -297,7 +296,7 @@ def test_logits_bf16(family, gen):
 def test_generate_greedy_same_tokens(family):
     model = make_model(family)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, VOCAB, (2, 7), generator=g)
+    ids = torch.randint(1, VOCAB, (2, 6), generator=g)
     mask = torch.ones_like(ids)
     ids[1, :2], mask[1, :2] = 0, 0  # left padding: per-row positions
     ids, mask = ids.to(DEVICE), mask.to(DEVICE)
@@ -310,7 +309,7 @@ def test_generate_greedy_same_tokens(family):
         finally:
             disable_fused_rope(model)
         again = model.generate(ids, **kw)
-    assert got.shape == want.shape == (2, 11)
+    assert got.shape == want.shape == (2, 10)
     assert torch.equal(got, want)
     assert torch.equal(again, want)
 
@@ -319,7 +318,7 @@ def test_generate_greedy_same_tokens(family):
 def test_training_path_gradients(family, gen):
     """With autograd recording, the differentiable out-of-place op runs; loss and
     gradients match the model's own rope."""
-    ids = torch.randint(0, VOCAB, (2, 10), generator=gen).to(DEVICE)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=gen).to(DEVICE)
 
     def loss_and_grads(model):
         model.train()
@@ -347,15 +346,15 @@ def test_dynamic_ntk_follows_transformers_rule(gen):
     """Sequence-length dependent rope (dynamic NTK): the params follow transformers'
     grow-then-reset rule call by call, also through generate with a cache."""
     rp = dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0)
-    model = make_model("llama", max_position_embeddings=16, rope_parameters=rp)
-    twin = make_model("llama", max_position_embeddings=16, rope_parameters=rp)  # same weights
+    model = make_model("llama", max_position_embeddings=8, rope_parameters=rp)
+    twin = make_model("llama", max_position_embeddings=8, rope_parameters=rp)  # same weights
     enable_fused_rope(twin)
     try:
-        for n in (24, 20, 8, 30):  # grow, shorter-but-long (keeps), short (resets), grow
+        for n in (12, 10, 4, 14):  # grow, shorter-but-long (keeps), short (resets), grow
             ids = torch.randint(0, VOCAB, (1, n), generator=gen).to(DEVICE)
             assert rel_err(logits(twin, ids), logits(model, ids)) < 1e-5, n
-        ids = torch.randint(1, VOCAB, (1, 13), generator=gen).to(DEVICE)
-        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)  # crosses 16
+        ids = torch.randint(1, VOCAB, (1, 6), generator=gen).to(DEVICE)
+        kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)  # crosses 8
         with torch.no_grad():
             assert torch.equal(twin.generate(ids, **kw), model.generate(ids, **kw))
     finally:
@@ -366,7 +365,7 @@ def test_two_models_and_unswitched_neighbours(gen):
     """The function swap is process-wide but only switched models see a change; it is
     undone when the last switched model is switched back."""
     a, b, c = make_model("llama"), make_model("llama"), make_model("llama", seed=1)
-    ids = torch.randint(0, VOCAB, (1, 9), generator=gen).to(DEVICE)
+    ids = torch.randint(0, VOCAB, (1, 6), generator=gen).to(DEVICE)
     ref_a, ref_c = logits(a, ids), logits(c, ids)
     mod = modeling_module(a)
     original = mod.apply_rotary_pos_emb
@@ -404,7 +403,7 @@ def test_refusals():
 def test_default_rope_and_model_to_after_switch(gen):
     """Plain (unscaled) rope, and moving/casting the model after switching."""
     model = make_model("qwen2", rope_parameters=dict(rope_type="default", rope_theta=1e6))
-    ids = torch.randint(0, VOCAB, (2, 8), generator=gen).to(DEVICE)
+    ids = torch.randint(0, VOCAB, (1, 8), generator=gen).to(DEVICE)
     ref = logits(model, ids)
     enable_fused_rope(model)
     try:

@@ -42,7 +42,7 @@ def layout_switches(layout: str, inverse: bool = False) -> Tuple[bool, bool]:
 # --------------------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------------------
-def _check_tensor(name: str, t: torch.Tensor) -> None:
+def _check_tensor(name: str, t: torch.Tensor, inplace: bool) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
@@ -52,7 +52,7 @@ def _check_tensor(name: str, t: torch.Tensor) -> None:
             f"{name} must have shape [*tokens, heads, head_dim] with at least one token dim, "
             f"got shape {tuple(t.shape)}"
         )
-    if torch._debug_has_internal_overlap(t) == 1:
+    if inplace and not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(t) == 1:
         raise ValueError(
             f"{name} has overlapping elements (e.g. an expand()ed view); it cannot be written in place"
         )
@@ -133,16 +133,18 @@ def check_rope_args(
     rotary_dim: Optional[int],
     offsets: Offsets = None,
     cu_seqlens: Optional[torch.Tensor] = None,
+    inplace: bool = True,
 ) -> int:
     """Validate a rope call; returns the rotary dim. Raises TypeError/ValueError naming the
-    offending argument."""
+    offending argument. Memory overlap matters (and is checked) only for in-place calls;
+    under torch.compile, functionalization owns aliasing, so it is not inspected there."""
     if not isinstance(params, RopeParams):
         raise TypeError(f"params must be a yarn_triton.RopeParams, got {type(params).__name__}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    _check_tensor("q", q)
+    _check_tensor("q", q, inplace)
     if k is not None:
-        _check_tensor("k", k)
+        _check_tensor("k", k, inplace)
         if k.device != q.device:
             raise ValueError(f"k is on {k.device} but q is on {q.device}; they must share a device")
         if k.shape[:-2] != q.shape[:-2]:
@@ -150,7 +152,7 @@ def check_rope_args(
                 f"k's token dims {tuple(k.shape[:-2])} must equal q's {tuple(q.shape[:-2])} "
                 f"(shapes [*tokens, heads, head_dim])"
             )
-        if _may_overlap(q, k):
+        if inplace and not torch.compiler.is_compiling() and _may_overlap(q, k):
             raise ValueError("q and k overlap in memory; in-place rope needs them disjoint")
 
     tokens = tuple(q.shape[:-2])
@@ -441,7 +443,7 @@ def apply_rope(
     The backward pass is the inverse rotation, by the same kernel, recomputing angles from
     the positions; nothing else is saved.
     """
-    rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens)
+    rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace=False)
     off_t, pos_base = _split_offsets(offsets)
     out = torch.ops.yarn_triton.rope(q, k, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
                                      params.cos_sin_scale, pos_base, rot, layout, False, precise_angles)
