@@ -27,13 +27,14 @@ This module only launches; argument checking lives in ``yarn_triton.op``.
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["rope_kernel", "launch_rope", "LaunchConfig", "Operand", "heuristic_config", "INTERPRETED"]
+__all__ = ["rope_kernel", "rope_kernel_autotuned", "launch_rope", "LaunchConfig", "Operand", "heuristic_config", "INTERPRETED"]
 
 # 2*pi split for Cody-Waite reduction: _TWO_PI_HI has 22 significant bits, so n * _TWO_PI_HI
 # is exact in float64 for |n| < 2**31; _TWO_PI_LO is the rest of 2*pi (beyond math.tau too).
@@ -126,7 +127,7 @@ def _rotate_tile(
 def rope_kernel(
     q_ptr, qo_ptr, k_ptr, ko_ptr, pos_ptr, cu_ptr, inv_freq_ptr,
     scale, pos_base,
-    n_tokens, seq_len, n_seqs,
+    n_tokens, seq_len, n_seqs, tok_class,
     n_q_heads, n_k_heads, q_tail, k_tail,
     q_sb, q_ss, q_sh, q_sd, qo_sb, qo_ss, qo_sh, qo_sd,
     k_sb, k_ss, k_sh, k_sd, ko_sb, ko_ss, ko_sh, ko_sd,
@@ -142,7 +143,8 @@ def rope_kernel(
 
     Tokens are indexed ``t = b * seq_len + s``; every tensor is addressed through its own
     (batch, seq, head, dim) strides, so views of fused projections and transposed
-    ``[B, H, S, D]`` tensors need no copy. All offsets are int64.
+    ``[B, H, S, D]`` tensors need no copy. All offsets are int64. ``tok_class`` is unused
+    by the body: it is the autotuner's bucket of ``n_tokens``.
     """
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -191,6 +193,56 @@ def rope_kernel(
 
 
 INTERPRETED = not isinstance(rope_kernel, triton.runtime.JITFunction)
+
+
+# --------------------------------------------------------------------------------------
+# Launch shapes: a heuristic default, or the autotuner over the same kernel
+# --------------------------------------------------------------------------------------
+def _tok_class(n_tokens: int) -> int:
+    """Autotune bucket: powers of two up to 64K tokens (beyond, the best shape is stable)."""
+    return min(triton.next_power_of_2(max(n_tokens, 1)), 1 << 16)
+
+
+def _candidate_configs():
+    return [
+        triton.Config({"BLOCK_T": bt, "BLOCK_H": bh}, num_warps=w, num_stages=1)
+        for bt in (1, 2, 4, 8, 16)
+        for bh in (1, 2, 4, 8, 16, 32)
+        for w in (1, 2, 4, 8)
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep tiles of 256..16K elements, no wider than the heads or tokens there are, with
+    at least 4 elements per thread."""
+    half_pad = kwargs.get("HALF_PAD", named_args.get("HALF_PAD"))
+    heads = triton.next_power_of_2(max(named_args["n_q_heads"], named_args["n_k_heads"], 1))
+    toks = named_args["tok_class"]
+    keep = []
+    for c in configs:
+        bt, bh, w = c.kwargs["BLOCK_T"], c.kwargs["BLOCK_H"], c.num_warps
+        elems = bt * bh * 2 * half_pad
+        if bh > heads or bt > toks or not 256 <= elems <= 16384 or elems < 4 * 32 * w:
+            continue
+        if elems > 64 * 32 * w:  # > 64 fp32 values per thread per operand: spills
+            continue
+        keep.append(c)
+    return keep or [triton.Config({"BLOCK_T": 1, "BLOCK_H": 1}, num_warps=1, num_stages=1)]
+
+
+# YARN_TRITON_AUTOTUNE=0 uses the heuristic shape everywhere (e.g. test suites that would
+# otherwise tune every shape they touch).
+AUTOTUNE = os.environ.get("YARN_TRITON_AUTOTUNE", "1") != "0"
+
+rope_kernel_autotuned = rope_kernel if INTERPRETED else triton.autotune(
+    configs=_candidate_configs(),
+    key=["tok_class", "n_q_heads", "n_k_heads", "seq_len", "q_sh", "k_sh",
+         "HALF", "IN_PAIRS", "OUT_PAIRS", "INPLACE", "VARLEN"],
+    prune_configs_by={"early_config_prune": _prune},
+    restore_value=["q_ptr", "k_ptr"],
+    warmup=5,
+    rep=25,
+)(rope_kernel)
 
 
 class LaunchConfig(NamedTuple):
@@ -252,6 +304,7 @@ def launch_rope(
     pos_base: int,
     cu_seqlens: Optional[torch.Tensor],
     config: Optional[LaunchConfig] = None,
+    autotune: bool = True,
 ) -> None:
     """Launch :func:`rope_kernel` on already-validated arguments.
 
@@ -259,6 +312,10 @@ def launch_rope(
     ``pos_strides`` (batch, seq); or derived as ``pos_base + index within the sequence``
     plus ``offsets[seq]`` when ``offsets`` is given; sequences are the batch rows, or the
     ``cu_seqlens`` ranges of a packed batch (then ``seq_len`` is unused).
+
+    The launch shape is ``config`` if given, else the autotuner's pick for this shape
+    class (tuned on first sight, then cached; the first call must not be inside a CUDA
+    graph capture), else (``autotune=False`` or the interpreter) :func:`heuristic_config`.
     """
     n_q_heads = q.src.shape[-2]
     n_k_heads = 0 if k is None else k.src.shape[-2]
@@ -270,30 +327,38 @@ def launch_rope(
     k_tail, k_tail_pad = _tail(k, rot, inplace)
     if k is None:
         k = Operand(q.src, (0, 0, 0, 0), q.dst, (0, 0, 0, 0))
+    tune = config is None and autotune and AUTOTUNE and not INTERPRETED
     cfg = config or heuristic_config(n_tokens, n_q_heads, n_k_heads, half)
-    grid = (
-        triton.cdiv(n_tokens, cfg.block_t),
-        triton.cdiv(n_q_heads, cfg.block_h) + triton.cdiv(n_k_heads, cfg.block_h),
-    )
     per_token = per_token_positions is not None
     pos_ptr = per_token_positions if per_token else offsets
     pos_sb, pos_ss = pos_strides if per_token else (offsets_stride, 0)
     varlen = cu_seqlens is not None
     n_seqs = cu_seqlens.shape[0] - 1 if varlen else 0
-    rope_kernel[grid](
+    args = (
         q.src, q.dst, k.src, k.dst,
         inv_freq if pos_ptr is None else pos_ptr,
         cu_seqlens if varlen else inv_freq,
         inv_freq, float(scale), int(pos_base),
-        n_tokens, seq_len, n_seqs,
+        n_tokens, seq_len, n_seqs, _tok_class(n_tokens),
         n_q_heads, n_k_heads, q_tail, k_tail,
         *q.src_strides, *q.dst_strides, *k.src_strides, *k.dst_strides,
         pos_sb, pos_ss,
+    )
+    switches = dict(
         HALF=half, HALF_PAD=triton.next_power_of_2(half),
         Q_TAIL_PAD=q_tail_pad, K_TAIL_PAD=k_tail_pad,
         IN_PAIRS=in_pairs, OUT_PAIRS=out_pairs,
         INVERSE=inverse, PRECISE=precise, INPLACE=inplace,
         POS_MODE=0 if per_token else 1, HAS_OFFSETS=offsets is not None, VARLEN=varlen,
-        BLOCK_T=cfg.block_t, BLOCK_H=cfg.block_h,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+    def grid(meta):
+        bh = meta["BLOCK_H"]
+        return (triton.cdiv(n_tokens, meta["BLOCK_T"]),
+                triton.cdiv(n_q_heads, bh) + triton.cdiv(n_k_heads, bh))
+
+    if tune:
+        rope_kernel_autotuned[grid](*args, **switches)
+    else:
+        rope_kernel[grid](*args, **switches, BLOCK_T=cfg.block_t, BLOCK_H=cfg.block_h,
+                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)

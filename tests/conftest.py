@@ -6,6 +6,10 @@ every kernel path), CUDA when a GPU is present, and are skipped otherwise.
 
 import os
 
+# Autotuning every shape the suite touches would take minutes on a GPU; the autotuned path
+# has its own test (test_autotuned_launch_is_correct), which turns it back on.
+os.environ.setdefault("YARN_TRITON_AUTOTUNE", "0")
+
 import pytest
 import torch
 

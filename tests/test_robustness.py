@@ -15,13 +15,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from conftest import TOL, rel_err
 from yarn_triton import RopeParams, apply_rope_
@@ -228,9 +229,15 @@ RECIPES = ("contig", "pad", "step", "bhsd", "tswap", "dswap", "dstride2")
 FUSED_RECIPES = RECIPES + ("flat", "flat")
 
 
+TOKEN_SHAPES = sorted(
+    (t for n in (1, 2, 3) for t in itertools.product(range(1, 5), repeat=n) if math.prod(t) <= 24),
+    key=lambda t: (math.prod(t), len(t)),
+)
+
+
 @st.composite
 def cases(draw, with_k=None):
-    tokens = draw(st.lists(st.integers(1, 4), min_size=1, max_size=3).filter(lambda t: math.prod(t) <= 24))
+    tokens = list(draw(st.sampled_from(TOKEN_SHAPES)))
     k_mode = draw(st.sampled_from(("none", "mha", "gqa", "mqa"))) if with_k is None else with_k
     if k_mode == "gqa":
         hk = draw(st.integers(1, 3))
@@ -360,7 +367,10 @@ def test_nan_inf_propagate_like_the_reference(kdev, case, frac, pos_zero):
         if out is None:
             continue
         o = out.cpu()
-        for ref in (r32.cpu(), r64.cpu()):
+        # Which of inf*cos - inf*sin is NaN depends on the signs of cos and sin, so the
+        # float32-angle reference (wrong angles at large positions) only counts at position 0.
+        refs = (r32.cpu(), r64.cpu()) if pos_zero else (r64.cpu(),)
+        for ref in refs:
             assert torch.equal(torch.isnan(o), torch.isnan(ref)), f"{name}: NaN positions differ"
             assert torch.equal(torch.isinf(o), torch.isinf(ref)), f"{name}: Inf positions differ"
         # finite results are still right
@@ -533,29 +543,53 @@ def test_legit_shared_storage_is_accepted(kdev, idx):
     assert rel_err(k, k_ref) <= TOL[torch.float32], name
 
 
-@settings(max_examples=60, **_HYP)
-@given(
-    q_geom=st.tuples(st.lists(st.integers(1, 12), min_size=3, max_size=3), st.integers(0, 24)),
-    k_geom=st.tuples(st.lists(st.integers(1, 12), min_size=3, max_size=3), st.integers(0, 24)),
-    T=st.integers(1, 3), hq=st.integers(1, 3), hk=st.integers(1, 3), dq=st.sampled_from((4, 5, 6)),
-    dk=st.sampled_from((4, 6)),
-)
-def test_overlap_detection_is_sound(kdev, q_geom, k_geom, T, hq, hk, dq, dk):
+@st.composite
+def _geometry(draw, shape):
+    """Strides of a non-self-overlapping view of ``shape``: dims nested in a random order,
+    with random gaps, or (sometimes) arbitrary small strides."""
+    if draw(st.integers(0, 4)) == 0:
+        return [draw(st.integers(1, 12)) for _ in shape]
+    order = draw(st.permutations(range(len(shape))))
+    strides = [0] * len(shape)
+    step = draw(st.integers(1, 2))
+    for d in order:
+        strides[d] = step
+        step = step * shape[d] + draw(st.sampled_from((0, 0, 1, 3)))
+    return strides
+
+
+@st.composite
+def _qk_views(draw):
+    T, hq, hk = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dq, dk = draw(st.sampled_from((4, 5, 6))), draw(st.sampled_from((4, 6)))
+    if draw(st.booleans()):  # same strides, like head slices of one fused projection
+        dk = dq
+        sq = sk = draw(_geometry((T, max(hq, hk), dq)))
+    else:
+        sq, sk = draw(_geometry((T, hq, dq))), draw(_geometry((T, hk, dk)))
+    oq, ok = draw(st.integers(0, 40)), draw(st.integers(0, 40))
+    return (T, hq, dq), sq, oq, (T, hk, dk), sk, ok
+
+
+@settings(max_examples=150, **_HYP)
+@given(views=_qk_views())
+def test_overlap_detection_is_sound(kdev, views):
     """Arbitrary strided q and k in one storage: when they share an element the call must be
     refused (ValueError, storage untouched); when it is accepted, the result must be right."""
     p = RopeParams.default(4)
-    shapes = ((T, hq, dq), (T, hk, dk))
-    geoms = (q_geom, k_geom)
+    q_shape, q_strides, q_off, k_shape, k_strides, k_off = views
     sets = []
-    for shape, (strides, off) in zip(shapes, geoms):
-        idx = torch.arange(4096).as_strided(shape, strides, off).reshape(-1)
+    for shape, strides, off in ((q_shape, q_strides, q_off), (k_shape, k_strides, k_off)):
+        idx = torch.arange(8192).as_strided(shape, strides, off).reshape(-1)
         if idx.unique().numel() != idx.numel():
-            return  # internally overlapping: another test's business
+            event("internally overlapping (skipped)")
+            return  # another test's business
         sets.append(set(idx.tolist()))
     size = max(max(s) for s in sets) + 1
     buf = torch.randn(size, device=kdev)
-    q = buf.as_strided(shapes[0], q_geom[0], q_geom[1])
-    k = buf.as_strided(shapes[1], k_geom[0], k_geom[1])
+    q = buf.as_strided(q_shape, q_strides, q_off)
+    k = buf.as_strided(k_shape, k_strides, k_off)
+    T = q_shape[0]
     pos = torch.arange(T, device=kdev) * 1000 + 17
     overlap = bool(sets[0] & sets[1])
     snap = buf.clone()
@@ -563,7 +597,9 @@ def test_overlap_detection_is_sound(kdev, q_geom, k_geom, T, hq, hk, dq, dk):
     try:
         apply_rope_(q, k, pos, p)
     except ValueError as e:
+        event(f"refused, overlap={overlap}")
         assert "overlap" in str(e) and torch.equal(buf, snap)
         return
+    event("accepted")
     assert not overlap, "q and k share elements but the call was accepted"
     assert rel_err(q, q_ref) <= TOL[torch.float32] and rel_err(k, k_ref) <= TOL[torch.float32]

@@ -281,3 +281,27 @@ def test_more_than_2pow31_elements():
     head, _ = rope_reference(torch.ones(16, H, D, dtype=torch.bfloat16), None, pos[:16].cpu(), p,
                              compute_dtype=torch.float64)
     assert rel_err(q[:16], head) < TOL[torch.bfloat16]
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_autotuned_launch_is_correct(layout, monkeypatch, gen):
+    """The autotuner benchmarks candidate shapes on the live tensors: with restore_value
+    the in-place result is still one rotation, and every candidate config is right."""
+    from yarn_triton.kernels import rope_kernel as rk
+
+    monkeypatch.setattr(rk, "AUTOTUNE", True)
+    p = _params()
+    q = torch.randn(1, 3000, 16, 40, generator=gen).to("cuda", torch.bfloat16)
+    k = torch.randn(1, 3000, 4, 40, generator=gen).to("cuda", torch.bfloat16)
+    pos = torch.randint(0, 1 << 20, (1, 3000), generator=gen).to("cuda")
+    q0, k0 = q.clone(), k.clone()
+    yt.apply_rope_(q, k, pos, p, layout=layout)
+    rq, rk_ = rope_reference(q0.cpu(), k0.cpu(), pos.cpu(), p, layout=layout, compute_dtype=torch.float64)
+    assert rel_err(q, rq) < TOL[torch.bfloat16] and rel_err(k, rk_) < TOL[torch.bfloat16]
+    for cfg in rk._prune(rk._candidate_configs(), {"n_q_heads": 16, "n_k_heads": 4, "tok_class": 4096},
+                         HALF_PAD=16):
+        qq, kk = q0.clone(), k0.clone()
+        yt.apply_rope_(qq, kk, pos, p, layout=layout,
+                       config=rk.LaunchConfig(cfg.kwargs["BLOCK_T"], cfg.kwargs["BLOCK_H"], cfg.num_warps))
+        assert rel_err(qq, rq) < TOL[torch.bfloat16], str(cfg)
