@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .op import apply_rope_
+from .op import apply_rope, apply_rope_
 from .rope import RopeParams
 
 __all__ = ["rope_qk", "YarnGQAAttention", "YarnMLAAttention"]
@@ -51,8 +51,6 @@ def rope_qk(
     must use the returned tensors.
     """
     if torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)):
-        from . import apply_rope  # the differentiable op, exported by the package
-
         return apply_rope(q, k, positions, params, layout=layout)
     return apply_rope_(q, k, positions, params, layout=layout)
 
