@@ -286,6 +286,8 @@ def main(argv=None) -> int:
         params = yt.RopeParams(base.inv_freq, shape[4], 1.0, 1.0, "yarn")
         log(f"running {name} ...")
         rows.append(run_shape(name, shape, dtype, params, bw, peers, compiled, log))
+        with open(args.out, "w") as f:  # as we go: a killed run still leaves its rows
+            json.dump({"rows": rows}, f, indent=1)
 
     # host overhead of one eager call (tiny decode input)
     p = yt.RopeParams.yarn(128, 500000.0, 4.0, 8192)

@@ -235,3 +235,22 @@ def test_float64_reference_and_kernel_against_exact_arithmetic(kdev):
                 slack = abs(float(a)) * 2.0**-53 + 1e-15
                 assert abs(c_ref[i, j].item() - c) <= slack and abs(s_ref[i, j].item() - s) <= slack
                 assert abs(c_k[i, j].item() - c) <= BOUND and abs(s_k[i, j].item() - s) <= BOUND
+
+
+# --------------------------------------------------------------------------------------
+# Positions derived in the kernel (offset + index in the sequence): same bound
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("offset_kind", ["tensor", "int"])
+def test_derived_positions_keep_the_bound(kdev, offset_kind):
+    params = PARAMS["yarn-d128-mscale"]()
+    S = 64
+    starts = [I32_MAX - S + 1, I32_MIN, (1 << 24) - S // 2] if offset_kind == "tensor" else [I32_MAX - S + 1]
+    B = len(starts)
+    q = _probe(B * S, params.rope_dim, "neox", kdev).view(B, S, 2, params.rope_dim)
+    offsets = torch.tensor(starts, dtype=torch.int64, device=kdev) if offset_kind == "tensor" else starts[0]
+    apply_rope_(q, None, None, params, offsets=offsets)
+    pos = (torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(S)).reshape(-1)
+    c_ref, s_ref = truth_cos_sin(params, pos)
+    bound = BOUND * max(1.0, params.cos_sin_scale)
+    for c, s in kernel_cos_sin(q.reshape(B * S, 2, -1).double().cpu(), "neox"):
+        assert (c - c_ref).abs().max() <= bound and (s - s_ref).abs().max() <= bound

@@ -16,7 +16,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import yarn_triton  # noqa: E402
 import yarn_triton.attention as yt_attention  # noqa: E402
 from yarn_triton import RopeParams  # noqa: E402
 from yarn_triton.integrations.transformers import (  # noqa: E402
@@ -122,10 +121,10 @@ def make_config(family: str, **overrides):
     return cls(**kw)
 
 
-def make_model(family: str, dtype=torch.float32, seed: int = 0, **overrides):
+def make_model(family: str, dtype=torch.float32, seed: int = 0, attn="sdpa", **overrides):
     cfg = make_config(family, **overrides)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
     return model.to(device=DEVICE, dtype=dtype).eval()
 
 
@@ -400,9 +399,10 @@ def test_refusals():
         enable_fused_rope(gpt2, strict=False)
 
 
-def test_default_rope_and_model_to_after_switch(gen):
-    """Plain (unscaled) rope, and moving/casting the model after switching."""
-    model = make_model("qwen2", rope_parameters=dict(rope_type="default", rope_theta=1e6))
+def test_default_rope_eager_attention_and_model_to_after_switch(gen):
+    """Plain (unscaled) rope, the eager attention backend, and moving/casting the model
+    after switching."""
+    model = make_model("qwen2", attn="eager", rope_parameters=dict(rope_type="default", rope_theta=1e6))
     ids = torch.randint(0, VOCAB, (1, 8), generator=gen).to(DEVICE)
     ref = logits(model, ids)
     enable_fused_rope(model)

@@ -31,7 +31,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 from yarn_triton import RopeParams, RopeTracker, SUPPORTED_ROPE_TYPES  # noqa: E402
 from yarn_triton.config import rope_params_from_config  # noqa: E402
-from yarn_triton.rope import yarn_get_mscale  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -205,6 +204,7 @@ def test_real_config_matches_transformers(name, tmp_path):
         RopeParams.from_config(copy.deepcopy(d)),
         RopeParams.from_config(str(path)),
         RopeParams.from_config(tmp_path),
+        rope_params_from_config(cfg),
     ]
     for ours in results:
         assert_matches_hf(ours, cfg)

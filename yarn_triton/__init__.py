@@ -5,6 +5,7 @@ from .config import SUPPORTED_ROPE_TYPES, rope_params_from_config
 from .reference import rope_reference
 from .op import apply_rope, apply_rope_
 from .module import YarnRotaryEmbedding
+from .attention import YarnGQAAttention, YarnMLAAttention
 
 __all__ = [
     "RopeParams",
@@ -15,5 +16,7 @@ __all__ = [
     "apply_rope_",
     "rope_reference",
     "YarnRotaryEmbedding",
+    "YarnGQAAttention",
+    "YarnMLAAttention",
 ]
 __version__ = "0.1.0"

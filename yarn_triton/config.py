@@ -15,9 +15,8 @@ is more likely a mistake than a wish.
 from __future__ import annotations
 
 import json
-import math
 import os
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .rope import RopeParams
 

@@ -159,6 +159,9 @@ class FusedRotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None, *args, **kwargs):
         if position_ids is None:
             raise ValueError("the fused rope needs position_ids")
+        if kwargs.get("layer_type") is not None:
+            # A rope per layer type (Gemma 3 style) would need params per type.
+            raise NotImplementedError("rotary embeddings with per-layer-type rope are not supported")
         params = self.params
         if self.tracker is not None:
             params = self.tracker.update(int(position_ids.max()) + 1)
