@@ -75,6 +75,16 @@ def _find_sequence(cu_ptr, tok, n_seqs):
 
 
 @triton.jit
+def _round_to(x, out_ty: tl.constexpr):
+    """fp32 -> storage dtype, round-to-nearest-even spelled out (the GPU does it anyway;
+    the interpreter would otherwise truncate)."""
+    if out_ty == tl.float32:
+        return x
+    else:
+        return x.to(out_ty, fp_downcast_rounding="rtne")
+
+
+@triton.jit
 def _rotate_tile(
     in_ptr, out_ptr, in_row, out_row, tok_mask, h0, n_heads,
     in_sh, in_sd, out_sh, out_sd, cos, sin,
@@ -92,9 +102,11 @@ def _rotate_tile(
     th_mask = tok_mask[:, None, None] & (h < n_heads)
     src = in_ptr + in_row[:, None, None] + h * in_sh
     dst = out_ptr + out_row[:, None, None] + h * out_sh
-    j = tl.arange(0, HALF_PAD)[None, None, :]
+    # int64 channel indices: a head-dim stride can be large (e.g. a [D, T, H] tensor viewed
+    # as [T, H, D]), and index * stride must not wrap
+    j = tl.arange(0, HALF_PAD).to(tl.int64)[None, None, :]
     half_mask = th_mask & (j < HALF)
-    d = tl.arange(0, 2 * HALF_PAD)[None, None, :]
+    d = tl.arange(0, 2 * HALF_PAD).to(tl.int64)[None, None, :]
     pair_mask = th_mask & (d < 2 * HALF)
 
     if IN_PAIRS:
@@ -104,7 +116,7 @@ def _rotate_tile(
         x1 = tl.load(src + j * in_sd, mask=half_mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + (j + HALF) * in_sd, mask=half_mask, other=0.0).to(tl.float32)
     if not INPLACE and TAIL_PAD > 0:  # pass-through channels of a partial rotary
-        t = tl.arange(0, TAIL_PAD)[None, None, :]
+        t = tl.arange(0, TAIL_PAD).to(tl.int64)[None, None, :]
         tail_mask = th_mask & (t < TAIL)
         tail = tl.load(src + (2 * HALF + t) * in_sd, mask=tail_mask)
         tl.store(dst + (2 * HALF + t) * out_sd, tail, mask=tail_mask)
@@ -117,10 +129,10 @@ def _rotate_tile(
     out_ty = out_ptr.dtype.element_ty
     if OUT_PAIRS:
         y = tl.reshape(tl.join(y1, y2), [BLOCK_T, BLOCK_H, 2 * HALF_PAD])
-        tl.store(dst + d * out_sd, y.to(out_ty), mask=pair_mask)
+        tl.store(dst + d * out_sd, _round_to(y, out_ty), mask=pair_mask)
     else:
-        tl.store(dst + j * out_sd, y1.to(out_ty), mask=half_mask)
-        tl.store(dst + (j + HALF) * out_sd, y2.to(out_ty), mask=half_mask)
+        tl.store(dst + j * out_sd, _round_to(y1, out_ty), mask=half_mask)
+        tl.store(dst + (j + HALF) * out_sd, _round_to(y2, out_ty), mask=half_mask)
 
 
 @triton.jit(do_not_specialize=["pos_base"])
@@ -235,13 +247,21 @@ def _quick_bench(fn, quantiles=None, **kwargs):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
+_TUNED: dict = {}  # shape class -> LaunchConfig picked by the autotuner
+
+
+def tuned_configs() -> dict:
+    """The autotuner's picks so far, by shape class (for reports)."""
+    return dict(_TUNED)
+
+
 # YARN_TRITON_AUTOTUNE=0 uses the heuristic shape everywhere (e.g. test suites that would
 # otherwise tune every shape they touch).
 AUTOTUNE = os.environ.get("YARN_TRITON_AUTOTUNE", "1") != "0"
 
 rope_kernel_autotuned = rope_kernel if INTERPRETED else triton.autotune(
     configs=_candidate_configs(),
-    key=["tok_class", "n_q_heads", "n_k_heads", "seq_len", "q_sh", "k_sh",
+    key=["tok_class", "n_q_heads", "n_k_heads", "q_sh", "k_sh",
          "HALF", "IN_PAIRS", "OUT_PAIRS", "INPLACE", "VARLEN"],
     prune_configs_by={"early_config_prune": _prune},
     restore_value=["q_ptr", "k_ptr"],
@@ -332,6 +352,14 @@ def launch_rope(
     if k is None:
         k = Operand(q.src, (0, 0, 0, 0), q.dst, (0, 0, 0, 0))
     tune = config is None and autotune and AUTOTUNE and not INTERPRETED
+    if tune:
+        # The autotuner's own per-call bookkeeping costs more host time than the launch;
+        # it runs once per shape class, later calls launch its pick directly.
+        tune_key = (_tok_class(n_tokens), n_q_heads, n_k_heads, q.src_strides[2], k.src_strides[2] if k else 0,
+                    half, in_pairs, out_pairs, inplace, cu_seqlens is not None,
+                    q.src.dtype, q.dst.dtype, None if k is None else k.src.dtype)
+        config = _TUNED.get(tune_key)
+        tune = config is None
     cfg = config or heuristic_config(n_tokens, n_q_heads, n_k_heads, half)
     per_token = per_token_positions is not None
     pos_ptr = per_token_positions if per_token else offsets
@@ -363,6 +391,9 @@ def launch_rope(
 
     if tune:
         rope_kernel_autotuned[grid](*args, **switches)
+        best = rope_kernel_autotuned.best_config
+        _TUNED[tune_key] = LaunchConfig(best.kwargs["BLOCK_T"], best.kwargs["BLOCK_H"], best.num_warps,
+                                        best.num_stages)
     else:
         rope_kernel[grid](*args, **switches, BLOCK_T=cfg.block_t, BLOCK_H=cfg.block_h,
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)

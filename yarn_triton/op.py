@@ -52,10 +52,17 @@ def _check_tensor(name: str, t: torch.Tensor, inplace: bool) -> None:
             f"{name} must have shape [*tokens, heads, head_dim] with at least one token dim, "
             f"got shape {tuple(t.shape)}"
         )
-    if inplace and not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(t) == 1:
+    if inplace and not torch.compiler.is_compiling() and _self_overlapping(t):
         raise ValueError(
             f"{name} has overlapping elements (e.g. an expand()ed view); it cannot be written in place"
         )
+
+
+def _self_overlapping(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` share memory: torch's check, plus our stride test where
+    torch answers "too hard" (e.g. as_strided views)."""
+    verdict = torch._debug_has_internal_overlap(t)
+    return verdict == 1 or (verdict == 2 and not _nested(t.shape, [abs(s) for s in t.stride()]))
 
 
 def _check_index_tensor(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -81,6 +88,8 @@ def _nested(sizes: Sequence[int], strides: Sequence[int]) -> bool:
     ones (then an element offset has one decomposition into indices)."""
     span = 0
     for size, stride in sorted(zip(sizes, strides), key=lambda p: p[1]):
+        if size == 1:  # a single index: its stride never matters
+            continue
         if stride <= span:
             return False
         span += (size - 1) * stride
@@ -160,11 +169,7 @@ def check_rope_args(
         if offsets is not None or cu_seqlens is not None:
             raise ValueError("give either positions, or offsets/cu_seqlens to derive them, not both")
         _check_index_tensor("positions", positions, q.device)
-        try:
-            shape = torch.broadcast_shapes(tuple(positions.shape), tokens)
-        except RuntimeError:
-            shape = None
-        if shape != tokens:
+        if not _broadcasts_to(tuple(positions.shape), tokens):
             raise ValueError(
                 f"positions of shape {tuple(positions.shape)} do not broadcast to q's token dims {tokens}"
             )
@@ -197,6 +202,13 @@ def check_rope_args(
         if t is not None and t.shape[-1] < rot:
             raise ValueError(f"{name}'s head dim (last dim) is {t.shape[-1]}, smaller than rotary_dim={rot}")
     return rot
+
+
+def _broadcasts_to(shape: Tuple[int, ...], target: Tuple[int, ...]) -> bool:
+    """Whether ``shape`` broadcasts to exactly ``target`` (cheaper than torch.broadcast_shapes)."""
+    if len(shape) > len(target):
+        return False
+    return all(n == 1 or n == t for n, t in zip(reversed(shape), reversed(target)))
 
 
 def _check_offsets(offsets: Offsets, n_seqs: int, device: torch.device) -> None:
