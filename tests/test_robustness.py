@@ -624,6 +624,11 @@ def test_overlap_detection_is_sound(kdev, views):
 def test_half_precision_output_is_the_rounded_fp32_result(kdev, gen, dtype):
     """The kernel computes in float32 and rounds once on the store: its fp16/bf16 output is
     (up to rare FMA-contraction differences) the float32 kernel's output rounded to nearest."""
+    from yarn_triton.kernels.rope_kernel import INTERPRETED
+
+    if dtype == torch.bfloat16 and INTERPRETED:
+        pytest.xfail("Triton's interpreter casts float32 -> bf16 by truncation, ignoring the "
+                     "kernel's explicit fp_downcast_rounding='rtne'; the GPU rounds to nearest")
     p = make_params("yarn-mscale", 64)
     pos = torch.randint(I32_MIN, I32_MAX, (128,), generator=gen).to(kdev)
     x = torch.randn(128, 4, 64, generator=gen).to(dtype).to(kdev)
