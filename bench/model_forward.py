@@ -83,8 +83,11 @@ def _bench_family(family: str, a, dtype) -> Dict:
     cfg = make_config(family, a)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    model = model.to(device=DEVICE, dtype=dtype).eval()
+    model = model.to(device=DEVICE).eval()
     ids = torch.randint(0, a.vocab, (a.batch, a.seq), device=DEVICE)
+    with torch.inference_mode():  # float32 truth: both bf16 runs are judged against it
+        truth = model(ids, use_cache=False).logits.float()
+    model = model.to(dtype=dtype)
 
     def forward():
         return model(ids, use_cache=False).logits
@@ -101,8 +104,10 @@ def _bench_family(family: str, a, dtype) -> Dict:
         disable_fused_rope(model)
         back_ms = timed()
         rel = ((out - ref).norm() / ref.norm()).item()
+        base_vs_fp32 = ((ref - truth).norm() / truth.norm()).item()
+        fused_vs_fp32 = ((out - truth).norm() / truth.norm()).item()
         rope = _bench_rope_step(model, family, a, dtype, do_bench)
-    del model, ref, out
+    del model, ref, out, truth
     torch.cuda.empty_cache()
     return {
         "family": family,
@@ -113,6 +118,8 @@ def _bench_family(family: str, a, dtype) -> Dict:
         "speedup": base_ms / fused_ms,
         "saved_ms": base_ms - fused_ms,
         "logits_rel_err_vs_baseline": rel,
+        "baseline_rel_err_vs_fp32": base_vs_fp32,
+        "fused_rel_err_vs_fp32": fused_vs_fp32,
         **rope,
     }
 
@@ -187,14 +194,15 @@ def main(argv=None) -> int:
         results.append(_bench_family(family, a, dtype))
 
     header = (f"{'family':<13}{'tokens':>8}{'baseline ms':>13}{'fused ms':>10}{'speedup':>9}"
-              f"{'saved ms':>10}{'rope/fwd base':>15}{'rope/fwd fused':>16}{'logits rel err':>16}")
+              f"{'saved ms':>10}{'rope/fwd base':>15}{'rope/fwd fused':>16}{'err base|fused vs fp32':>24}")
     print()
     print(header)
     print("-" * len(header))
     for r in results:
         print(f"{r['family']:<13}{r['tokens']:>8}{r['baseline_ms']:>13.3f}{r['fused_ms']:>10.3f}"
               f"{r['speedup']:>8.3f}x{r['saved_ms']:>10.3f}{r['rope_per_forward_baseline_ms']:>15.4f}"
-              f"{r['rope_per_forward_fused_ms']:>16.4f}{r['logits_rel_err_vs_baseline']:>16.2e}")
+              f"{r['rope_per_forward_fused_ms']:>16.4f}"
+              f"{r['baseline_rel_err_vs_fp32']:>12.2e}|{r['fused_rel_err_vs_fp32']:.2e}")
     print("median ms per forward (triton.testing.do_bench). 'rope/fwd': the rope steps of one forward "
           "timed alone -- baseline: cos/sin tables once + apply_rotary_pos_emb per layer; fused: one "
           "launch per layer. baseline_again_ms in the JSON re-times the model after switching back.")
