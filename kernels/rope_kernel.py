@@ -26,6 +26,7 @@ This module only launches; argument checking lives in ``yarn_triton.op``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import NamedTuple, Optional, Sequence
@@ -212,7 +213,7 @@ INTERPRETED = not isinstance(rope_kernel, triton.runtime.JITFunction)
 # --------------------------------------------------------------------------------------
 def _tok_class(n_tokens: int) -> int:
     """Autotune bucket: powers of two up to 64K tokens (beyond, the best shape is stable)."""
-    return min(triton.next_power_of_2(max(n_tokens, 1)), 1 << 16)
+    return min(_next_pow2(max(n_tokens, 1)), 1 << 16)
 
 
 # (tokens, heads) per program and warps: a short list, so a new shape class tunes in about
@@ -232,7 +233,7 @@ def _prune(configs, named_args, **kwargs):
     """Drop shapes wider than the heads or tokens there are, or with more than 64 fp32
     values per thread per operand (they spill)."""
     half_pad = kwargs.get("HALF_PAD", named_args.get("HALF_PAD"))
-    heads = triton.next_power_of_2(max(named_args["n_q_heads"], named_args["n_k_heads"], 1))
+    heads = _next_pow2(max(named_args["n_q_heads"], named_args["n_k_heads"], 1))
     toks = named_args["tok_class"]
     keep = [
         c for c in configs
@@ -269,6 +270,16 @@ rope_kernel_autotuned = rope_kernel if INTERPRETED else triton.autotune(
 )(rope_kernel)
 
 
+def _next_pow2(n: int) -> int:
+    # plain Python: triton.next_power_of_2 / triton.cdiv are jit-callable and cost
+    # microseconds each on the host
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 class LaunchConfig(NamedTuple):
     """Launch shape: tokens and heads per program, warps, pipelining stages."""
 
@@ -278,11 +289,12 @@ class LaunchConfig(NamedTuple):
     num_stages: int = 1
 
 
+@functools.lru_cache(maxsize=4096)
 def heuristic_config(n_tokens: int, n_q_heads: int, n_k_heads: int, half: int) -> LaunchConfig:
     """A launch shape that needs no tuning: about 4K elements per program when there are
     enough tokens to fill the GPU, one token per program (more, smaller programs) when not."""
-    half_pad = triton.next_power_of_2(half)
-    block_h = min(triton.next_power_of_2(max(n_q_heads, n_k_heads, 1)), max(1, 4096 // (2 * half_pad)))
+    half_pad = _next_pow2(half)
+    block_h = min(_next_pow2(max(n_q_heads, n_k_heads, 1)), max(1, 4096 // (2 * half_pad)))
     per_token = block_h * 2 * half_pad
     block_t = 1
     while block_t * per_token < 4096 and n_tokens >= block_t * 2 * 1024:
@@ -305,7 +317,7 @@ def _tail(op: Optional[Operand], rot: int, inplace: bool):
     if op is None or inplace:
         return 0, 0
     tail = op.src.shape[-1] - rot
-    return tail, (triton.next_power_of_2(tail) if tail > 0 else 0)
+    return tail, (_next_pow2(tail) if tail > 0 else 0)
 
 
 def launch_rope(
@@ -377,7 +389,7 @@ def launch_rope(
         pos_sb, pos_ss,
     )
     switches = dict(
-        HALF=half, HALF_PAD=triton.next_power_of_2(half),
+        HALF=half, HALF_PAD=_next_pow2(half),
         Q_TAIL_PAD=q_tail_pad, K_TAIL_PAD=k_tail_pad,
         IN_PAIRS=in_pairs, OUT_PAIRS=out_pairs,
         INVERSE=inverse, PRECISE=precise, INPLACE=inplace,
@@ -386,8 +398,8 @@ def launch_rope(
 
     def grid(meta):
         bh = meta["BLOCK_H"]
-        return (triton.cdiv(n_tokens, meta["BLOCK_T"]),
-                triton.cdiv(n_q_heads, bh) + triton.cdiv(n_k_heads, bh))
+        return (_cdiv(n_tokens, meta["BLOCK_T"]),
+                _cdiv(n_q_heads, bh) + _cdiv(n_k_heads, bh))
 
     if tune:
         rope_kernel_autotuned[grid](*args, **switches)
@@ -395,5 +407,48 @@ def launch_rope(
         _TUNED[tune_key] = LaunchConfig(best.kwargs["BLOCK_T"], best.kwargs["BLOCK_H"], best.num_warps,
                                         best.num_stages)
     else:
+        _launch(args, switches, cfg, grid)
+
+
+# --------------------------------------------------------------------------------------
+# Host fast path: Triton's launcher re-derives the kernel's specialization from ~40
+# arguments on every call, which costs more host time than this kernel takes on the GPU
+# for decode shapes. The compiled kernel is cached under a key that covers everything it
+# was specialized on (exact integer arguments, dtypes, 16-byte alignment of every pointer,
+# the constexprs and launch shape); a hit launches it directly.
+# --------------------------------------------------------------------------------------
+FAST_LAUNCH = os.environ.get("YARN_TRITON_FAST_LAUNCH", "1") != "0"
+_N_PTRS = 7  # q, qo, k, ko, pos, cu, inv_freq come first in rope_kernel's signature
+_COMPILED: dict = {}
+
+
+def _specialization_key(args, switches, cfg):
+    ptrs = args[:_N_PTRS]
+    pos_base = args[_N_PTRS + 1]
+    return (
+        ptrs[0].device.index,
+        tuple(t.dtype for t in ptrs),
+        tuple(t.data_ptr() % 16 == 0 for t in ptrs),
+        -(1 << 31) <= pos_base < (1 << 31),  # pos_base is not specialized, but its width is
+        args[_N_PTRS + 2:],
+        tuple(switches.values()),
+        cfg,
+    )
+
+
+def _launch(args, switches, cfg: LaunchConfig, grid) -> None:
+    if not FAST_LAUNCH or INTERPRETED:
         rope_kernel[grid](*args, **switches, BLOCK_T=cfg.block_t, BLOCK_H=cfg.block_h,
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return
+    key = _specialization_key(args, switches, cfg)
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = rope_kernel[grid](*args, **switches, BLOCK_T=cfg.block_t, BLOCK_H=cfg.block_h,
+                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if compiled is not None and hasattr(compiled, "__getitem__"):
+            _COMPILED[key] = compiled
+        return
+    meta = {**switches, "BLOCK_T": cfg.block_t, "BLOCK_H": cfg.block_h}
+    constexprs = [meta[name] for name in rope_kernel.arg_names[len(args):]]
+    compiled[grid(meta)](*args, *constexprs)

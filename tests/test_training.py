@@ -305,3 +305,29 @@ def test_autotuned_launch_is_correct(layout, monkeypatch, gen):
         yt.apply_rope_(qq, kk, pos, p, layout=layout,
                        config=rk.LaunchConfig(cfg.kwargs["BLOCK_T"], cfg.kwargs["BLOCK_H"], cfg.num_warps))
         assert rel_err(qq, rq) < TOL[torch.bfloat16], str(cfg)
+
+
+@requires_cuda
+def test_fast_launch_matches_triton_launch(monkeypatch, gen):
+    """The cached-compiled-kernel launch gives bit-identical results to Triton's own
+    launcher, across alignments, strides and dtypes that select different specializations."""
+    from yarn_triton.kernels import rope_kernel as rk
+
+    p = _params()
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        base = torch.randn(3, 7, 9 * 40 + 1, generator=gen).to("cuda", dtype)
+        for off in (0, 1, 8):  # 16-byte aligned and not
+            qk = base[..., off:off + 9 * 40].unflatten(-1, (9, 40))
+            cases.append((qk[..., :6, :], qk[..., 6:, :]))
+    for q, k in cases:
+        pos = torch.randint(0, 1 << 24, q.shape[:2], generator=gen).to("cuda")
+        outs = []
+        for fast in (False, True, True):  # slow; fast (compiles, caches); fast (cache hit)
+            monkeypatch.setattr(rk, "FAST_LAUNCH", fast)
+            qq, kk = q.clone(), k.clone()
+            yt.apply_rope_(qq, kk, pos, p, layout="deepseek")
+            yt.apply_rope_(qq, kk, None, p, offsets=(1 << 31) + 5)  # int64-wide pos_base
+            outs.append((qq, kk))
+        for qq, kk in outs[1:]:
+            assert torch.equal(qq, outs[0][0]) and torch.equal(kk, outs[0][1])

@@ -113,10 +113,10 @@ def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     strides (q/k heads of one fused projection); conservative otherwise."""
     if a.numel() == 0 or b.numel() == 0:
         return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
     (alo, ahi), (blo, bhi) = _extent(a), _extent(b)
-    if ahi <= blo or bhi <= alo:
+    if ahi <= blo or bhi <= alo:  # disjoint byte ranges (the common case, and cheapest)
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
     if a.element_size() != b.element_size() or a.stride() != b.stride():
         return True
