@@ -451,4 +451,5 @@ def _launch(args, switches, cfg: LaunchConfig, grid) -> None:
         return
     meta = {**switches, "BLOCK_T": cfg.block_t, "BLOCK_H": cfg.block_h}
     constexprs = [meta[name] for name in rope_kernel.arg_names[len(args):]]
-    compiled[grid(meta)](*args, *constexprs)
+    g0, g1 = grid(meta)
+    compiled[(g0, g1, 1)](*args, *constexprs)
