@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import re
 from types import SimpleNamespace
 
@@ -26,7 +27,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from conftest import TOL, rel_err
 from yarn_triton import RopeParams, apply_rope_
-from yarn_triton.kernels.rope_kernel import LaunchConfig
+from yarn_triton.kernels.rope_kernel import INTERPRETED, LaunchConfig
 from yarn_triton.reference import rope_reference
 
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
@@ -283,7 +284,12 @@ def run_case(case, device):
     check_against_reference(b, case.layout, before, truth)
 
 
-@settings(max_examples=250, **_HYP)
+# On a GPU nearly every example compiles a new specialization (~1 s each): fewer there; the
+# interpreter compiles nothing and runs the full sweep in CI.
+_SWEEP_EXAMPLES = 250 if INTERPRETED else int(os.environ.get("YARN_TRITON_GPU_EXAMPLES", "60"))
+
+
+@settings(max_examples=_SWEEP_EXAMPLES, **_HYP)
 @given(case=cases())
 def test_sweep_matches_float64_reference(kdev, case):
     run_case(case, kdev)
@@ -583,7 +589,7 @@ def _qk_views(draw):
     return (T, hq, dq), sq, oq, (T, hk, dk), sk, ok
 
 
-@settings(max_examples=150, **_HYP)
+@settings(max_examples=150 if INTERPRETED else 40, **_HYP)
 @given(views=_qk_views())
 def test_overlap_detection_is_sound(kdev, views):
     """Arbitrary strided q and k in one storage: when they share an element the call must be
@@ -624,7 +630,6 @@ def test_overlap_detection_is_sound(kdev, views):
 def test_half_precision_output_is_the_rounded_fp32_result(kdev, gen, dtype):
     """The kernel computes in float32 and rounds once on the store: its fp16/bf16 output is
     (up to rare FMA-contraction differences) the float32 kernel's output rounded to nearest."""
-    from yarn_triton.kernels.rope_kernel import INTERPRETED
 
     if dtype == torch.bfloat16 and INTERPRETED:
         pytest.xfail("Triton's interpreter casts float32 -> bf16 by truncation, ignoring the "
