@@ -39,7 +39,7 @@ def main() -> None:
     for _ in range(args.calls):
         fns["apply_rope_"]()
     prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":

@@ -211,6 +211,17 @@ def _broadcasts_to(shape: Tuple[int, ...], target: Tuple[int, ...]) -> bool:
     return all(n == 1 or n == t for n, t in zip(reversed(shape), reversed(target)))
 
 
+def _check_config(config: LaunchConfig) -> None:
+    if not isinstance(config, LaunchConfig):
+        raise TypeError(f"config must be a LaunchConfig or None, got {type(config).__name__}")
+    for name in ("block_t", "block_h", "num_warps"):
+        v = getattr(config, name)
+        if not isinstance(v, int) or v < 1 or v & (v - 1) or v > 1024:
+            raise ValueError(f"config.{name} must be a power of two in [1, 1024], got {v!r}")
+    if not isinstance(config.num_stages, int) or not 1 <= config.num_stages <= 8:
+        raise ValueError(f"config.num_stages must be an int in [1, 8], got {config.num_stages!r}")
+
+
 def _check_offsets(offsets: Offsets, n_seqs: int, device: torch.device) -> None:
     if offsets is None or (isinstance(offsets, int) and not isinstance(offsets, bool)):
         return
@@ -418,6 +429,8 @@ def apply_rope_(
         path (float32 angles) unless ``TRITON_INTERPRET=1``, where they run the kernel.
     """
     rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens)
+    if config is not None:
+        _check_config(config)
     if _needs_grad(q, k):
         out = apply_rope(q, k, positions, params, layout=layout, rotary_dim=rot, offsets=offsets,
                          cu_seqlens=cu_seqlens, precise_angles=precise_angles)
