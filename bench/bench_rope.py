@@ -199,6 +199,12 @@ def run_shape(name, shape, dtype, params, bw, peers, compiled, log):
             row[f"{pname}_error"] = f"{type(e).__name__}: {e}"[:200]
             log(f"  {name}: peer {pname} failed: {row[f'{pname}_error']}")
 
+    if kind == "mla":
+        # the same bytes in the same strided pattern, moved by PyTorch's copy: what this
+        # access pattern costs without any rope arithmetic
+        dq = torch.empty_strided(q.size(), q.stride(), dtype=dtype, device="cuda")
+        dk = torch.empty_strided(k.size(), k.stride(), dtype=dtype, device="cuda")
+        row["strided_copy_us"] = graph_ms(lambda: (dq.copy_(q), dk.copy_(k)), calls=10) * 1e3
     # device time alone (launch gaps removed): the kernel's own speed vs the floor
     row["graph_ours_us"] = graph_ms(ours, calls=10 if kind != "decode" else 20) * 1e3
     row["graph_pct_copy_bw"] = 100 * row["floor_ms"] * 1e3 / row["graph_ours_us"]
@@ -349,6 +355,8 @@ def main(argv=None) -> int:
                      f"eager {r.get('graph_eager_us', float('nan')):.2f}; mem/call {r['extra_bytes_per_call']} B")
         elif "precise_cost_pct" in r:
             extra = f"precise angles cost {r['precise_cost_pct']:+.1f}%"
+            if "strided_copy_us" in r:
+                extra += f"; strided copy of the same views {r['strided_copy_us']:.1f} us"
         elif "fwd_ms" in r:
             extra = f"fwd {r['fwd_ms'] * 1e3:.1f} us, bwd {r['bwd_ms'] * 1e3:.1f} us"
         fmt = lambda key: f"{r[key]:.2f}" if key in r else "-"

@@ -217,10 +217,11 @@ def _tok_class(n_tokens: int) -> int:
 
 
 # (tokens, heads) per program and warps: a short list, so a new shape class tunes in about
-# a second. Tiles from 128 to 8K elements; the heuristic's picks are among them.
+# a second or two. The heuristic's picks are among them.
 _CANDIDATES = [
     (1, 1, 1), (1, 2, 1), (1, 4, 2), (1, 8, 4), (1, 16, 4), (1, 32, 8),
     (2, 4, 2), (2, 8, 4), (2, 16, 8), (4, 4, 4), (4, 8, 4), (4, 16, 8), (8, 8, 8),
+    (2, 32, 8), (4, 32, 8), (8, 16, 8),
 ]
 
 
