@@ -40,6 +40,7 @@ SHAPES = {
     "decode-64": (64, 32, 8, 128, 128, "decode"),
     "decode-256": (256, 32, 8, 128, 128, "decode"),
     "llama3-8b-train-4k": (4096, 32, 8, 128, 128, "train"),
+    "llama3-8b-train-16k": (16384, 32, 8, 128, 128, "train"),
 }
 SWEEP_TOKENS = [64, 256, 1024, 4096, 16384, 32768]
 
@@ -161,6 +162,10 @@ def run_shape(name, shape, dtype, params, bw, peers, compiled, log):
         bwd_ms = bench_ms(lambda: torch.ops.yarn_triton.rope(gq, gk, pos, None, None, inv, params.cos_sin_scale,
                                                              0, rot, "neox", True, True))
         row.update(fwd_ms=fwd_ms, bwd_ms=bwd_ms)
+        # device time of each kernel alone: forward (out of place) and backward (inverse)
+        row["graph_fwd_us"] = graph_ms(lambda: yt.apply_rope(qg, kg, pos, params), calls=10) * 1e3
+        row["graph_bwd_us"] = graph_ms(lambda: torch.ops.yarn_triton.rope(
+            gq, gk, pos, None, None, inv, params.cos_sin_scale, 0, rot, "neox", True, True), calls=10) * 1e3
         t_ours = bench_ms(ours)
         peer_fns = {"eager": eager, "compile": comp}
     else:
@@ -358,7 +363,8 @@ def main(argv=None) -> int:
             if "strided_copy_us" in r:
                 extra += f"; strided copy of the same views {r['strided_copy_us']:.1f} us"
         elif "fwd_ms" in r:
-            extra = f"fwd {r['fwd_ms'] * 1e3:.1f} us, bwd {r['bwd_ms'] * 1e3:.1f} us"
+            extra = (f"fwd {r['fwd_ms'] * 1e3:.1f} us, bwd {r['bwd_ms'] * 1e3:.1f} us; "
+                     f"graph: fwd {r['graph_fwd_us']:.1f} us, bwd {r['graph_bwd_us']:.1f} us")
         fmt = lambda key: f"{r[key]:.2f}" if key in r else "-"
         print(f"{r['shape']:22s} {r['ours_ms'] * 1e3:8.1f} {r['graph_ours_us']:8.1f} {r['floor_ms'] * 1e3:8.1f} "
               f"{r['pct_copy_bw']:6.1f} {r['graph_pct_copy_bw']:8.1f} "
