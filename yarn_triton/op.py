@@ -371,6 +371,34 @@ def _rope_backward(ctx, grads):
 torch.library.register_autograd("yarn_triton::rope", _rope_backward, setup_context=_rope_setup_context)
 
 
+class _EagerRope(torch.autograd.Function):
+    """The same forward/backward as the ``yarn_triton::rope`` custom op, without the
+    dispatcher round trips, which cost several times the kernel's own host time in eager
+    mode. ``torch.compile`` uses the custom op."""
+
+    @staticmethod
+    def forward(ctx, q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, precise):
+        qo = torch.empty_like(q)
+        ko = None if k is None else torch.empty_like(k)
+        _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout,
+                 False, precise)
+        ctx.save_for_backward(positions, offsets, cu_seqlens, inv_freq)
+        ctx.scalars = (scale, pos_base, rot, layout, precise)
+        ctx.has_k = k is not None
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        positions, offsets, cu_seqlens, inv_freq = ctx.saved_tensors
+        scale, pos_base, rot, layout, precise = ctx.scalars
+        gk = gk if ctx.has_k else None
+        dq = torch.empty_like(gq)
+        dk = None if gk is None else torch.empty_like(gk)
+        _execute(gq, dq, gk, dk, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout,
+                 True, precise)
+        return (dq, dk) + (None,) * 9
+
+
 # --------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------
@@ -470,6 +498,9 @@ def apply_rope(
     """
     rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace=False)
     off_t, pos_base = _split_offsets(offsets)
+    if not torch.compiler.is_compiling():
+        return _EagerRope.apply(q, k, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
+                                params.cos_sin_scale, pos_base, rot, layout, precise_angles)
     out = torch.ops.yarn_triton.rope(q, k, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
                                      params.cos_sin_scale, pos_base, rot, layout, False, precise_angles)
     return out[0], (out[1] if k is not None else None)
