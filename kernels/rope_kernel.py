@@ -368,9 +368,9 @@ def launch_rope(
     if tune:
         # The autotuner's own per-call bookkeeping costs more host time than the launch;
         # it runs once per shape class, later calls launch its pick directly.
-        tune_key = (_tok_class(n_tokens), n_q_heads, n_k_heads, q.src_strides[2], k.src_strides[2] if k else 0,
+        tune_key = (_tok_class(n_tokens), n_q_heads, n_k_heads, q.src_strides[2], k.src_strides[2],
                     half, in_pairs, out_pairs, inplace, cu_seqlens is not None,
-                    q.src.dtype, q.dst.dtype, None if k is None else k.src.dtype)
+                    q.src.dtype, q.dst.dtype, k.src.dtype)
         config = _TUNED.get(tune_key)
         tune = config is None
     cfg = config or heuristic_config(n_tokens, n_q_heads, n_k_heads, half)

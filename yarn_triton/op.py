@@ -317,6 +317,16 @@ def _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_
                           token_mask=mask, out=(qo, ko))
 
 
+def _rotated_copy(q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
+                  rot, layout, inverse, precise) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Out of place: new ``(q_out, k_out)`` (``k_out`` None without k), one kernel pass."""
+    qo = torch.empty_like(q)
+    ko = None if k is None else torch.empty_like(k)
+    _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
+             rot, layout, inverse, precise)
+    return qo, ko
+
+
 # --------------------------------------------------------------------------------------
 # Custom ops (torch.compile sees these) and autograd
 # --------------------------------------------------------------------------------------
@@ -336,10 +346,8 @@ def _rope_op(
     offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor,
     scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool, precise: bool,
 ) -> List[torch.Tensor]:
-    qo = torch.empty_like(q)
-    ko = None if k is None else torch.empty_like(k)
-    _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-             rotary_dim, layout, inverse, precise)
+    qo, ko = _rotated_copy(q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
+                           rotary_dim, layout, inverse, precise)
     return [qo] if ko is None else [qo, ko]
 
 
@@ -378,10 +386,8 @@ class _EagerRope(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, precise):
-        qo = torch.empty_like(q)
-        ko = None if k is None else torch.empty_like(k)
-        _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout,
-                 False, precise)
+        qo, ko = _rotated_copy(q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot,
+                               layout, False, precise)
         ctx.save_for_backward(positions, offsets, cu_seqlens, inv_freq)
         ctx.scalars = (scale, pos_base, rot, layout, precise)
         ctx.has_k = k is not None
@@ -391,11 +397,8 @@ class _EagerRope(torch.autograd.Function):
     def backward(ctx, gq, gk):
         positions, offsets, cu_seqlens, inv_freq = ctx.saved_tensors
         scale, pos_base, rot, layout, precise = ctx.scalars
-        gk = gk if ctx.has_k else None
-        dq = torch.empty_like(gq)
-        dk = None if gk is None else torch.empty_like(gk)
-        _execute(gq, dq, gk, dk, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout,
-                 True, precise)
+        dq, dk = _rotated_copy(gq, gk if ctx.has_k else None, positions, offsets, cu_seqlens, inv_freq,
+                               scale, pos_base, rot, layout, True, precise)
         return (dq, dk) + (None,) * 9
 
 
