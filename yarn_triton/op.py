@@ -385,21 +385,22 @@ class _EagerRope(torch.autograd.Function):
     mode. ``torch.compile`` uses the custom op."""
 
     @staticmethod
-    def forward(ctx, q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, precise):
+    def forward(ctx, q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse,
+                precise):
         qo, ko = _rotated_copy(q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot,
-                               layout, False, precise)
+                               layout, inverse, precise)
         ctx.save_for_backward(positions, offsets, cu_seqlens, inv_freq)
-        ctx.scalars = (scale, pos_base, rot, layout, precise)
+        ctx.scalars = (scale, pos_base, rot, layout, inverse, precise)
         ctx.has_k = k is not None
         return qo, ko
 
     @staticmethod
     def backward(ctx, gq, gk):
         positions, offsets, cu_seqlens, inv_freq = ctx.saved_tensors
-        scale, pos_base, rot, layout, precise = ctx.scalars
+        scale, pos_base, rot, layout, inverse, precise = ctx.scalars
         dq, dk = _rotated_copy(gq, gk if ctx.has_k else None, positions, offsets, cu_seqlens, inv_freq,
-                               scale, pos_base, rot, layout, True, precise)
-        return (dq, dk) + (None,) * 9
+                               scale, pos_base, rot, layout, not inverse, precise)
+        return (dq, dk) + (None,) * 10
 
 
 # --------------------------------------------------------------------------------------
@@ -426,6 +427,7 @@ def apply_rope_(
     offsets: Offsets = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     precise_angles: bool = True,
+    inverse: bool = False,
     config: Optional[LaunchConfig] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Rotate q and k in place with rotary position embeddings (one kernel launch).
@@ -451,6 +453,8 @@ def apply_rope_(
         precise_angles: form angles in float64 and reduce by 2*pi in the kernel (accurate
             at any position); False gives the float32 ``position * inv_freq`` of
             materialised caches.
+        inverse: rotate by ``-angle`` instead (undoes a rotation: DeepSeek-V4 de-rotates
+            its attention output's rope slice this way).
         config: explicit launch shape (benchmarks); default picks one.
 
     Returns:
@@ -464,7 +468,7 @@ def apply_rope_(
         _check_config(config)
     if _needs_grad(q, k):
         out = apply_rope(q, k, positions, params, layout=layout, rotary_dim=rot, offsets=offsets,
-                         cu_seqlens=cu_seqlens, precise_angles=precise_angles)
+                         cu_seqlens=cu_seqlens, precise_angles=precise_angles, inverse=inverse)
         q.copy_(out[0])
         if k is not None:
             k.copy_(out[1])
@@ -473,10 +477,10 @@ def apply_rope_(
     inv_freq = params.inv_freq_on(q.device)
     if torch.compiler.is_compiling():
         torch.ops.yarn_triton.rope_(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale,
-                                    pos_base, rot, layout, False, precise_angles)
+                                    pos_base, rot, layout, inverse, precise_angles)
     else:  # eager: straight to the launch, no dispatcher round trip
         _execute(q, q, k, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base,
-                 rot, layout, False, precise_angles, config)
+                 rot, layout, inverse, precise_angles, config)
     return q, k
 
 
@@ -491,6 +495,7 @@ def apply_rope(
     offsets: Offsets = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     precise_angles: bool = True,
+    inverse: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Out-of-place, differentiable :func:`apply_rope_`: returns new rotated ``(q, k)``
     (``k`` None when not given), in one pass over the inputs (channels past the rotary
@@ -503,7 +508,7 @@ def apply_rope(
     off_t, pos_base = _split_offsets(offsets)
     if not torch.compiler.is_compiling():
         return _EagerRope.apply(q, k, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
-                                params.cos_sin_scale, pos_base, rot, layout, precise_angles)
+                                params.cos_sin_scale, pos_base, rot, layout, bool(inverse), precise_angles)
     out = torch.ops.yarn_triton.rope(q, k, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
-                                     params.cos_sin_scale, pos_base, rot, layout, False, precise_angles)
+                                     params.cos_sin_scale, pos_base, rot, layout, bool(inverse), precise_angles)
     return out[0], (out[1] if k is not None else None)
