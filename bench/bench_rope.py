@@ -1,19 +1,30 @@
-"""yarn-triton benchmark: our kernel vs peers and vs the bytes-moved floor, in one run.
+"""yarn-triton benchmark: our kernel against its peers and the bytes-moved floor, like for like.
 
-    python bench/bench_rope.py                    # embedded default shapes, bf16
-    python bench/bench_rope.py --shapes llama3-8b-prefill,decode-64 --dtype float16
-    python bench/bench_rope.py --out results.json --plot gbps.png
+    python bench/bench_rope.py                       # every shape, bf16
+    python bench/bench_rope.py --shapes llama3-8b-prefill,decode-64 --out results.json
 
-For every shape: our median time (triton.testing.do_bench), GB/s, % of the device-to-device
-copy bandwidth measured in this same run, the floor (bytes / copy bandwidth), and the
-ratio of each peer's time to ours: eager PyTorch (transformers style: cos/sin from
-positions, rotate_half), torch.compile of it, and Liger-Kernel's Triton rope when
-installed (given precomputed cos/sin, i.e. kernel only). flash-attention's rotary needs
-its compiled package and is skipped when absent. Decode shapes are also timed as CUDA
-graphs. Also: our eager host overhead per call, extra device memory per call, the
-autotuner's chosen launch shape, and the cost of precise angles.
+Like for like means:
 
-With no GPU it says so, then checks correctness through Triton's interpreter and exits 0.
+* every method gets the tensors its own users hand it. transformers' attention hands its
+  rope ``q_proj(x).view(B, S, H, D).transpose(1, 2)``: a ``[B, H, S, D]`` *view* of
+  ``[B, S, H, D]`` storage. Liger and the PyTorch peers get exactly that view (MLA: the
+  rope slice of it), plus the cos/sin table their users compute from the positions. We get
+  the same storage as ``[B, S, H, D]`` and the positions;
+* peers that need a cos/sin table are reported twice: kernel only (``*_ms``), and with the
+  table built once per model forward and spread over the model's layers (``*_e2e_ms``:
+  32 layers for Llama-3-8B, 61 for DeepSeek-V3);
+* the profiler lists the GPU kernels each method launches (``kernels`` in the JSON): a
+  kernel-only figure is one kernel, and any copy a peer makes of its input is counted,
+  because its users pay for it;
+* decode rows are device time per call, replayed in a CUDA graph, beside an empty Triton
+  kernel replayed the same way; host rows are eager wall time per call beside a trivial
+  torch op (``q.add_(0)``), all in one process.
+
+The floor is the rope part of q and k read and written once over the device-to-device copy
+bandwidth measured in the same run. FlashInfer and vLLM are not run here: neither installs
+on the device machine (see docs/performance.md).
+
+With no GPU it says so, checks correctness through Triton's interpreter and exits 0.
 """
 
 from __future__ import annotations
@@ -26,23 +37,29 @@ import time
 
 import torch
 
-
-# ------------------------------------------------------------------------------------------
-# Shapes
-# ------------------------------------------------------------------------------------------
-# name: (tokens, q heads, k heads, head dim, rope dim, kind)
+# name: (tokens, q heads, k heads, head dim, rope dim, kind, layout, layers)
 SHAPES = {
-    "llama3-8b-prefill": (16384, 32, 8, 128, 128, "prefill"),
-    "gqa-64x8-8k": (8192, 64, 8, 128, 128, "prefill"),
-    "deepseek-v3-mla-4k": (4096, 128, 1, 192, 64, "mla"),
-    "decode-1": (1, 32, 8, 128, 128, "decode"),
-    "decode-8": (8, 32, 8, 128, 128, "decode"),
-    "decode-64": (64, 32, 8, 128, 128, "decode"),
-    "decode-256": (256, 32, 8, 128, 128, "decode"),
-    "llama3-8b-train-4k": (4096, 32, 8, 128, 128, "train"),
-    "llama3-8b-train-16k": (16384, 32, 8, 128, 128, "train"),
+    "llama3-8b-prefill": (16384, 32, 8, 128, 128, "prefill", "neox", 32),
+    "gqa-64x8-8k": (8192, 64, 8, 128, 128, "prefill", "neox", 32),
+    "mla-8k-deepseek": (8192, 128, 1, 192, 64, "mla", "deepseek", 61),
+    "mla-8k-interleaved": (8192, 128, 1, 192, 64, "mla", "interleaved", 61),
+    "mla-8k-neox": (8192, 128, 1, 192, 64, "mla", "neox", 61),
+    "decode-1": (1, 32, 8, 128, 128, "decode", "neox", 32),
+    "decode-64": (64, 32, 8, 128, 128, "decode", "neox", 32),
+    "decode-256": (256, 32, 8, 128, 128, "decode", "neox", 32),
+    "train-16k": (16384, 32, 8, 128, 128, "train", "neox", 32),
 }
 SWEEP_TOKENS = [64, 256, 1024, 4096, 16384, 32768]
+
+
+# ------------------------------------------------------------------------------------------
+# Peers: what their users run
+# ------------------------------------------------------------------------------------------
+def hf_cos_sin(positions, inv_freq, scale, dtype):
+    """transformers' rotary embedding forward: the per-forward cos/sin table ``[B, S, R]``."""
+    freqs = (inv_freq[None, :, None] @ positions[:, None, :].float()).transpose(1, 2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def _rotate_half(x):
@@ -50,39 +67,30 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def hf_style_rope(q, k, positions, inv_freq, scale: float):
-    """The transformers way: cos/sin from positions, then x*cos + rotate_half(x)*sin.
-    q, k: [B, S, H, D] (rope over the whole head)."""
-    freqs = positions[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos = (emb.cos() * scale).to(q.dtype)[..., None, :]
-    sin = (emb.sin() * scale).to(q.dtype)[..., None, :]
+def hf_apply(q, k, cos, sin):
+    """transformers' ``apply_rotary_pos_emb`` on ``[B, H, S, R]`` views (out of place)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 # ------------------------------------------------------------------------------------------
-# Timing helpers
+# Timing
 # ------------------------------------------------------------------------------------------
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy, bytes read + written per second (median)."""
-    from triton.testing import do_bench
-
-    src = torch.randn(nbytes // 4, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return 2 * nbytes / (ms * 1e-3)
-
-
 def bench_ms(fn, warmup=25, rep=100) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
-def graph_ms(fn, calls: int = 20) -> float:
-    """Median time per call of ``fn`` captured ``calls`` times in one CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second (median)."""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / (bench_ms(lambda: dst.copy_(src), rep=200) * 1e-3)
+
+
+def graph_us(fn, calls: int = 20) -> float:
+    """Device time per call of ``fn``: ``calls`` calls captured in one CUDA graph, replayed."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -92,12 +100,12 @@ def graph_ms(fn, calls: int = 20) -> float:
     with torch.cuda.graph(g):
         for _ in range(calls):
             fn()
-    return bench_ms(g.replay) / calls
+    return bench_ms(g.replay) / calls * 1e3
 
 
-def host_overhead_us(fn, calls: int = 2000) -> float:
-    """Wall time per call of a tiny launch loop: the host cost, GPU work being shorter."""
-    for _ in range(50):
+def host_us(fn, calls: int = 3000) -> float:
+    """Eager wall time per call of a launch loop (GPU work shorter than the host's)."""
+    for _ in range(100):
         fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -108,125 +116,180 @@ def host_overhead_us(fn, calls: int = 2000) -> float:
     return (t1 - t0) / calls * 1e6
 
 
+def kernels_launched(fn) -> list:
+    """Names of the GPU kernels one call of ``fn`` launches (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    return [n[:60] for n in names]
+
+
 # ------------------------------------------------------------------------------------------
 # One shape
 # ------------------------------------------------------------------------------------------
-def make_inputs(shape, dtype):
-    """Returns (q, k, positions, bytes moved by one in-place rope). MLA: q's rope part is
-    the last 64 of each 192-wide head, k_pe the last 64 of the 576-wide kv projection."""
-    T, hq, hk, D, rot, kind = shape
-    g = torch.Generator(device="cuda").manual_seed(0)
-    pos = torch.randint(0, 128 * 1024, (1, T), device="cuda", generator=g)
-    esize = torch.tensor([], dtype=dtype).element_size()
+def make_inputs(shape, dtype, gen):
+    """``[1, T, H, D]`` storage for q and k (MLA: q's rope part is the last 64 of each
+    192-wide head, k_pe the last 64 of the 576-wide kv projection), positions ``[1, T]``,
+    and the bytes one rope pass must move."""
+    T, hq, hk, D, rot, kind, layout, layers = shape
+    pos = torch.randint(0, 128 * 1024, (1, T), device="cuda", generator=gen)
     if kind == "mla":
-        qf = torch.randn(1, T, hq, D, device="cuda", dtype=dtype, generator=g)
-        kv = torch.randn(1, T, 512 + rot, device="cuda", dtype=dtype, generator=g)
-        q = qf[..., D - rot:]
-        k = kv[..., 512:].unsqueeze(2)
+        q = torch.randn(1, T, hq, D, device="cuda", dtype=dtype, generator=gen)[..., D - rot:]
+        k = torch.randn(1, T, 512 + rot, device="cuda", dtype=dtype, generator=gen)[..., 512:].unsqueeze(2)
     else:
-        q = torch.randn(1, T, hq, D, device="cuda", dtype=dtype, generator=g)
-        k = torch.randn(1, T, hk, D, device="cuda", dtype=dtype, generator=g)
-    nbytes = 2 * T * (hq + hk) * rot * esize  # read + write of the rope part
+        q = torch.randn(1, T, hq, D, device="cuda", dtype=dtype, generator=gen)
+        k = torch.randn(1, T, hk, D, device="cuda", dtype=dtype, generator=gen)
+    nbytes = 2 * T * (hq + hk) * rot * q.element_size()
     return q, k, pos, nbytes
 
 
-def run_shape(name, shape, dtype, params, bw, peers, compiled, log):
+def run_shape(name, shape, dtype, bw, liger, compiled_apply, log):
     import yarn_triton as yt
-    from yarn_triton.kernels.rope_kernel import rope_kernel_autotuned
 
-    T, hq, hk, D, rot, kind = shape
-    q, k, pos, nbytes = make_inputs(shape, dtype)
+    T, hq, hk, D, rot, kind, layout, layers = shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, pos, nbytes = make_inputs(shape, dtype, gen)
+    # cos/sin scale 1: repeated in-place timing keeps values bounded (same cost)
+    base = yt.RopeParams.yarn(rot, 500000.0, 4.0, 8192)
+    params = yt.RopeParams(base.inv_freq, rot, 1.0, 1.0, "yarn")
     inv = params.inv_freq_on("cuda")
     row = {"shape": name, "tokens": T, "q_heads": hq, "k_heads": hk, "head_dim": D, "rope_dim": rot,
-           "kind": kind, "dtype": str(dtype).split(".")[-1]}
+           "kind": kind, "layout": layout, "layers": layers}
+    floor_us = nbytes / bw * 1e6
+    row["floor_us"] = floor_us
+
+    # peers' inputs: the [B, H, S, R] views transformers hands them, and their table
+    qv, kv = q.transpose(1, 2), k.transpose(1, 2)
+    cos, sin = hf_cos_sin(pos, inv, 1.0, dtype)
+    table = lambda: hf_cos_sin(pos, inv, 1.0, dtype)  # noqa: E731
+    row["table_us"] = graph_us(table, calls=5) if kind != "decode" else graph_us(table)
 
     if kind == "train":
         qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
         gq, gk = torch.randn_like(q), torch.randn_like(k)
+        nbytes *= 2
+        row["floor_us"] = floor_us = nbytes / bw * 1e6
 
-        # autograd.grad, not backward: no accumulation into .grad inflating the bytes
         def ours():
             qo, ko = yt.apply_rope(qg, kg, pos, params)
             return torch.autograd.grad((qo, ko), (qg, kg), (gq, gk))
 
-        def eager():
-            qo, ko = hf_style_rope(qg, kg, pos, inv, params.cos_sin_scale)
-            return torch.autograd.grad((qo, ko), (qg, kg), (gq, gk))
+        methods = {"ours": ours}
+        if liger is not None:
+            # Liger rotates in place: its users hand it fresh projections each step
+            qlv, klv = qg.detach().clone().transpose(1, 2), kg.detach().clone().transpose(1, 2)
+            qlv.requires_grad_()
+            klv.requires_grad_()
+            gqv, gkv = gq.transpose(1, 2), gk.transpose(1, 2)
 
-        def comp():
-            qo, ko = compiled(qg, kg, pos, inv, params.cos_sin_scale)
-            return torch.autograd.grad((qo, ko), (qg, kg), (gq, gk))
+            def liger_train():
+                qo, ko = liger(qlv * 1, klv * 1, cos, sin)  # *1: its in-place kernel needs a non-leaf
+                return torch.autograd.grad((qo, ko), (qlv, klv), (gqv, gkv))
+            methods["liger"] = liger_train
 
-        nbytes *= 2  # forward and backward each read and write q and k
-        fwd_ms = bench_ms(lambda: yt.apply_rope(qg, kg, pos, params))
-        bwd_ms = bench_ms(lambda: torch.ops.yarn_triton.rope(gq, gk, pos, None, None, inv, params.cos_sin_scale,
-                                                             0, rot, "neox", True, True))
-        row.update(fwd_ms=fwd_ms, bwd_ms=bwd_ms)
-        # device time of each kernel alone: forward (out of place) and backward (inverse)
-        row["graph_fwd_us"] = graph_ms(lambda: yt.apply_rope(qg, kg, pos, params), calls=10) * 1e3
-        row["graph_bwd_us"] = graph_ms(lambda: torch.ops.yarn_triton.rope(
-            gq, gk, pos, None, None, inv, params.cos_sin_scale, 0, rot, "neox", True, True), calls=10) * 1e3
-        t_ours = bench_ms(ours)
-        peer_fns = {"eager": eager, "compile": comp}
-    else:
-        def ours():
-            yt.apply_rope_(q, k, pos, params)
+        def eager_train():
+            qo, ko = hf_apply(qg.transpose(1, 2), kg.transpose(1, 2), cos, sin)
+            return torch.autograd.grad((qo, ko), (qg, kg), (gq.transpose(1, 2), gk.transpose(1, 2)))
+        methods["torch"] = eager_train
+        for m, fn in methods.items():
+            try:
+                row[f"{m}_us"] = bench_ms(fn) * 1e3
+                row[f"{m}_graph_us"] = graph_us(fn, calls=3)
+            except Exception as e:  # a peer failing is reported, not fatal
+                row[f"{m}_error"] = f"{type(e).__name__}: {e}"[:200]
+                log(f"  {name}: {m} failed: {row[f'{m}_error']}")
+        if liger is not None:  # Liger's own kernels alone (its "x * 1" copies excluded)
+            qo, ko = liger(qlv * 1, klv * 1, cos, sin)
+            row["liger_kernels_us"] = graph_us(lambda: torch.autograd.grad(
+                (qo, ko), (qlv, klv), (gqv, gkv), retain_graph=True), calls=3) + graph_us(
+                lambda: liger(qv, kv, cos, sin), calls=3)
+        return row
 
-        # peers work on [B, S, H, D] full heads (MLA: the rope views materialised for them)
-        qp, kp = q.contiguous(), k.contiguous()
-        peer_fns = {
-            "eager": lambda: hf_style_rope(qp, kp, pos, inv, params.cos_sin_scale),
-            "compile": lambda: compiled(qp, kp, pos, inv, params.cos_sin_scale),
-        }
-        if "liger" in peers:
-            freqs = pos[..., None].float() * inv
-            emb = torch.cat((freqs, freqs), -1)
-            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-            qt, kt = qp.transpose(1, 2).contiguous(), kp.transpose(1, 2).contiguous()
-            peer_fns["liger"] = lambda: peers["liger"](qt, kt, cos, sin)
-        t_ours = bench_ms(ours)
-        if kind != "decode":
-            t_fp32 = bench_ms(lambda: yt.apply_rope_(q, k, pos, params, precise_angles=False))
-            row["fp32_angles_ms"] = t_fp32
-            row["precise_cost_pct"] = 100 * (t_ours / t_fp32 - 1)
+    def ours():
+        yt.apply_rope_(q, k, pos, params, layout=layout)
 
-    row["ours_ms"] = t_ours
-    row["floor_ms"] = nbytes / bw * 1e3
-    row["gbps"] = nbytes / (t_ours * 1e-3) / 1e9
-    row["pct_copy_bw"] = 100 * row["floor_ms"] / t_ours
-    cfg = getattr(rope_kernel_autotuned, "best_config", None)
-    row["config"] = str(cfg) if cfg is not None else "heuristic"
-    for pname, fn in peer_fns.items():
+    methods = {"ours": ours,
+               "ours_fp32_angles": lambda: yt.apply_rope_(q, k, pos, params, layout=layout, precise_angles=False),
+               "torch": lambda: hf_apply(qv, kv, cos, sin),
+               "torch_compile": lambda: compiled_apply(qv, kv, cos, sin)}
+    if liger is not None and layout == "neox":
+        methods["liger"] = lambda: liger(qv, kv, cos, sin)
+    for m, fn in methods.items():
         try:
-            row[f"{pname}_ms"] = bench_ms(fn)
-            row[f"x_vs_{pname}"] = row[f"{pname}_ms"] / t_ours
-        except Exception as e:  # a peer failing is reported, not fatal
-            row[f"{pname}_error"] = f"{type(e).__name__}: {e}"[:200]
-            log(f"  {name}: peer {pname} failed: {row[f'{pname}_error']}")
-
-    if kind == "mla":
-        # the same bytes in the same strided pattern, moved by PyTorch's copy: what this
-        # access pattern costs without any rope arithmetic
+            if kind == "decode":
+                row[f"{m}_us"] = graph_us(fn)
+            else:
+                row[f"{m}_us"] = bench_ms(fn) * 1e3
+                row[f"{m}_graph_us"] = graph_us(fn, calls=5)
+            row[f"{m}_kernels"] = kernels_launched(fn)
+            if m not in ("ours", "ours_fp32_angles"):
+                row[f"{m}_e2e_us"] = row[f"{m}_us"] + row["table_us"] / layers
+        except Exception as e:
+            row[f"{m}_error"] = f"{type(e).__name__}: {e}"[:200]
+            log(f"  {name}: {m} failed: {row[f'{m}_error']}")
+    if kind == "mla":  # the same bytes in the same strided pattern, moved by a copy
         dq = torch.empty_strided(q.size(), q.stride(), dtype=dtype, device="cuda")
         dk = torch.empty_strided(k.size(), k.stride(), dtype=dtype, device="cuda")
-        row["strided_copy_us"] = graph_ms(lambda: (dq.copy_(q), dk.copy_(k)), calls=10) * 1e3
-    # device time alone (launch gaps removed): the kernel's own speed vs the floor
-    row["graph_ours_us"] = graph_ms(ours, calls=10 if kind != "decode" else 20) * 1e3
-    row["graph_pct_copy_bw"] = 100 * row["floor_ms"] * 1e3 / row["graph_ours_us"]
+        row["strided_copy_us"] = graph_us(lambda: (dq.copy_(q), dk.copy_(k)), calls=5)
     if kind == "decode":
-        for pname in ("eager", "compile"):
-            try:
-                row[f"graph_{pname}_us"] = graph_ms(peer_fns[pname]) * 1e3
-            except Exception as e:
-                row[f"graph_{pname}_error"] = f"{type(e).__name__}: {e}"[:200]
-        # extra memory of one call: should be 0 (no cos/sin cache, no workspace)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         ours()
         torch.cuda.synchronize()
-        row["extra_bytes_per_call"] = torch.cuda.max_memory_allocated() - before
+        row["ours_extra_bytes"] = torch.cuda.max_memory_allocated() - before
     return row
+
+
+def empty_kernel_us() -> float:
+    """An empty Triton kernel, replayed in a CUDA graph: the floor of any decode launch."""
+    import triton
+
+    @triton.jit
+    def _empty(x):
+        pass
+
+    x = torch.empty(1, device="cuda")
+    return graph_us(lambda: _empty[(1,)](x))
+
+
+def host_costs(dtype, liger) -> dict:
+    """Eager wall time per call, 1-token decode (32/8 heads, d128), every method."""
+    import yarn_triton as yt
+
+    p = yt.RopeParams.yarn(128, 500000.0, 4.0, 8192)
+    q = torch.randn(1, 1, 32, 128, device="cuda", dtype=dtype)
+    k = torch.randn(1, 1, 8, 128, device="cuda", dtype=dtype)
+    pos = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
+    cos, sin = hf_cos_sin(pos, p.inv_freq_on("cuda"), 1.0, dtype)
+    qv, kv = q.transpose(1, 2), k.transpose(1, 2)
+    # MLA decode views and the packed / offset position forms
+    qm = torch.randn(1, 1, 128, 192, device="cuda", dtype=dtype)[..., 128:]
+    km = torch.randn(1, 1, 576, device="cuda", dtype=dtype)[..., 512:].unsqueeze(2)
+    pm = yt.RopeParams.yarn(64, 10000.0, 40.0, 4096, mscale=1.0, mscale_all_dim=1.0)
+    qp, kp = torch.randn(4, 32, 128, device="cuda", dtype=dtype), torch.randn(4, 8, 128, device="cuda", dtype=dtype)
+    cu = torch.tensor([0, 1, 2, 3, 4], device="cuda", dtype=torch.int32)
+    offs = torch.tensor([100, 200, 300, 400], device="cuda")
+    qb, kb = torch.randn(4, 1, 32, 128, device="cuda", dtype=dtype), torch.randn(4, 1, 8, 128, device="cuda", dtype=dtype)
+    rows = {
+        "trivial torch op (q.add_(0))": lambda: q.add_(0),
+        "ours apply_rope_ (positions)": lambda: yt.apply_rope_(q, k, pos, p),
+        "ours apply_rope_ (offsets=int)": lambda: yt.apply_rope_(q, k, None, p, offsets=4096),
+        "ours apply_rope_ (offsets tensor [4])": lambda: yt.apply_rope_(qb, kb, None, p, offsets=offs),
+        "ours apply_rope_ (cu_seqlens, packed)": lambda: yt.apply_rope_(qp, kp, None, p, cu_seqlens=cu),
+        "ours apply_rope_ (MLA views, deepseek)": lambda: yt.apply_rope_(qm, km, pos, pm, layout="deepseek"),
+        "ours apply_rope (autograd)": lambda: yt.apply_rope(qg, kg, pos, p),
+        "torch (transformers apply_rotary_pos_emb)": lambda: hf_apply(qv, kv, cos, sin),
+    }
+    if liger is not None:
+        rows["liger"] = lambda: liger(qv, kv, cos, sin)
+    return {name: host_us(fn) for name, fn in rows.items()}
 
 
 # ------------------------------------------------------------------------------------------
@@ -257,6 +320,27 @@ def cpu_check() -> int:
 
 
 # ------------------------------------------------------------------------------------------
+def _fmt(r, key):
+    return f"{r[key]:.2f}" if key in r else "-"
+
+
+def print_tables(meta, rows, host):
+    print(f"\n{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['dtype']} | "
+          f"copy {meta['copy_tbps']:.2f} TB/s | empty Triton kernel in a graph {meta['empty_kernel_us']:.2f} us")
+    print("device time, us (decode: per call in a CUDA graph; e2e = kernel + cos/sin table / layers)")
+    print(f"{'shape':20s} {'floor':>7s} {'ours':>7s} {'x floor':>7s} {'liger':>7s} {'liger e2e':>9s} "
+          f"{'torch':>7s} {'compile':>7s} {'compile e2e':>11s} {'fp32 ang':>8s}")
+    for r in rows:
+        ours = r.get("ours_us", float("nan"))
+        print(f"{r['shape']:20s} {r['floor_us']:7.2f} {ours:7.2f} {ours / r['floor_us']:7.3f} "
+              f"{_fmt(r, 'liger_us'):>7s} {_fmt(r, 'liger_e2e_us'):>9s} {_fmt(r, 'torch_us'):>7s} "
+              f"{_fmt(r, 'torch_compile_us'):>7s} {_fmt(r, 'torch_compile_e2e_us'):>11s} "
+              f"{_fmt(r, 'ours_fp32_angles_us'):>8s}")
+    print("host: eager wall time per call, us (1-token decode unless named)")
+    for name, us in host.items():
+        print(f"  {name:44s} {us:7.1f}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
@@ -270,107 +354,64 @@ def main(argv=None) -> int:
         return cpu_check()
 
     import triton
-    import yarn_triton as yt
 
     dtype = getattr(torch, args.dtype)
-    log = lambda m: print(m, file=sys.stderr, flush=True)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     bw = copy_bandwidth()
-    dev = torch.cuda.get_device_name()
-    log(f"{dev}: device-to-device copy {bw / 1e12:.3f} TB/s")
-
-    peers = {}
+    meta = {"device": torch.cuda.get_device_name(), "copy_tbps": bw / 1e12, "torch": torch.__version__,
+            "triton": triton.__version__, "dtype": args.dtype, "empty_kernel_us": empty_kernel_us()}
     try:
-        from liger_kernel.transformers.rope import liger_rotary_pos_emb
-        peers["liger"] = liger_rotary_pos_emb
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb as liger
     except Exception as e:
-        log(f"Liger-Kernel not available ({type(e).__name__}): its column is skipped")
-    log("flash-attention rotary: needs the compiled flash_attn package; skipped when absent")
-    try:
-        from flash_attn.ops.triton.rotary import apply_rotary  # noqa: F401
-        log("flash-attention present but not wired into this benchmark")
-    except Exception:
-        pass
-    compiled = torch.compile(hf_style_rope)
+        liger = None
+        log(f"Liger-Kernel not available ({type(e).__name__}): its columns are skipped")
+    compiled_apply = torch.compile(hf_apply)
 
     rows = []
     for name in args.shapes.split(","):
-        shape = SHAPES[name]
-        # cos/sin scale 1: repeated in-place timing then keeps values bounded (same cost)
-        base = yt.RopeParams.yarn(shape[4], 500000.0, 4.0, 8192)
-        params = yt.RopeParams(base.inv_freq, shape[4], 1.0, 1.0, "yarn")
         log(f"running {name} ...")
-        rows.append(run_shape(name, shape, dtype, params, bw, peers, compiled, log))
+        rows.append(run_shape(name, SHAPES[name], dtype, bw, liger, compiled_apply, log))
         with open(args.out, "w") as f:  # as we go: a killed run still leaves its rows
-            json.dump({"rows": rows}, f, indent=1)
-
-    # host overhead of one eager call (tiny decode input)
-    p = yt.RopeParams.yarn(128, 500000.0, 4.0, 8192)
-    q1 = torch.randn(1, 1, 32, 128, device="cuda", dtype=dtype)
-    k1 = torch.randn(1, 1, 8, 128, device="cuda", dtype=dtype)
-    pos1 = torch.zeros(1, 1, dtype=torch.long, device="cuda")
-    host_us = host_overhead_us(lambda: yt.apply_rope_(q1, k1, pos1, p))
-    host_empty_us = host_overhead_us(lambda: torch.empty(0, device="cuda").add_(1))
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    host = host_costs(dtype, liger)
 
     sweep = []
     if not args.no_sweep:
-        base = yt.RopeParams.yarn(128, 500000.0, 4.0, 8192)
-        params = yt.RopeParams(base.inv_freq, 128, 1.0, 1.0, "yarn")
         for T in SWEEP_TOKENS:
-            r = run_shape(f"sweep-{T}", (T, 32, 8, 128, 128, "prefill"), dtype, params, bw, peers, compiled, log)
+            r = run_shape(f"sweep-{T}", (T, 32, 8, 128, 128, "prefill", "neox", 32), dtype, bw, liger,
+                          compiled_apply, log)
             sweep.append(r)
-
-    meta = {"device": dev, "copy_tbps": bw / 1e12, "torch": torch.__version__, "triton": triton.__version__,
-            "dtype": args.dtype, "host_overhead_us": host_us, "host_overhead_trivial_torch_op_us": host_empty_us}
     with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows, "sweep": sweep}, f, indent=1)
-
+        json.dump({"meta": meta, "rows": rows, "host_us": host, "sweep": sweep}, f, indent=1)
     if args.plot and sweep:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            fig, ax = plt.subplots(figsize=(7, 4))
-            toks = [r["tokens"] for r in sweep]
-            ax.plot(toks, [r["gbps"] for r in sweep], "o-", label="yarn-triton")
-            for pname in ("eager", "compile", "liger"):
-                if all(f"{pname}_ms" in r for r in sweep):
-                    ax.plot(toks, [r["gbps"] * r[f"x_vs_{pname}"] ** -1 for r in sweep], "o--", label=pname)
-            ax.axhline(bw / 1e9, color="gray", ls=":", label="d2d copy")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("tokens (32 q / 8 kv heads, dim 128)")
-            ax.set_ylabel("GB/s (rope bytes / time)")
-            ax.set_title(f"{dev}, {args.dtype}")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(args.plot, dpi=120)
-        except ImportError:
-            log("matplotlib not installed: no plot")
-
-    # the short table, last
-    print(f"\n{dev} | torch {torch.__version__} | triton {triton.__version__} | {args.dtype} | "
-          f"copy {bw / 1e12:.2f} TB/s | eager host overhead {host_us:.1f} us/call "
-          f"(a trivial torch op: {host_empty_us:.1f})")
-    hdr = (f"{'shape':22s} {'ours us':>8s} {'graph us':>8s} {'floor us':>8s} {'%copy':>6s} {'%copy(g)':>8s} "
-           f"{'x eager':>8s} {'x compile':>9s} {'x liger':>8s}  extra")
-    print(hdr)
-    for r in rows:
-        extra = ""
-        if "extra_bytes_per_call" in r:
-            extra = (f"graph: compile {r.get('graph_compile_us', float('nan')):.2f}, "
-                     f"eager {r.get('graph_eager_us', float('nan')):.2f}; mem/call {r['extra_bytes_per_call']} B")
-        elif "precise_cost_pct" in r:
-            extra = f"precise angles cost {r['precise_cost_pct']:+.1f}%"
-            if "strided_copy_us" in r:
-                extra += f"; strided copy of the same views {r['strided_copy_us']:.1f} us"
-        elif "fwd_ms" in r:
-            extra = (f"fwd {r['fwd_ms'] * 1e3:.1f} us, bwd {r['bwd_ms'] * 1e3:.1f} us; "
-                     f"graph: fwd {r['graph_fwd_us']:.1f} us, bwd {r['graph_bwd_us']:.1f} us")
-        fmt = lambda key: f"{r[key]:.2f}" if key in r else "-"
-        print(f"{r['shape']:22s} {r['ours_ms'] * 1e3:8.1f} {r['graph_ours_us']:8.1f} {r['floor_ms'] * 1e3:8.1f} "
-              f"{r['pct_copy_bw']:6.1f} {r['graph_pct_copy_bw']:8.1f} "
-              f"{fmt('x_vs_eager'):>8s} {fmt('x_vs_compile'):>9s} {fmt('x_vs_liger'):>8s}  {extra}")
-    print("configs: " + "; ".join(f"{r['shape']}={r['config']}" for r in rows))
+        plot(sweep, meta, args.plot, log)
+    print_tables(meta, rows, host)
     return 0
+
+
+def plot(sweep, meta, path, log):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    toks = [r["tokens"] for r in sweep]
+    gb = lambda r, m: 2 * r["tokens"] * 40 * 128 * 2 / (r[f"{m}_us"] * 1e-6) / 1e9  # noqa: E731
+    for m, label in (("ours", "yarn-triton"), ("liger", "Liger (kernel only)"), ("torch_compile", "torch.compile"),
+                     ("torch", "transformers eager")):
+        if all(f"{m}_us" in r for r in sweep):
+            ax.plot(toks, [gb(r, m) for r in sweep], "o-" if m == "ours" else "o--", label=label)
+    ax.axhline(meta["copy_tbps"] * 1e3, color="gray", ls=":", label="d2d copy")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens (32 q / 8 kv heads, dim 128)")
+    ax.set_ylabel("GB/s (rope bytes / time)")
+    ax.set_title(f"{meta['device']}, {meta['dtype']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ This module only launches; argument checking lives in ``yarn_triton.op``.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import os
@@ -35,7 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["rope_kernel", "rope_kernel_autotuned", "launch_rope", "LaunchConfig", "Operand", "heuristic_config", "INTERPRETED"]
+__all__ = [
+    "rope_kernel", "rope_kernel_autotuned", "launch_rope", "LaunchConfig", "Operand", "PreparedLaunch",
+    "heuristic_config", "compiled_cache_size", "INTERPRETED",
+]
 
 # 2*pi split for Cody-Waite reduction: _TWO_PI_HI has 22 significant bits, so n * _TWO_PI_HI
 # is exact in float64 for |n| < 2**31; _TWO_PI_LO is the rest of 2*pi (beyond math.tau too).
@@ -86,57 +90,62 @@ def _round_to(x, out_ty: tl.constexpr):
 
 
 @triton.jit
-def _rotate_tile(
-    in_ptr, out_ptr, in_row, out_row, tok_mask, h0, n_heads,
-    in_sh, in_sd, out_sh, out_sd, cos, sin,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL, TAIL_PAD: tl.constexpr,
+def _rotate_heads(
+    in_ptr, out_ptr, in_row, out_row, tok_mask, h_lo, h_hi,
+    in_sh, in_sd, out_sh, out_sd, cos, sin, tail,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
     IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr, INPLACE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Rotate heads ``h0 .. h0+BLOCK_H`` of ``BLOCK_T`` tokens.
+    """Rotate heads ``h_lo .. h_hi`` of ``BLOCK_T`` tokens, ``BLOCK_H`` heads at a time.
 
-    ``in_row`` / ``out_row`` are int64 element offsets of each token's first head. The
-    whole rope part of a head is loaded before any of it is stored, which is what makes
-    the in-place permutation of the deepseek layout safe.
+    Tiles are ``[BLOCK_H, BLOCK_T, channels]``, heads outermost: Triton hands threads to
+    the channel and token axes first, so each thread keeps the same (token, channel) slots
+    for every head it visits and reuses their cos/sin. Angles are therefore computed once
+    per token and frequency in a program, not once per head. ``in_row`` / ``out_row`` are
+    int64 element offsets of each token's first head. A head's whole rope part is loaded
+    before any of it is stored, which keeps the in-place permutation of the deepseek
+    layout safe.
     """
-    h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)[None, :, None]
-    th_mask = tok_mask[:, None, None] & (h < n_heads)
-    src = in_ptr + in_row[:, None, None] + h * in_sh
-    dst = out_ptr + out_row[:, None, None] + h * out_sh
+    c = cos[None, :, :]
+    s = sin[None, :, :]
+    row_in = in_row[None, :, None]
+    row_out = out_row[None, :, None]
+    tmask = tok_mask[None, :, None]
     # int64 channel indices: a head-dim stride can be large (e.g. a [D, T, H] tensor viewed
     # as [T, H, D]), and index * stride must not wrap
     j = tl.arange(0, HALF_PAD).to(tl.int64)[None, None, :]
-    half_mask = th_mask & (j < HALF)
     d = tl.arange(0, 2 * HALF_PAD).to(tl.int64)[None, None, :]
-    pair_mask = th_mask & (d < 2 * HALF)
-
-    if IN_PAIRS:
-        x = tl.load(src + d * in_sd, mask=pair_mask, other=0.0).to(tl.float32)
-        x1, x2 = tl.split(tl.reshape(x, [BLOCK_T, BLOCK_H, HALF_PAD, 2]))
-    else:
-        x1 = tl.load(src + j * in_sd, mask=half_mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + (j + HALF) * in_sd, mask=half_mask, other=0.0).to(tl.float32)
-    if not INPLACE and TAIL_PAD > 0:  # pass-through channels of a partial rotary
-        t = tl.arange(0, TAIL_PAD).to(tl.int64)[None, None, :]
-        tail_mask = th_mask & (t < TAIL)
-        tail = tl.load(src + (2 * HALF + t) * in_sd, mask=tail_mask)
-        tl.store(dst + (2 * HALF + t) * out_sd, tail, mask=tail_mask)
-
-    c = cos[:, None, :]
-    s = sin[:, None, :]
-    y1 = x1 * c - x2 * s
-    y2 = x2 * c + x1 * s
-
     out_ty = out_ptr.dtype.element_ty
-    if OUT_PAIRS:
-        y = tl.reshape(tl.join(y1, y2), [BLOCK_T, BLOCK_H, 2 * HALF_PAD])
-        tl.store(dst + d * out_sd, _round_to(y, out_ty), mask=pair_mask)
-    else:
-        tl.store(dst + j * out_sd, _round_to(y1, out_ty), mask=half_mask)
-        tl.store(dst + (j + HALF) * out_sd, _round_to(y2, out_ty), mask=half_mask)
+    for h0 in range(h_lo, h_hi, BLOCK_H):
+        h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)[:, None, None]
+        th_mask = tmask & (h < h_hi)
+        src = in_ptr + row_in + h * in_sh
+        dst = out_ptr + row_out + h * out_sh
+        half_mask = th_mask & (j < HALF)
+        pair_mask = th_mask & (d < 2 * HALF)
+        if IN_PAIRS:
+            x = tl.load(src + d * in_sd, mask=pair_mask, other=0.0).to(tl.float32)
+            x1, x2 = tl.split(tl.reshape(x, [BLOCK_H, BLOCK_T, HALF_PAD, 2]))
+        else:
+            x1 = tl.load(src + j * in_sd, mask=half_mask, other=0.0).to(tl.float32)
+            x2 = tl.load(src + (j + HALF) * in_sd, mask=half_mask, other=0.0).to(tl.float32)
+        if not INPLACE and TAIL_PAD > 0:  # pass-through channels of a partial rotary
+            t = tl.arange(0, TAIL_PAD).to(tl.int64)[None, None, :]
+            tail_mask = th_mask & (t < tail)
+            tail_x = tl.load(src + (2 * HALF + t) * in_sd, mask=tail_mask)
+            tl.store(dst + (2 * HALF + t) * out_sd, tail_x, mask=tail_mask)
+        y1 = x1 * c - x2 * s
+        y2 = x2 * c + x1 * s
+        if OUT_PAIRS:
+            y = tl.reshape(tl.join(y1, y2), [BLOCK_H, BLOCK_T, 2 * HALF_PAD])
+            tl.store(dst + d * out_sd, _round_to(y, out_ty), mask=pair_mask)
+        else:
+            tl.store(dst + j * out_sd, _round_to(y1, out_ty), mask=half_mask)
+            tl.store(dst + (j + HALF) * out_sd, _round_to(y2, out_ty), mask=half_mask)
 
 
-@triton.jit(do_not_specialize=["pos_base"])
+@triton.jit(do_not_specialize=["pos_base", "n_tokens", "seq_len", "n_seqs", "tok_class"])
 def rope_kernel(
     q_ptr, qo_ptr, k_ptr, ko_ptr, pos_ptr, cu_ptr, inv_freq_ptr,
     scale, pos_base,
@@ -150,9 +159,14 @@ def rope_kernel(
     IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr,
     INVERSE: tl.constexpr, PRECISE: tl.constexpr, INPLACE: tl.constexpr,
     POS_MODE: tl.constexpr, HAS_OFFSETS: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_GROUPS: tl.constexpr,
 ):
-    """Grid: ``(cdiv(n_tokens, BLOCK_T), cdiv(n_q_heads, BLOCK_H) + cdiv(n_k_heads, BLOCK_H))``.
+    """Grid: ``(cdiv(n_tokens, BLOCK_T), HEAD_GROUPS)``.
+
+    Program ``(i, g)`` owns tokens ``i*BLOCK_T ..`` and the g-th of ``HEAD_GROUPS`` equal
+    slices of q's heads and of k's heads: it computes the angles of its tokens once and
+    walks its heads ``BLOCK_H`` at a time. One group (prefill) makes each angle serve every
+    head; more groups (decode) spread few tokens over more programs.
 
     Tokens are indexed ``t = b * seq_len + s``; every tensor is addressed through its own
     (batch, seq, head, dim) strides, so views of fused projections and transposed
@@ -160,7 +174,7 @@ def rope_kernel(
     by the body: it is the autotuner's bucket of ``n_tokens``.
     """
     pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
+    pid_g = tl.program_id(1)
 
     tok = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_mask = tok < n_tokens
@@ -194,15 +208,16 @@ def rope_kernel(
     if INVERSE:
         sin = -sin
 
-    n_q_blocks = tl.cdiv(n_q_heads, BLOCK_H)
-    if pid_h < n_q_blocks:
-        _rotate_tile(q_ptr, qo_ptr, b * q_sb + s * q_ss, b * qo_sb + s * qo_ss, tok_mask,
-                     pid_h * BLOCK_H, n_q_heads, q_sh, q_sd, qo_sh, qo_sd, cos, sin,
-                     HALF, HALF_PAD, q_tail, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, BLOCK_T, BLOCK_H)
-    else:
-        _rotate_tile(k_ptr, ko_ptr, b * k_sb + s * k_ss, b * ko_sb + s * ko_ss, tok_mask,
-                     (pid_h - n_q_blocks) * BLOCK_H, n_k_heads, k_sh, k_sd, ko_sh, ko_sd, cos, sin,
-                     HALF, HALF_PAD, k_tail, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, BLOCK_T, BLOCK_H)
+    q_per = tl.cdiv(n_q_heads, HEAD_GROUPS)
+    q_lo = pid_g * q_per
+    _rotate_heads(q_ptr, qo_ptr, b * q_sb + s * q_ss, b * qo_sb + s * qo_ss, tok_mask,
+                  q_lo, tl.minimum(q_lo + q_per, n_q_heads), q_sh, q_sd, qo_sh, qo_sd, cos, sin, q_tail,
+                  HALF, HALF_PAD, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, BLOCK_T, BLOCK_H)
+    k_per = tl.cdiv(n_k_heads, HEAD_GROUPS)
+    k_lo = pid_g * k_per
+    _rotate_heads(k_ptr, ko_ptr, b * k_sb + s * k_ss, b * ko_sb + s * ko_ss, tok_mask,
+                  k_lo, tl.minimum(k_lo + k_per, n_k_heads), k_sh, k_sd, ko_sh, ko_sd, cos, sin, k_tail,
+                  HALF, HALF_PAD, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, BLOCK_T, BLOCK_H)
 
 
 INTERPRETED = not isinstance(rope_kernel, triton.runtime.JITFunction)
@@ -216,32 +231,33 @@ def _tok_class(n_tokens: int) -> int:
     return min(_next_pow2(max(n_tokens, 1)), 1 << 16)
 
 
-# (tokens, heads) per program and warps: a short list, so a new shape class tunes in about
-# a second or two. The heuristic's picks are among them.
+# (tokens per program, heads per step, head groups, warps). The first rows suit prefill:
+# one group, so each angle serves every head of its token; the last suit decode: few
+# tokens spread over many programs. A short list, so a new shape class tunes in a second.
 _CANDIDATES = [
-    (1, 1, 1), (1, 2, 1), (1, 4, 2), (1, 8, 4), (1, 16, 4), (1, 32, 8),
-    (2, 4, 2), (2, 8, 4), (2, 16, 8), (4, 4, 4), (4, 8, 4), (4, 16, 8), (8, 8, 8),
-    (2, 32, 8), (4, 32, 8), (8, 16, 8),
+    (16, 2, 1, 4), (16, 4, 1, 4), (32, 2, 1, 4), (32, 1, 1, 4), (32, 2, 1, 8), (64, 2, 1, 8),
+    (8, 2, 1, 2), (16, 2, 2, 4), (8, 2, 4, 2), (4, 2, 4, 1), (4, 1, 8, 1), (2, 1, 8, 1),
+    (1, 1, 8, 1), (1, 1, 16, 1), (1, 1, 32, 1), (2, 2, 16, 1), (8, 1, 8, 2), (4, 4, 2, 2),
 ]
 
 
 def _candidate_configs():
-    return [triton.Config({"BLOCK_T": bt, "BLOCK_H": bh}, num_warps=w, num_stages=1)
-            for bt, bh, w in _CANDIDATES]
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_H": bh, "HEAD_GROUPS": g}, num_warps=w, num_stages=1)
+            for bt, bh, g, w in _CANDIDATES]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop shapes wider than the heads or tokens there are, or with more than 64 fp32
-    values per thread per operand (they spill)."""
+    """Drop shapes with more tokens or head groups than there are tokens or heads, or with
+    more than 64 fp32 values per thread per step (they spill)."""
     half_pad = kwargs.get("HALF_PAD", named_args.get("HALF_PAD"))
     heads = _next_pow2(max(named_args["n_q_heads"], named_args["n_k_heads"], 1))
     toks = named_args["tok_class"]
     keep = [
         c for c in configs
-        if c.kwargs["BLOCK_H"] <= heads and c.kwargs["BLOCK_T"] <= toks
+        if c.kwargs["HEAD_GROUPS"] <= heads and c.kwargs["BLOCK_T"] <= toks
         and c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_H"] * 2 * half_pad <= 64 * 32 * c.num_warps
     ]
-    return keep or [triton.Config({"BLOCK_T": 1, "BLOCK_H": 1}, num_warps=1, num_stages=1)]
+    return keep or [triton.Config({"BLOCK_T": 1, "BLOCK_H": 1, "HEAD_GROUPS": 1}, num_warps=1, num_stages=1)]
 
 
 def _quick_bench(fn, quantiles=None, **kwargs):
@@ -249,7 +265,10 @@ def _quick_bench(fn, quantiles=None, **kwargs):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
-_TUNED: dict = {}  # shape class -> LaunchConfig picked by the autotuner
+# shape class -> LaunchConfig picked by the autotuner. Bounded: the key is a shape class
+# (token bucket, head counts, head stride, layout switches, dtypes), a handful per model.
+_TUNED: "collections.OrderedDict" = collections.OrderedDict()
+_TUNED_MAX = 256
 
 
 def tuned_configs() -> dict:
@@ -282,27 +301,33 @@ def _cdiv(a: int, b: int) -> int:
 
 
 class LaunchConfig(NamedTuple):
-    """Launch shape: tokens and heads per program, warps, pipelining stages."""
+    """Launch shape: tokens per program, heads per step, warps, pipelining stages, and the
+    number of programs that share one block of tokens (each takes a slice of the heads)."""
 
     block_t: int
     block_h: int
     num_warps: int
     num_stages: int = 1
+    head_groups: int = 1
 
 
-@functools.lru_cache(maxsize=4096)
+# A program per ~4 SM slots is enough to cover the machine when there are few tokens.
+_PROGRAMS_WANTED = 512
+
+
+@functools.lru_cache(maxsize=1024)
 def heuristic_config(n_tokens: int, n_q_heads: int, n_k_heads: int, half: int) -> LaunchConfig:
-    """A launch shape that needs no tuning: about 4K elements per program when there are
-    enough tokens to fill the GPU, one token per program (more, smaller programs) when not."""
+    """A launch shape that needs no tuning. Many tokens: 16 tokens x all heads per program
+    (32 when the rope part is 64 wide or less), so each angle serves every head. Few
+    tokens: split the heads into groups until there are enough programs."""
     half_pad = _next_pow2(half)
-    block_h = min(_next_pow2(max(n_q_heads, n_k_heads, 1)), max(1, 4096 // (2 * half_pad)))
-    per_token = block_h * 2 * half_pad
-    block_t = 1
-    while block_t * per_token < 4096 and n_tokens >= block_t * 2 * 1024:
-        block_t *= 2
-    elems = block_t * per_token
-    num_warps = 8 if elems >= 8192 else 4 if elems >= 2048 else 2 if elems >= 512 else 1
-    return LaunchConfig(block_t, block_h, num_warps)
+    heads = _next_pow2(max(n_q_heads, n_k_heads, 1))
+    block_t = 16 if half_pad >= 64 else 32
+    if n_tokens >= block_t * _PROGRAMS_WANTED // 4:
+        return LaunchConfig(block_t, 2, 4, 1, 1)
+    block_t = min(_next_pow2(max(n_tokens, 1)), 4)
+    groups = min(heads, _next_pow2(max(1, _PROGRAMS_WANTED // _cdiv(max(n_tokens, 1), block_t))))
+    return LaunchConfig(block_t, 1, 1, 1, groups)
 
 
 class Operand(NamedTuple):
@@ -319,6 +344,47 @@ def _tail(op: Optional[Operand], rot: int, inplace: bool):
         return 0, 0
     tail = op.src.shape[-1] - rot
     return tail, (_next_pow2(tail) if tail > 0 else 0)
+
+
+class PreparedLaunch:
+    """A launch with everything fixed but the data pointers and ``pos_base``.
+
+    :func:`launch_rope` returns one for the call it just made; the op layer keeps it per
+    call signature (shapes, strides, dtypes, switches), so a repeated call skips the
+    geometry and goes straight to :meth:`__call__`. The compiled kernel is picked by the
+    pointers' 16-byte alignment and ``pos_base``'s width, the only things a same-signature
+    call can change that Triton specializes on.
+    """
+
+    __slots__ = ("args", "switches", "cfg", "grid", "_constexprs", "_by_align")
+
+    def __init__(self, args, switches, cfg, grid):
+        self.args = list(args)
+        self.switches = switches
+        self.cfg = cfg
+        self.grid = grid
+        # the compiled kernel's launcher takes the constexprs too (and skips them)
+        meta = {**switches, **_meta(cfg)}
+        self._constexprs = [meta[name] for name in rope_kernel.arg_names[len(args):]]
+        self._by_align = {}
+
+    def __call__(self, ptrs: Sequence[int], pos_base: int, tensors: Sequence[torch.Tensor]) -> None:
+        """Launch on the current stream. ``ptrs``: data pointers of the 7 pointer
+        arguments; ``tensors``: the same as tensors, used only when a new specialization
+        must be compiled."""
+        align = 0
+        for p in ptrs:
+            align = (align << 1) | (p & 15 == 0)
+        wide = not -(1 << 31) <= pos_base < (1 << 31)
+        compiled = self._by_align.get((align, wide))
+        if compiled is None:
+            args = list(tensors) + self.args[_N_PTRS:]
+            args[_N_PTRS + 1] = pos_base
+            compiled = _compile(args, self.switches, self.cfg, self.grid)
+            self._by_align[(align, wide)] = compiled
+        args = list(ptrs) + self.args[_N_PTRS:]
+        args[_N_PTRS + 1] = pos_base
+        _run(compiled, self.grid, args + self._constexprs)
 
 
 def launch_rope(
@@ -342,7 +408,8 @@ def launch_rope(
     cu_seqlens: Optional[torch.Tensor],
     config: Optional[LaunchConfig] = None,
     autotune: bool = True,
-) -> None:
+    traced: bool = False,
+) -> Optional[PreparedLaunch]:
     """Launch :func:`rope_kernel` on already-validated arguments.
 
     Positions come in one of three forms: ``per_token_positions`` addressed by
@@ -353,11 +420,20 @@ def launch_rope(
     The launch shape is ``config`` if given, else the autotuner's pick for this shape
     class (tuned on first sight, then cached; the first call must not be inside a CUDA
     graph capture), else (``autotune=False`` or the interpreter) :func:`heuristic_config`.
+
+    ``traced``: the call runs inside a ``torch.library.triton_op`` that torch.compile
+    traces; the kernel goes through ``wrap_triton`` with a fixed launch shape (the tuned
+    one if this shape class was tuned eagerly, else the heuristic's), so the compiled
+    graph launches it directly.
+
+    Returns the :class:`PreparedLaunch` of this call for the caller to replay, or None
+    when the launch cannot be replayed that way (interpreter, autotuning, tracing, nothing
+    to do).
     """
     n_q_heads = q.src.shape[-2]
     n_k_heads = 0 if k is None else k.src.shape[-2]
     if n_tokens == 0 or n_q_heads + n_k_heads == 0:
-        return
+        return None
     inplace = q.dst is q.src
     rot = 2 * half
     q_tail, q_tail_pad = _tail(q, rot, inplace)
@@ -365,14 +441,14 @@ def launch_rope(
     if k is None:
         k = Operand(q.src, (0, 0, 0, 0), q.dst, (0, 0, 0, 0))
     tune = config is None and autotune and AUTOTUNE and not INTERPRETED
-    if tune:
+    if tune or traced:
         # The autotuner's own per-call bookkeeping costs more host time than the launch;
         # it runs once per shape class, later calls launch its pick directly.
         tune_key = (_tok_class(n_tokens), n_q_heads, n_k_heads, q.src_strides[2], k.src_strides[2],
                     half, in_pairs, out_pairs, inplace, cu_seqlens is not None,
                     q.src.dtype, q.dst.dtype, k.src.dtype)
-        config = _TUNED.get(tune_key)
-        tune = config is None
+        config = config or _TUNED.get(tune_key)
+        tune = config is None and not traced
     cfg = config or heuristic_config(n_tokens, n_q_heads, n_k_heads, half)
     per_token = per_token_positions is not None
     pos_ptr = per_token_positions if per_token else offsets
@@ -398,59 +474,103 @@ def launch_rope(
     )
 
     def grid(meta):
-        bh = meta["BLOCK_H"]
-        return (_cdiv(n_tokens, meta["BLOCK_T"]),
-                _cdiv(n_q_heads, bh) + _cdiv(n_k_heads, bh))
+        return (_cdiv(n_tokens, meta["BLOCK_T"]), meta["HEAD_GROUPS"])
 
+    if traced:
+        g = grid(_meta(cfg))
+        torch.library.wrap_triton(rope_kernel)[g](*args, **switches, **_meta(cfg), num_warps=cfg.num_warps,
+                                                  num_stages=cfg.num_stages)
+        return None
     if tune:
         rope_kernel_autotuned[grid](*args, **switches)
         best = rope_kernel_autotuned.best_config
         _TUNED[tune_key] = LaunchConfig(best.kwargs["BLOCK_T"], best.kwargs["BLOCK_H"], best.num_warps,
-                                        best.num_stages)
-    else:
-        _launch(args, switches, cfg, grid)
+                                        best.num_stages, best.kwargs["HEAD_GROUPS"])
+        while len(_TUNED) > _TUNED_MAX:
+            _TUNED.popitem(last=False)
+        return None
+    if not FAST_LAUNCH or INTERPRETED:
+        rope_kernel[grid](*args, **switches, **_meta(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return None
+    plan = PreparedLaunch(args, switches, cfg, (_cdiv(n_tokens, cfg.block_t), cfg.head_groups, 1))
+    plan([t.data_ptr() for t in args[:_N_PTRS]], int(pos_base), args[:_N_PTRS])
+    return plan
+
+
+def _meta(cfg: LaunchConfig) -> dict:
+    return {"BLOCK_T": cfg.block_t, "BLOCK_H": cfg.block_h, "HEAD_GROUPS": cfg.head_groups}
 
 
 # --------------------------------------------------------------------------------------
 # Host fast path: Triton's launcher re-derives the kernel's specialization from ~40
 # arguments on every call, which costs more host time than this kernel takes on the GPU
-# for decode shapes. The compiled kernel is cached under a key that covers everything it
-# was specialized on (exact integer arguments, dtypes, 16-byte alignment of every pointer,
-# the constexprs and launch shape); a hit launches it directly.
+# for decode shapes. Compiled kernels are kept under the key Triton itself specializes on
+# (dtypes and 16-byte alignment of the pointers; for each integer argument whether it is
+# 1, a multiple of 16, or needs 64 bits; the constexprs and launch shape), so the cache is
+# bounded by the number of such classes, not by token counts, and a hit is launched
+# through the compiled kernel's own launcher with no re-derivation.
 # --------------------------------------------------------------------------------------
 FAST_LAUNCH = os.environ.get("YARN_TRITON_FAST_LAUNCH", "1") != "0"
 _N_PTRS = 7  # q, qo, k, ko, pos, cu, inv_freq come first in rope_kernel's signature
-_COMPILED: dict = {}
+# integer arguments Triton does not specialize on value (only on 32/64-bit width)
+_UNSPECIALIZED = frozenset(rope_kernel.arg_names.index(n) for n in
+                           ("scale", "pos_base", "n_tokens", "seq_len", "n_seqs", "tok_class"))
+_COMPILED: "collections.OrderedDict" = collections.OrderedDict()
+_COMPILED_MAX = 128
+
+
+def _int_class(i: int, v) -> object:
+    if isinstance(v, float):
+        return None
+    wide = not -(1 << 31) <= v < (1 << 31)
+    if i in _UNSPECIALIZED:
+        return wide
+    return (v == 1, v % 16 == 0, wide)
 
 
 def _specialization_key(args, switches, cfg):
     ptrs = args[:_N_PTRS]
-    pos_base = args[_N_PTRS + 1]
     return (
         ptrs[0].device.index,
         tuple(t.dtype for t in ptrs),
         tuple(t.data_ptr() % 16 == 0 for t in ptrs),
-        -(1 << 31) <= pos_base < (1 << 31),  # pos_base is not specialized, but its width is
-        args[_N_PTRS + 2:],
+        tuple(_int_class(i, v) for i, v in enumerate(args) if i >= _N_PTRS),
         tuple(switches.values()),
         cfg,
     )
 
 
-def _launch(args, switches, cfg: LaunchConfig, grid) -> None:
-    if not FAST_LAUNCH or INTERPRETED:
-        rope_kernel[grid](*args, **switches, BLOCK_T=cfg.block_t, BLOCK_H=cfg.block_h,
-                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return
+def compiled_cache_size() -> int:
+    """Number of compiled specializations held by the fast path (bounded)."""
+    return len(_COMPILED)
+
+
+def _compile(args, switches, cfg: LaunchConfig, grid):
+    """The compiled kernel for these arguments' specialization class, launching it once
+    through Triton (which compiles on a miss) when it is new to us."""
     key = _specialization_key(args, switches, cfg)
     compiled = _COMPILED.get(key)
-    if compiled is None:
-        compiled = rope_kernel[grid](*args, **switches, BLOCK_T=cfg.block_t, BLOCK_H=cfg.block_h,
-                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if compiled is not None and hasattr(compiled, "__getitem__"):
-            _COMPILED[key] = compiled
+    if compiled is not None:
+        _COMPILED.move_to_end(key)
+        return compiled
+    compiled = rope_kernel.warmup(*args, **switches, **_meta(cfg), num_warps=cfg.num_warps,
+                                  num_stages=cfg.num_stages, grid=grid)
+    compiled._init_handles()
+    _COMPILED[key] = compiled
+    while len(_COMPILED) > _COMPILED_MAX:
+        _COMPILED.popitem(last=False)
+    return compiled
+
+
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _run(compiled, grid, args) -> None:
+    """Launch ``compiled`` on the current CUDA stream through its own C launcher."""
+    hooks = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
+    if hooks[0] is not None or hooks[1] is not None or _RAW_STREAM is None:
+        compiled[grid](*args)  # profilers' hooks want Triton's full path
         return
-    meta = {**switches, "BLOCK_T": cfg.block_t, "BLOCK_H": cfg.block_h}
-    constexprs = [meta[name] for name in rope_kernel.arg_names[len(args):]]
-    g0, g1 = grid(meta)
-    compiled[(g0, g1, 1)](*args, *constexprs)
+    stream = _RAW_STREAM(torch.cuda.current_device())
+    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
+                 None, None, None, *args)

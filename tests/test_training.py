@@ -303,7 +303,8 @@ def test_autotuned_launch_is_correct(layout, monkeypatch, gen):
                          HALF_PAD=16):
         qq, kk = q0.clone(), k0.clone()
         yt.apply_rope_(qq, kk, pos, p, layout=layout,
-                       config=rk.LaunchConfig(cfg.kwargs["BLOCK_T"], cfg.kwargs["BLOCK_H"], cfg.num_warps))
+                       config=rk.LaunchConfig(cfg.kwargs["BLOCK_T"], cfg.kwargs["BLOCK_H"], cfg.num_warps, 1,
+                                              cfg.kwargs["HEAD_GROUPS"]))
         assert rel_err(qq, rq) < TOL[torch.bfloat16], str(cfg)
 
 

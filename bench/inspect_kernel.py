@@ -1,0 +1,102 @@
+"""Compile the rope kernel for Hopper (sm_90) on any machine, no GPU needed, and report
+what decides its speed: registers, spills, and the SASS instruction mix (wide loads and
+stores, special-function and float64 instructions).
+
+    python bench/inspect_kernel.py                       # the prefill neox configuration
+    python bench/inspect_kernel.py --layout deepseek --half 32 --block-t 4 --block-h 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def compile_sm90(fn, constexprs: dict, dtype: str = "bf16", divisible=(), num_warps: int = 4):
+    """Compile ``fn`` with pointer args of ``dtype`` (int args i32, float args fp32)."""
+    sig = {}
+    for p in fn.params:
+        name = p.name
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*i64" if name in ("pos_ptr", "cu_ptr") else ("*fp32" if "freq" in name or "scale" in name and name.endswith("_ptr") else f"*{dtype}")
+        elif name in ("scale",):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    idx = {p.name: i for i, p in enumerate(fn.params)}
+    attrs = {(idx[n],): [["tt.divisibility", 16]] for n in divisible if n in idx}
+    src = ASTSource(fn, sig, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 1})
+
+
+def sass_mix(cubin: bytes):
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
+    ops = collections.Counter()
+    for line in sass.splitlines():
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", line)
+        if m:
+            ops[m.group(1)] += 1
+    return sass, ops
+
+
+def resources(cubin: bytes) -> str:
+    """Registers, stack and spills from cuobjdump's resource report."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return f"registers {m.group(1)}, stack {m.group(2)}, local {m.group(4)}" if m else out.strip()
+
+
+def main(argv=None):
+    from yarn_triton.kernels.rope_kernel import rope_kernel
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layout", default="neox", choices=["neox", "interleaved", "deepseek"])
+    ap.add_argument("--half", type=int, default=64)
+    ap.add_argument("--block-t", type=int, default=16)
+    ap.add_argument("--block-h", type=int, default=2)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--groups", type=int, default=1)
+    ap.add_argument("--imprecise", action="store_true")
+    ap.add_argument("--dump", default="", help="write SASS here")
+    a = ap.parse_args(argv)
+    in_pairs, out_pairs = {"neox": (0, 0), "interleaved": (1, 1), "deepseek": (1, 0)}[a.layout]
+    c = dict(HALF=a.half, HALF_PAD=triton.next_power_of_2(a.half), Q_TAIL_PAD=0, K_TAIL_PAD=0,
+             IN_PAIRS=in_pairs, OUT_PAIRS=out_pairs, INVERSE=0, PRECISE=int(not a.imprecise), INPLACE=1,
+             POS_MODE=0, HAS_OFFSETS=0, VARLEN=0, BLOCK_T=a.block_t, BLOCK_H=a.block_h, HEAD_GROUPS=a.groups)
+    c.update({n: 1 for n in ("q_sd", "qo_sd", "k_sd", "ko_sd", "pos_ss")})
+    # pointers and the token/head strides of q, k and their outputs 16-aligned, as for
+    # contiguous or fused-projection tensors of a real model
+    strides = [p.name for p in rope_kernel.params if p.name[:1] in "qk" and p.name[-3:-1] in ("_s", "os")]
+    k = compile_sm90(rope_kernel, c, num_warps=a.warps, divisible=strides + [
+        p.name for p in rope_kernel.params if p.name.endswith("_ptr")])
+    sass, ops = sass_mix(k.asm["cubin"])
+    print(f"{resources(k.asm['cubin'])}, shared {k.metadata.shared} B")
+    keys = [o for o in ops if o.startswith(("LDG", "STG", "MUFU", "D", "LDS", "STS", "SHFL", "BAR", "F2F", "I2F", "F2I", "CALL", "BRA"))]
+    print("  ".join(f"{o}:{ops[o]}" for o in sorted(keys)), f" total:{sum(ops.values())}")
+    if a.dump:
+        open(a.dump, "w").write(sass)
+
+
+if __name__ == "__main__":
+    main()

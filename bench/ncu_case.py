@@ -1,0 +1,36 @@
+"""Run one benchmark shape's rope call under a profiler window, for Nsight Compute:
+
+    ncu --profile-from-start off --section SpeedOfLight python3 bench/ncu_case.py llama3-8b-prefill
+
+Tuning and compilation happen before the window opens; inside it, ``--calls`` calls run.
+"""
+
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_rope import SHAPES, make_inputs  # noqa: E402
+
+import yarn_triton as yt  # noqa: E402
+
+
+def main() -> None:
+    name = sys.argv[1]
+    calls = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    shape = SHAPES[name]
+    q, k, pos, _ = make_inputs(shape, torch.bfloat16, torch.Generator(device="cuda").manual_seed(0))
+    base = yt.RopeParams.yarn(shape[4], 500000.0, 4.0, 8192)
+    params = yt.RopeParams(base.inv_freq, shape[4], 1.0, 1.0, "yarn")
+    for _ in range(3):
+        yt.apply_rope_(q, k, pos, params, layout=shape[6])
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for _ in range(calls):
+        yt.apply_rope_(q, k, pos, params, layout=shape[6])
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
+if __name__ == "__main__":
+    main()
