@@ -24,6 +24,7 @@ echo "pytest exit $?" >> "$OUT/pytest.log"
 SWEEP=--no-sweep; [ "$MODE" = full ] && SWEEP=""
 timeout 400 python3 bench/bench_rope.py --out "$OUT/bench.json" --plot "$OUT/gbps.png" $SWEEP \
   > "$OUT/bench.log" 2> "$OUT/bench.err"
+timeout 120 python3 bench/profile_host.py > "$OUT/host.txt" 2>&1
 for s in llama3-8b-prefill mla-8k-deepseek decode-64; do
   echo "=== $s" >> "$OUT/ncu.txt"
   timeout 90 ncu --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \
@@ -33,4 +34,4 @@ done
 tail -3 "$OUT/pytest.log"
 grep -E "^===|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Block Size|Grid Size|Issued Ipc|No Eligible" \
   "$OUT/ncu.txt" | head -40
-tail -5 "$OUT/bench.err"; tail -22 "$OUT/bench.log"
+cat "$OUT/host.txt"; tail -5 "$OUT/bench.err"; tail -22 "$OUT/bench.log"

@@ -90,14 +90,42 @@ def _round_to(x, out_ty: tl.constexpr):
 
 
 @triton.jit
+def _load_heads(src_row, h0, h_hi, tok_mask, in_sh, in_sd,
+                HALF: tl.constexpr, HALF_PAD: tl.constexpr, IN_PAIRS: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """fp32 ``(x1, x2)`` ``[BLOCK_H, BLOCK_T, HALF_PAD]``: the rotation pairs of heads
+    ``h0 .. h0+BLOCK_H`` (masked past ``h_hi``). ``src_row``: ``[1, BLOCK_T, 1]`` pointers
+    to each token's first head."""
+    h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)[:, None, None]
+    th_mask = tok_mask[None, :, None] & (h < h_hi)
+    src = src_row + h * in_sh
+    # int64 channel indices: a head-dim stride can be large (e.g. a [D, T, H] tensor viewed
+    # as [T, H, D]), and index * stride must not wrap
+    if IN_PAIRS:
+        d = tl.arange(0, 2 * HALF_PAD).to(tl.int64)[None, None, :]
+        x = tl.load(src + d * in_sd, mask=th_mask & (d < 2 * HALF), other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, [BLOCK_H, BLOCK_T, HALF_PAD, 2]))
+    else:
+        j = tl.arange(0, HALF_PAD).to(tl.int64)[None, None, :]
+        half_mask = th_mask & (j < HALF)
+        x1 = tl.load(src + j * in_sd, mask=half_mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + (j + HALF) * in_sd, mask=half_mask, other=0.0).to(tl.float32)
+    return x1, x2
+
+
+@triton.jit
 def _rotate_heads(
-    in_ptr, out_ptr, in_row, out_row, tok_mask, h_lo, h_hi,
+    in_ptr, out_ptr, in_row, out_row, tok_mask, h_lo, h_hi, x1, x2,
     in_sh, in_sd, out_sh, out_sd, cos, sin, tail,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
     IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr, INPLACE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Rotate heads ``h_lo .. h_hi`` of ``BLOCK_T`` tokens, ``BLOCK_H`` heads at a time.
+    """Rotate heads ``h_lo .. h_hi`` of ``BLOCK_T`` tokens, ``BLOCK_H`` at a time.
+
+    ``(x1, x2)`` are the first step's heads, loaded by the caller before it computed the
+    angles, so that their latency overlaps the trigonometry. Each step loads the next
+    step's heads before it stores its own: two steps of loads are in flight per thread.
 
     Tiles are ``[BLOCK_H, BLOCK_T, channels]``, heads outermost: Triton hands threads to
     the channel and token axes first, so each thread keeps the same (token, channel) slots
@@ -105,44 +133,37 @@ def _rotate_heads(
     per token and frequency in a program, not once per head. ``in_row`` / ``out_row`` are
     int64 element offsets of each token's first head. A head's whole rope part is loaded
     before any of it is stored, which keeps the in-place permutation of the deepseek
-    layout safe.
+    layout safe (the prefetched next heads are other heads).
     """
     c = cos[None, :, :]
     s = sin[None, :, :]
-    row_in = in_row[None, :, None]
-    row_out = out_row[None, :, None]
+    src_row = in_ptr + in_row[None, :, None]
+    dst_row = out_ptr + out_row[None, :, None]
     tmask = tok_mask[None, :, None]
-    # int64 channel indices: a head-dim stride can be large (e.g. a [D, T, H] tensor viewed
-    # as [T, H, D]), and index * stride must not wrap
     j = tl.arange(0, HALF_PAD).to(tl.int64)[None, None, :]
     d = tl.arange(0, 2 * HALF_PAD).to(tl.int64)[None, None, :]
     out_ty = out_ptr.dtype.element_ty
     for h0 in range(h_lo, h_hi, BLOCK_H):
+        n1, n2 = _load_heads(src_row, h0 + BLOCK_H, h_hi, tok_mask, in_sh, in_sd,
+                             HALF, HALF_PAD, IN_PAIRS, BLOCK_T, BLOCK_H)
         h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)[:, None, None]
         th_mask = tmask & (h < h_hi)
-        src = in_ptr + row_in + h * in_sh
-        dst = out_ptr + row_out + h * out_sh
-        half_mask = th_mask & (j < HALF)
-        pair_mask = th_mask & (d < 2 * HALF)
-        if IN_PAIRS:
-            x = tl.load(src + d * in_sd, mask=pair_mask, other=0.0).to(tl.float32)
-            x1, x2 = tl.split(tl.reshape(x, [BLOCK_H, BLOCK_T, HALF_PAD, 2]))
-        else:
-            x1 = tl.load(src + j * in_sd, mask=half_mask, other=0.0).to(tl.float32)
-            x2 = tl.load(src + (j + HALF) * in_sd, mask=half_mask, other=0.0).to(tl.float32)
+        dst = dst_row + h * out_sh
         if not INPLACE and TAIL_PAD > 0:  # pass-through channels of a partial rotary
             t = tl.arange(0, TAIL_PAD).to(tl.int64)[None, None, :]
             tail_mask = th_mask & (t < tail)
-            tail_x = tl.load(src + (2 * HALF + t) * in_sd, mask=tail_mask)
+            tail_x = tl.load(src_row + h * in_sh + (2 * HALF + t) * in_sd, mask=tail_mask)
             tl.store(dst + (2 * HALF + t) * out_sd, tail_x, mask=tail_mask)
         y1 = x1 * c - x2 * s
         y2 = x2 * c + x1 * s
         if OUT_PAIRS:
             y = tl.reshape(tl.join(y1, y2), [BLOCK_H, BLOCK_T, 2 * HALF_PAD])
-            tl.store(dst + d * out_sd, _round_to(y, out_ty), mask=pair_mask)
+            tl.store(dst + d * out_sd, _round_to(y, out_ty), mask=th_mask & (d < 2 * HALF))
         else:
+            half_mask = th_mask & (j < HALF)
             tl.store(dst + j * out_sd, _round_to(y1, out_ty), mask=half_mask)
             tl.store(dst + (j + HALF) * out_sd, _round_to(y2, out_ty), mask=half_mask)
+        x1, x2 = n1, n2
 
 
 @triton.jit(do_not_specialize=["pos_base", "n_tokens", "seq_len", "n_seqs", "tok_class"])
@@ -200,6 +221,21 @@ def rope_kernel(
         if HAS_OFFSETS:
             pos += tl.load(pos_ptr + seq * pos_sb, mask=tok_mask, other=0).to(tl.int64)
 
+    # Each operand's first heads are loaded before the angles are computed: their memory
+    # latency then overlaps the position load and the trigonometry (decode is latency bound).
+    q_per = tl.cdiv(n_q_heads, HEAD_GROUPS)
+    q_lo = pid_g * q_per
+    q_hi = tl.minimum(q_lo + q_per, n_q_heads)
+    q_row = b * q_sb + s * q_ss
+    qx1, qx2 = _load_heads(q_ptr + q_row[None, :, None], q_lo, q_hi, tok_mask, q_sh, q_sd,
+                           HALF, HALF_PAD, IN_PAIRS, BLOCK_T, BLOCK_H)
+    k_per = tl.cdiv(n_k_heads, HEAD_GROUPS)
+    k_lo = pid_g * k_per
+    k_hi = tl.minimum(k_lo + k_per, n_k_heads)
+    k_row = b * k_sb + s * k_ss
+    kx1, kx2 = _load_heads(k_ptr + k_row[None, :, None], k_lo, k_hi, tok_mask, k_sh, k_sd,
+                           HALF, HALF_PAD, IN_PAIRS, BLOCK_T, BLOCK_H)
+
     jf = tl.arange(0, HALF_PAD)
     inv_freq = tl.load(inv_freq_ptr + jf, mask=jf < HALF, other=0.0)
     angle = _angles(pos, inv_freq, PRECISE)
@@ -208,15 +244,11 @@ def rope_kernel(
     if INVERSE:
         sin = -sin
 
-    q_per = tl.cdiv(n_q_heads, HEAD_GROUPS)
-    q_lo = pid_g * q_per
-    _rotate_heads(q_ptr, qo_ptr, b * q_sb + s * q_ss, b * qo_sb + s * qo_ss, tok_mask,
-                  q_lo, tl.minimum(q_lo + q_per, n_q_heads), q_sh, q_sd, qo_sh, qo_sd, cos, sin, q_tail,
+    _rotate_heads(q_ptr, qo_ptr, q_row, b * qo_sb + s * qo_ss, tok_mask, q_lo, q_hi, qx1, qx2,
+                  q_sh, q_sd, qo_sh, qo_sd, cos, sin, q_tail,
                   HALF, HALF_PAD, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, BLOCK_T, BLOCK_H)
-    k_per = tl.cdiv(n_k_heads, HEAD_GROUPS)
-    k_lo = pid_g * k_per
-    _rotate_heads(k_ptr, ko_ptr, b * k_sb + s * k_ss, b * ko_sb + s * ko_ss, tok_mask,
-                  k_lo, tl.minimum(k_lo + k_per, n_k_heads), k_sh, k_sd, ko_sh, ko_sd, cos, sin, k_tail,
+    _rotate_heads(k_ptr, ko_ptr, k_row, b * ko_sb + s * ko_ss, tok_mask, k_lo, k_hi, kx1, kx2,
+                  k_sh, k_sd, ko_sh, ko_sd, cos, sin, k_tail,
                   HALF, HALF_PAD, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, BLOCK_T, BLOCK_H)
 
 
@@ -231,14 +263,16 @@ def _tok_class(n_tokens: int) -> int:
     return min(_next_pow2(max(n_tokens, 1)), 1 << 16)
 
 
-# (tokens per program, heads per step, head groups, warps). The first rows suit prefill:
-# one group, so each angle serves every head of its token; the last suit decode: few
-# tokens spread over many programs. A short list, so a new shape class tunes in a second.
+# (tokens per program, heads per step, head groups, warps), for shapes with enough tokens
+# to fill the GPU: one or two groups, so each angle serves many heads. A short list, so a
+# new shape class tunes in about a second. Fewer tokens than AUTOTUNE_MIN_TOKENS are not
+# tuned: at a few microseconds per launch the timings are noise, and the heuristic's
+# latency-first shape (many one-warp programs) is the right one.
 _CANDIDATES = [
-    (16, 2, 1, 4), (16, 4, 1, 4), (32, 2, 1, 4), (32, 1, 1, 4), (32, 2, 1, 8), (64, 2, 1, 8),
-    (8, 2, 1, 2), (16, 2, 2, 4), (8, 2, 4, 2), (4, 2, 4, 1), (4, 1, 8, 1), (2, 1, 8, 1),
-    (1, 1, 8, 1), (1, 1, 16, 1), (1, 1, 32, 1), (2, 2, 16, 1), (8, 1, 8, 2), (4, 4, 2, 2),
+    (16, 1, 1, 4), (16, 2, 1, 4), (32, 1, 1, 4), (32, 2, 1, 4), (8, 1, 1, 2), (8, 2, 1, 2),
+    (32, 1, 1, 8), (64, 1, 1, 8), (16, 1, 2, 4), (8, 1, 2, 2), (4, 1, 4, 1), (16, 4, 1, 4),
 ]
+AUTOTUNE_MIN_TOKENS = 1024
 
 
 def _candidate_configs():
@@ -311,7 +345,7 @@ class LaunchConfig(NamedTuple):
     head_groups: int = 1
 
 
-# A program per ~4 SM slots is enough to cover the machine when there are few tokens.
+# Few tokens: enough one-warp programs to cover the machine (132 SMs on an H100).
 _PROGRAMS_WANTED = 512
 
 
@@ -319,12 +353,13 @@ _PROGRAMS_WANTED = 512
 def heuristic_config(n_tokens: int, n_q_heads: int, n_k_heads: int, half: int) -> LaunchConfig:
     """A launch shape that needs no tuning. Many tokens: 16 tokens x all heads per program
     (32 when the rope part is 64 wide or less), so each angle serves every head. Few
-    tokens: split the heads into groups until there are enough programs."""
+    tokens (decode): one warp per program, up to 4 tokens each, and the heads split into
+    groups until there are enough programs: latency, not bandwidth, decides there."""
     half_pad = _next_pow2(half)
     heads = _next_pow2(max(n_q_heads, n_k_heads, 1))
     block_t = 16 if half_pad >= 64 else 32
     if n_tokens >= block_t * _PROGRAMS_WANTED // 4:
-        return LaunchConfig(block_t, 2, 4, 1, 1)
+        return LaunchConfig(block_t, 1, 4, 1, 1)
     block_t = min(_next_pow2(max(n_tokens, 1)), 4)
     groups = min(heads, _next_pow2(max(1, _PROGRAMS_WANTED // _cdiv(max(n_tokens, 1), block_t))))
     return LaunchConfig(block_t, 1, 1, 1, groups)
@@ -356,35 +391,46 @@ class PreparedLaunch:
     call can change that Triton specializes on.
     """
 
-    __slots__ = ("args", "switches", "cfg", "grid", "_constexprs", "_by_align")
+    __slots__ = ("args", "switches", "cfg", "grid", "device", "_constexprs", "_by_align", "_aligned")
 
     def __init__(self, args, switches, cfg, grid):
         self.args = list(args)
         self.switches = switches
         self.cfg = cfg
         self.grid = grid
+        self.device = args[0].get_device()
         # the compiled kernel's launcher takes the constexprs too (and skips them)
         meta = {**switches, **_meta(cfg)}
         self._constexprs = [meta[name] for name in rope_kernel.arg_names[len(args):]]
         self._by_align = {}
+        self._aligned = None  # the common case: every pointer 16-byte aligned, 32-bit pos_base
 
     def __call__(self, ptrs: Sequence[int], pos_base: int, tensors: Sequence[torch.Tensor]) -> None:
-        """Launch on the current stream. ``ptrs``: data pointers of the 7 pointer
-        arguments; ``tensors``: the same as tensors, used only when a new specialization
-        must be compiled."""
-        align = 0
-        for p in ptrs:
-            align = (align << 1) | (p & 15 == 0)
-        wide = not -(1 << 31) <= pos_base < (1 << 31)
-        compiled = self._by_align.get((align, wide))
+        """Launch on the current stream of the tensors' device. ``ptrs``: data pointers of
+        the 7 pointer arguments; ``tensors``: the same as tensors, used only when a new
+        specialization must be compiled."""
+        p0, p1, p2, p3, p4, p5, p6 = ptrs
+        common = not (p0 | p1 | p2 | p3 | p4 | p5 | p6) & 15 and -(1 << 31) <= pos_base < (1 << 31)
+        compiled = self._aligned if common else None
         if compiled is None:
-            args = list(tensors) + self.args[_N_PTRS:]
-            args[_N_PTRS + 1] = pos_base
-            compiled = _compile(args, self.switches, self.cfg, self.grid)
-            self._by_align[(align, wide)] = compiled
-        args = list(ptrs) + self.args[_N_PTRS:]
+            align = tuple(p & 15 == 0 for p in ptrs)
+            wide = not -(1 << 31) <= pos_base < (1 << 31)
+            compiled = self._by_align.get((align, wide))
+            if compiled is None:
+                args = list(tensors) + self.args[_N_PTRS:]
+                args[_N_PTRS + 1] = pos_base
+                compiled = _compile(args, self.switches, self.cfg, self.grid)
+                self._by_align[(align, wide)] = compiled
+                if common:
+                    self._aligned = compiled
+        args = [*ptrs, *self.args[_N_PTRS:], *self._constexprs]
         args[_N_PTRS + 1] = pos_base
-        _run(compiled, self.grid, args + self._constexprs)
+        g0, g1, g2 = self.grid
+        if _HOOKED():
+            compiled[self.grid](*args)  # profilers' hooks want Triton's full path
+        else:
+            compiled.run(g0, g1, g2, _RAW_STREAM(self.device), compiled.function, compiled.packed_metadata,
+                         None, None, None, *args)
 
 
 def launch_rope(
@@ -440,7 +486,7 @@ def launch_rope(
     k_tail, k_tail_pad = _tail(k, rot, inplace)
     if k is None:
         k = Operand(q.src, (0, 0, 0, 0), q.dst, (0, 0, 0, 0))
-    tune = config is None and autotune and AUTOTUNE and not INTERPRETED
+    tune = config is None and autotune and AUTOTUNE and not INTERPRETED and n_tokens >= AUTOTUNE_MIN_TOKENS
     if tune or traced:
         # The autotuner's own per-call bookkeeping costs more host time than the launch;
         # it runs once per shape class, later calls launch its pick directly.
@@ -562,15 +608,10 @@ def _compile(args, switches, cfg: LaunchConfig, grid):
     return compiled
 
 
-_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_RAW_STREAM = torch._C._cuda_getCurrentRawStream if hasattr(torch._C, "_cuda_getCurrentRawStream") else None
+_KNOBS = triton.knobs.runtime
 
 
-def _run(compiled, grid, args) -> None:
-    """Launch ``compiled`` on the current CUDA stream through its own C launcher."""
-    hooks = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
-    if hooks[0] is not None or hooks[1] is not None or _RAW_STREAM is None:
-        compiled[grid](*args)  # profilers' hooks want Triton's full path
-        return
-    stream = _RAW_STREAM(torch.cuda.current_device())
-    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
-                 None, None, None, *args)
+def _HOOKED() -> bool:
+    """Whether a profiler set Triton's launch hooks (then launches take Triton's own path)."""
+    return _KNOBS.launch_enter_hook is not None or _KNOBS.launch_exit_hook is not None or _RAW_STREAM is None
