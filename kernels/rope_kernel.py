@@ -13,8 +13,9 @@ Compile-time switches select the variant, not copies of the kernel:
   interleaved pairs/pairs, deepseek pairs/halves (its de-interleave happens on the way
   through registers) and deepseek's inverse halves/pairs.
 * ``INVERSE``: rotate by ``-angle`` (the backward pass).
-* ``PRECISE``: form the angle in float64 and reduce it by 2*pi before the float32 cos/sin,
-  so it is right to ~1e-7 rad at any int32 position instead of ``|angle| * 6e-8``.
+* ``PRECISE``: form the angle in float64, so it is right to ~1e-7 rad at any int32
+  position instead of ``|angle| * 6e-8``. Either way it is reduced by pi/2 in float64 and
+  cos/sin come from short polynomials (``_cos_sin``).
 * ``INPLACE``: output pointers equal the inputs; otherwise the channels past the rotary
   dim are copied too (``TAIL_PAD`` wide), making the out-of-place call a single pass.
 * ``POS_MODE``: 0 reads a position per token; 1 derives it as ``pos_base + index in the
@@ -41,25 +42,42 @@ __all__ = [
     "heuristic_config", "compiled_cache_size", "INTERPRETED",
 ]
 
-# 2*pi split for Cody-Waite reduction: _TWO_PI_HI has 22 significant bits, so n * _TWO_PI_HI
-# is exact in float64 for |n| < 2**31; _TWO_PI_LO is the rest of 2*pi (beyond math.tau too).
-_HI = math.ldexp(round(math.ldexp(math.tau, 19)), -19)
-_TWO_PI_HI = tl.constexpr(_HI)
-_TWO_PI_LO = tl.constexpr((math.tau - _HI) + 2.4492935982947064e-16)
-_INV_TWO_PI = tl.constexpr(1.0 / math.tau)
+# pi/2 split for Cody-Waite reduction: _PIO2_HI has 22 significant bits, so n * _PIO2_HI is
+# exact in float64 for |n| < 2**31; _PIO2_LO is the rest of pi/2 (beyond float64's pi/2 too).
+_HI = math.ldexp(round(math.ldexp(math.pi / 2, 20)), -20)
+_PIO2_HI = tl.constexpr(_HI)
+_PIO2_LO = tl.constexpr((math.pi / 2 - _HI) + 6.123233995736766e-17)
+_TWO_OVER_PI = tl.constexpr(2.0 / math.pi)
 
 
 @triton.jit
-def _angles(pos, inv_freq, PRECISE: tl.constexpr):
-    """``[BLOCK_T, HALF_PAD]`` float32 angles ``pos * inv_freq`` (reduced to about
-    [-pi, pi] when PRECISE)."""
+def _cos_sin(pos, inv_freq, PRECISE: tl.constexpr):
+    """float32 ``(cos, sin)`` of the angles ``pos * inv_freq``, ``[BLOCK_T, HALF_PAD]``.
+
+    The angle is formed in float64 (PRECISE: right to ~1e-7 rad at any int32 position) or
+    as the float32 product a materialised cache would hold. Either way it is reduced
+    exactly enough in float64 by a multiple ``n`` of pi/2 to ``r`` in [-pi/4, pi/4], and
+    cos/sin come from short Taylor polynomials of ``r`` (truncation below 2e-9) and the
+    quadrant ``n mod 4``. That is libdevice's fast path without its large-argument branch,
+    whose code and stack frame would cost registers in every program.
+    """
     if PRECISE:
         a = pos.to(tl.float64)[:, None] * inv_freq.to(tl.float64)[None, :]
-        n = tl.floor(a * _INV_TWO_PI + 0.5)
-        r = (a - n * _TWO_PI_HI) - n * _TWO_PI_LO
-        return r.to(tl.float32)
     else:
-        return pos.to(tl.float32)[:, None] * inv_freq[None, :]
+        a = (pos.to(tl.float32)[:, None] * inv_freq[None, :]).to(tl.float64)
+    n = tl.floor(a * _TWO_OVER_PI + 0.5)
+    r = ((a - n * _PIO2_HI) - n * _PIO2_LO).to(tl.float32)
+    quadrant = n.to(tl.int64) & 3
+    r2 = r * r
+    sin_r = r + r * r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880))))
+    cos_r = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 + r2 * (-1.0 / 3628800)))))
+    # sin(r + n pi/2), cos(r + n pi/2) for n = 0, 1, 2, 3 (mod 4)
+    odd = (quadrant & 1) == 1
+    s = tl.where(odd, cos_r, sin_r)
+    c = tl.where(odd, sin_r, cos_r)
+    s = tl.where(quadrant >= 2, -s, s)
+    c = tl.where((quadrant == 1) | (quadrant == 2), -c, c)
+    return c, s
 
 
 @triton.jit
@@ -93,7 +111,8 @@ def _round_to(x, out_ty: tl.constexpr):
 def _load_heads(src_row, h0, h_hi, tok_mask, in_sh, in_sd,
                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, IN_PAIRS: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """fp32 ``(x1, x2)`` ``[BLOCK_H, BLOCK_T, HALF_PAD]``: the rotation pairs of heads
+    """``(x1, x2)`` ``[BLOCK_H, BLOCK_T, HALF_PAD]`` in the storage dtype (converted only
+    when used, so prefetched heads hold half the registers): the rotation pairs of heads
     ``h0 .. h0+BLOCK_H`` (masked past ``h_hi``). ``src_row``: ``[1, BLOCK_T, 1]`` pointers
     to each token's first head."""
     h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)[:, None, None]
@@ -103,13 +122,13 @@ def _load_heads(src_row, h0, h_hi, tok_mask, in_sh, in_sd,
     # as [T, H, D]), and index * stride must not wrap
     if IN_PAIRS:
         d = tl.arange(0, 2 * HALF_PAD).to(tl.int64)[None, None, :]
-        x = tl.load(src + d * in_sd, mask=th_mask & (d < 2 * HALF), other=0.0).to(tl.float32)
+        x = tl.load(src + d * in_sd, mask=th_mask & (d < 2 * HALF), other=0.0)
         x1, x2 = tl.split(tl.reshape(x, [BLOCK_H, BLOCK_T, HALF_PAD, 2]))
     else:
         j = tl.arange(0, HALF_PAD).to(tl.int64)[None, None, :]
         half_mask = th_mask & (j < HALF)
-        x1 = tl.load(src + j * in_sd, mask=half_mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + (j + HALF) * in_sd, mask=half_mask, other=0.0).to(tl.float32)
+        x1 = tl.load(src + j * in_sd, mask=half_mask, other=0.0)
+        x2 = tl.load(src + (j + HALF) * in_sd, mask=half_mask, other=0.0)
     return x1, x2
 
 
@@ -154,8 +173,10 @@ def _rotate_heads(
             tail_mask = th_mask & (t < tail)
             tail_x = tl.load(src_row + h * in_sh + (2 * HALF + t) * in_sd, mask=tail_mask)
             tl.store(dst + (2 * HALF + t) * out_sd, tail_x, mask=tail_mask)
-        y1 = x1 * c - x2 * s
-        y2 = x2 * c + x1 * s
+        a1 = x1.to(tl.float32)
+        a2 = x2.to(tl.float32)
+        y1 = a1 * c - a2 * s
+        y2 = a2 * c + a1 * s
         if OUT_PAIRS:
             y = tl.reshape(tl.join(y1, y2), [BLOCK_H, BLOCK_T, 2 * HALF_PAD])
             tl.store(dst + d * out_sd, _round_to(y, out_ty), mask=th_mask & (d < 2 * HALF))
@@ -209,7 +230,8 @@ def rope_kernel(
         tok_mask = tok_mask & (tok >= start) & (tok < end)  # padding past cu[-1] is left alone
         local = tok - start
     else:
-        b = tok // seq_len
+        # token counts fit 32 bits: a 32-bit division (64-bit division is a library call)
+        b = (tok.to(tl.int32) // seq_len).to(tl.int64)
         s = tok - b * seq_len
         seq = b
         local = s
@@ -238,9 +260,9 @@ def rope_kernel(
 
     jf = tl.arange(0, HALF_PAD)
     inv_freq = tl.load(inv_freq_ptr + jf, mask=jf < HALF, other=0.0)
-    angle = _angles(pos, inv_freq, PRECISE)
-    cos = tl.cos(angle) * scale
-    sin = tl.sin(angle) * scale
+    cos, sin = _cos_sin(pos, inv_freq, PRECISE)
+    cos = cos * scale
+    sin = sin * scale
     if INVERSE:
         sin = -sin
 
@@ -263,16 +285,18 @@ def _tok_class(n_tokens: int) -> int:
     return min(_next_pow2(max(n_tokens, 1)), 1 << 16)
 
 
-# (tokens per program, heads per step, head groups, warps), for shapes with enough tokens
-# to fill the GPU: one or two groups, so each angle serves many heads. A short list, so a
-# new shape class tunes in about a second. Fewer tokens than AUTOTUNE_MIN_TOKENS are not
-# tuned: at a few microseconds per launch the timings are noise, and the heuristic's
-# latency-first shape (many one-warp programs) is the right one.
+# (tokens per program, heads per step, head groups, warps). A short list, so a new shape
+# class tunes in about a second. Up to AUTOTUNE_GRAPH_TOKENS tokens a launch takes a few
+# microseconds and host noise would decide an eager timing: those shapes are timed as
+# CUDA-graph replays.
 _CANDIDATES = [
-    (16, 1, 1, 4), (16, 2, 1, 4), (32, 1, 1, 4), (32, 2, 1, 4), (8, 1, 1, 2), (8, 2, 1, 2),
-    (32, 1, 1, 8), (64, 1, 1, 8), (16, 1, 2, 4), (8, 1, 2, 2), (4, 1, 4, 1), (16, 4, 1, 4),
+    # many tokens: one or a few groups, so each angle serves many heads
+    (16, 1, 1, 4), (16, 2, 1, 4), (32, 1, 1, 4), (8, 1, 1, 2), (4, 1, 4, 1), (4, 2, 2, 1),
+    (32, 1, 4, 4), (32, 1, 8, 4), (16, 1, 8, 2), (8, 1, 8, 1), (16, 1, 2, 4),
+    # few tokens (decode): many small programs
+    (1, 1, 32, 1), (1, 1, 8, 1), (2, 1, 16, 1), (4, 1, 8, 1), (4, 1, 32, 1), (8, 1, 4, 1),
 ]
-AUTOTUNE_MIN_TOKENS = 1024
+AUTOTUNE_GRAPH_TOKENS = 256
 
 
 def _candidate_configs():
@@ -294,8 +318,13 @@ def _prune(configs, named_args, **kwargs):
     return keep or [triton.Config({"BLOCK_T": 1, "BLOCK_H": 1, "HEAD_GROUPS": 1}, num_warps=1, num_stages=1)]
 
 
+_TUNING_SMALL = [False]  # set around a tuning run of a small (decode) shape
+
+
 def _quick_bench(fn, quantiles=None, **kwargs):
     # Tuning runs once per shape class; short timings keep that to about a second.
+    if _TUNING_SMALL[0]:
+        return triton.testing.do_bench_cudagraph(fn, rep=10, quantiles=quantiles)
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
@@ -486,7 +515,7 @@ def launch_rope(
     k_tail, k_tail_pad = _tail(k, rot, inplace)
     if k is None:
         k = Operand(q.src, (0, 0, 0, 0), q.dst, (0, 0, 0, 0))
-    tune = config is None and autotune and AUTOTUNE and not INTERPRETED and n_tokens >= AUTOTUNE_MIN_TOKENS
+    tune = config is None and autotune and AUTOTUNE and not INTERPRETED
     if tune or traced:
         # The autotuner's own per-call bookkeeping costs more host time than the launch;
         # it runs once per shape class, later calls launch its pick directly.
@@ -494,7 +523,9 @@ def launch_rope(
                     half, in_pairs, out_pairs, inplace, cu_seqlens is not None,
                     q.src.dtype, q.dst.dtype, k.src.dtype)
         config = config or _TUNED.get(tune_key)
-        tune = config is None and not traced
+        # never tune while tracing or inside a CUDA graph capture (the timing runs would be
+        # captured): the heuristic's shape then
+        tune = config is None and not traced and not torch.cuda.is_current_stream_capturing()
     cfg = config or heuristic_config(n_tokens, n_q_heads, n_k_heads, half)
     per_token = per_token_positions is not None
     pos_ptr = per_token_positions if per_token else offsets
@@ -528,7 +559,11 @@ def launch_rope(
                                                   num_stages=cfg.num_stages)
         return None
     if tune:
-        rope_kernel_autotuned[grid](*args, **switches)
+        _TUNING_SMALL[0] = n_tokens <= AUTOTUNE_GRAPH_TOKENS
+        try:
+            rope_kernel_autotuned[grid](*args, **switches)
+        finally:
+            _TUNING_SMALL[0] = False
         best = rope_kernel_autotuned.best_config
         _TUNED[tune_key] = LaunchConfig(best.kwargs["BLOCK_T"], best.kwargs["BLOCK_H"], best.num_warps,
                                         best.num_stages, best.kwargs["HEAD_GROUPS"])
@@ -612,6 +647,12 @@ _RAW_STREAM = torch._C._cuda_getCurrentRawStream if hasattr(torch._C, "_cuda_get
 _KNOBS = triton.knobs.runtime
 
 
+def _hook_set(hook) -> bool:
+    # Triton 3.6 keeps an always-present chain of hooks (empty unless a profiler added
+    # one); later versions keep None
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _HOOKED() -> bool:
     """Whether a profiler set Triton's launch hooks (then launches take Triton's own path)."""
-    return _KNOBS.launch_enter_hook is not None or _KNOBS.launch_exit_hook is not None or _RAW_STREAM is None
+    return _hook_set(_KNOBS.launch_enter_hook) or _hook_set(_KNOBS.launch_exit_hook) or _RAW_STREAM is None
