@@ -427,7 +427,7 @@ class PreparedLaunch:
         self.switches = switches
         self.cfg = cfg
         self.grid = grid
-        self.device = args[0].get_device()
+        self.device = args[0].device.index
         # the compiled kernel's launcher takes the constexprs too (and skips them)
         meta = {**switches, **_meta(cfg)}
         self._constexprs = [meta[name] for name in rope_kernel.arg_names[len(args):]]
@@ -438,6 +438,12 @@ class PreparedLaunch:
         """Launch on the current stream of the tensors' device. ``ptrs``: data pointers of
         the 7 pointer arguments; ``tensors``: the same as tensors, used only when a new
         specialization must be compiled."""
+        if INTERPRETED or not FAST_LAUNCH:  # Triton's own launcher (the interpreter's too)
+            args = list(tensors) + self.args[_N_PTRS:]
+            args[_N_PTRS + 1] = pos_base
+            rope_kernel[self.grid](*args, **self.switches, **_meta(self.cfg), num_warps=self.cfg.num_warps,
+                                   num_stages=self.cfg.num_stages)
+            return
         p0, p1, p2, p3, p4, p5, p6 = ptrs
         common = not (p0 | p1 | p2 | p3 | p4 | p5 | p6) & 15 and -(1 << 31) <= pos_base < (1 << 31)
         compiled = self._aligned if common else None
@@ -502,8 +508,7 @@ def launch_rope(
     graph launches it directly.
 
     Returns the :class:`PreparedLaunch` of this call for the caller to replay, or None
-    when the launch cannot be replayed that way (interpreter, autotuning, tracing, nothing
-    to do).
+    when the launch cannot be replayed that way (autotuning, tracing, nothing to do).
     """
     n_q_heads = q.src.shape[-2]
     n_k_heads = 0 if k is None else k.src.shape[-2]
@@ -569,9 +574,6 @@ def launch_rope(
                                         best.num_stages, best.kwargs["HEAD_GROUPS"])
         while len(_TUNED) > _TUNED_MAX:
             _TUNED.popitem(last=False)
-        return None
-    if not FAST_LAUNCH or INTERPRETED:
-        rope_kernel[grid](*args, **switches, **_meta(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return None
     plan = PreparedLaunch(args, switches, cfg, (_cdiv(n_tokens, cfg.block_t), cfg.head_groups, 1))
     plan([t.data_ptr() for t in args[:_N_PTRS]], int(pos_base), args[:_N_PTRS])
