@@ -133,11 +133,34 @@ def _load_heads(src_row, h0, h_hi, tok_mask, in_sh, in_sd,
 
 
 @triton.jit
+def _norm_weights(w_ptr, tail, HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
+                  IN_PAIRS: tl.constexpr, NORM: tl.constexpr):
+    """The RMSNorm weight of each channel of a head, in the order the tiles hold them:
+    ``[1, 1, HALF_PAD]`` for the pair members ``x1``/``x2`` and ``[1, 1, TAIL_PAD]`` for the
+    pass-through channels. NORM == 2 is the ``(1 + weight)`` form (Gemma, Qwen3.5)."""
+    j = tl.arange(0, HALF_PAD)
+    jm = j < HALF
+    if IN_PAIRS:  # x1, x2 are channels 2j, 2j + 1
+        w1 = tl.load(w_ptr + 2 * j, mask=jm, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + 2 * j + 1, mask=jm, other=0.0).to(tl.float32)
+    else:  # channels j, j + HALF
+        w1 = tl.load(w_ptr + j, mask=jm, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + j + HALF, mask=jm, other=0.0).to(tl.float32)
+    t = tl.arange(0, TAIL_PAD if TAIL_PAD > 0 else 1)
+    wt = tl.load(w_ptr + 2 * HALF + t, mask=t < tail, other=0.0).to(tl.float32)
+    if NORM == 2:
+        w1 += 1.0
+        w2 += 1.0
+        wt += 1.0
+    return w1[None, None, :], w2[None, None, :], wt[None, None, :]
+
+
+@triton.jit
 def _rotate_heads(
     in_ptr, out_ptr, in_row, out_row, tok_mask, h_lo, h_hi, x1, x2,
-    in_sh, in_sd, out_sh, out_sd, cos, sin, tail,
+    in_sh, in_sd, out_sh, out_sd, cos, sin, tail, w_ptr, eps,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
-    IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr, INPLACE: tl.constexpr,
+    IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr, INPLACE: tl.constexpr, NORM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Rotate heads ``h_lo .. h_hi`` of ``BLOCK_T`` tokens, ``BLOCK_H`` at a time.
@@ -153,6 +176,10 @@ def _rotate_heads(
     int64 element offsets of each token's first head. A head's whole rope part is loaded
     before any of it is stored, which keeps the in-place permutation of the deepseek
     layout safe (the prefetched next heads are other heads).
+
+    NORM: each head is first RMS-normalised over all its channels (rope part and the
+    ``tail`` pass-through ones) in float32 and scaled by its weight, then rotated; the
+    pass-through channels are written normalised, in place too.
     """
     c = cos[None, :, :]
     s = sin[None, :, :]
@@ -162,19 +189,33 @@ def _rotate_heads(
     j = tl.arange(0, HALF_PAD).to(tl.int64)[None, None, :]
     d = tl.arange(0, 2 * HALF_PAD).to(tl.int64)[None, None, :]
     out_ty = out_ptr.dtype.element_ty
+    if NORM:
+        w1, w2, wt = _norm_weights(w_ptr, tail, HALF, HALF_PAD, TAIL_PAD, IN_PAIRS, NORM)
+        inv_dim = 1.0 / (2 * HALF + tail)
     for h0 in range(h_lo, h_hi, BLOCK_H):
         n1, n2 = _load_heads(src_row, h0 + BLOCK_H, h_hi, tok_mask, in_sh, in_sd,
                              HALF, HALF_PAD, IN_PAIRS, BLOCK_T, BLOCK_H)
         h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)[:, None, None]
         th_mask = tmask & (h < h_hi)
         dst = dst_row + h * out_sh
-        if not INPLACE and TAIL_PAD > 0:  # pass-through channels of a partial rotary
-            t = tl.arange(0, TAIL_PAD).to(tl.int64)[None, None, :]
-            tail_mask = th_mask & (t < tail)
-            tail_x = tl.load(src_row + h * in_sh + (2 * HALF + t) * in_sd, mask=tail_mask)
-            tl.store(dst + (2 * HALF + t) * out_sd, tail_x, mask=tail_mask)
         a1 = x1.to(tl.float32)
         a2 = x2.to(tl.float32)
+        if TAIL_PAD > 0 and (NORM or not INPLACE):  # pass-through channels of a partial rotary
+            t = tl.arange(0, TAIL_PAD).to(tl.int64)[None, None, :]
+            tail_mask = th_mask & (t < tail)
+            tail_x = tl.load(src_row + h * in_sh + (2 * HALF + t) * in_sd, mask=tail_mask, other=0.0)
+            if NORM:
+                tail_f = tail_x.to(tl.float32)
+                sq = tl.sum(a1 * a1 + a2 * a2, axis=2) + tl.sum(tail_f * tail_f, axis=2)
+                r = tl.rsqrt(sq * inv_dim + eps)[:, :, None]
+                tail_x = _round_to(tail_f * r * wt, out_ty)
+                a1 = a1 * r * w1
+                a2 = a2 * r * w2
+            tl.store(dst + (2 * HALF + t) * out_sd, tail_x, mask=tail_mask)
+        elif NORM:
+            r = tl.rsqrt(tl.sum(a1 * a1 + a2 * a2, axis=2) * inv_dim + eps)[:, :, None]
+            a1 = a1 * r * w1
+            a2 = a2 * r * w2
         y1 = a1 * c - a2 * s
         y2 = a2 * c + a1 * s
         if OUT_PAIRS:
@@ -189,8 +230,8 @@ def _rotate_heads(
 
 @triton.jit(do_not_specialize=["pos_base", "n_tokens", "seq_len", "n_seqs", "tok_class"])
 def rope_kernel(
-    q_ptr, qo_ptr, k_ptr, ko_ptr, pos_ptr, cu_ptr, inv_freq_ptr,
-    scale, pos_base,
+    q_ptr, qo_ptr, k_ptr, ko_ptr, pos_ptr, cu_ptr, inv_freq_ptr, qw_ptr, kw_ptr,
+    scale, pos_base, eps,
     n_tokens, seq_len, n_seqs, tok_class,
     n_q_heads, n_k_heads, q_tail, k_tail,
     q_sb, q_ss, q_sh, q_sd, qo_sb, qo_ss, qo_sh, qo_sd,
@@ -200,7 +241,7 @@ def rope_kernel(
     Q_TAIL_PAD: tl.constexpr, K_TAIL_PAD: tl.constexpr,
     IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr,
     INVERSE: tl.constexpr, PRECISE: tl.constexpr, INPLACE: tl.constexpr,
-    POS_MODE: tl.constexpr, HAS_OFFSETS: tl.constexpr, VARLEN: tl.constexpr,
+    POS_MODE: tl.constexpr, HAS_OFFSETS: tl.constexpr, VARLEN: tl.constexpr, NORM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_GROUPS: tl.constexpr,
 ):
     """Grid: ``(cdiv(n_tokens, BLOCK_T), HEAD_GROUPS)``.
@@ -267,11 +308,11 @@ def rope_kernel(
         sin = -sin
 
     _rotate_heads(q_ptr, qo_ptr, q_row, b * qo_sb + s * qo_ss, tok_mask, q_lo, q_hi, qx1, qx2,
-                  q_sh, q_sd, qo_sh, qo_sd, cos, sin, q_tail,
-                  HALF, HALF_PAD, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, BLOCK_T, BLOCK_H)
+                  q_sh, q_sd, qo_sh, qo_sd, cos, sin, q_tail, qw_ptr, eps,
+                  HALF, HALF_PAD, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, BLOCK_H)
     _rotate_heads(k_ptr, ko_ptr, k_row, b * ko_sb + s * ko_ss, tok_mask, k_lo, k_hi, kx1, kx2,
-                  k_sh, k_sd, ko_sh, ko_sd, cos, sin, k_tail,
-                  HALF, HALF_PAD, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, BLOCK_T, BLOCK_H)
+                  k_sh, k_sd, ko_sh, ko_sd, cos, sin, k_tail, kw_ptr, eps,
+                  HALF, HALF_PAD, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, BLOCK_H)
 
 
 INTERPRETED = not isinstance(rope_kernel, triton.runtime.JITFunction)
@@ -346,7 +387,7 @@ AUTOTUNE = os.environ.get("YARN_TRITON_AUTOTUNE", "1") != "0"
 rope_kernel_autotuned = rope_kernel if INTERPRETED else triton.autotune(
     configs=_candidate_configs(),
     key=["tok_class", "n_q_heads", "n_k_heads", "q_sh", "k_sh",
-         "HALF", "IN_PAIRS", "OUT_PAIRS", "INPLACE", "VARLEN"],
+         "HALF", "IN_PAIRS", "OUT_PAIRS", "INPLACE", "VARLEN", "NORM"],
     prune_configs_by={"early_config_prune": _prune},
     restore_value=["q_ptr", "k_ptr"],
     do_bench=_quick_bench,
@@ -403,8 +444,10 @@ class Operand(NamedTuple):
     dst_strides: Sequence[int]
 
 
-def _tail(op: Optional[Operand], rot: int, inplace: bool):
-    if op is None or inplace:
+def _tail(op: Optional[Operand], rot: int, touched: bool):
+    """Pass-through channels of a partial rotary, and their padded width, when the kernel
+    must touch them (out of place: copied; with the norm: normalised)."""
+    if op is None or not touched:
         return 0, 0
     tail = op.src.shape[-1] - rot
     return tail, (_next_pow2(tail) if tail > 0 else 0)
@@ -436,7 +479,7 @@ class PreparedLaunch:
 
     def __call__(self, ptrs: Sequence[int], pos_base: int, tensors: Sequence[torch.Tensor]) -> None:
         """Launch on the current stream of the tensors' device. ``ptrs``: data pointers of
-        the 7 pointer arguments; ``tensors``: the same as tensors, used only when a new
+        the 9 pointer arguments; ``tensors``: the same as tensors, used only when a new
         specialization must be compiled."""
         if INTERPRETED or not FAST_LAUNCH:  # Triton's own launcher (the interpreter's too)
             args = list(tensors) + self.args[_N_PTRS:]
@@ -444,8 +487,8 @@ class PreparedLaunch:
             rope_kernel[self.grid](*args, **self.switches, **_meta(self.cfg), num_warps=self.cfg.num_warps,
                                    num_stages=self.cfg.num_stages)
             return
-        p0, p1, p2, p3, p4, p5, p6 = ptrs
-        common = not (p0 | p1 | p2 | p3 | p4 | p5 | p6) & 15 and -(1 << 31) <= pos_base < (1 << 31)
+        p0, p1, p2, p3, p4, p5, p6, p7, p8 = ptrs
+        common = not (p0 | p1 | p2 | p3 | p4 | p5 | p6 | p7 | p8) & 15 and -(1 << 31) <= pos_base < (1 << 31)
         compiled = self._aligned if common else None
         if compiled is None:
             align = tuple(p & 15 == 0 for p in ptrs)
@@ -490,6 +533,10 @@ def launch_rope(
     config: Optional[LaunchConfig] = None,
     autotune: bool = True,
     traced: bool = False,
+    norm: int = 0,
+    q_weight: Optional[torch.Tensor] = None,
+    k_weight: Optional[torch.Tensor] = None,
+    eps: float = 0.0,
 ) -> Optional[PreparedLaunch]:
     """Launch :func:`rope_kernel` on already-validated arguments.
 
@@ -507,6 +554,9 @@ def launch_rope(
     one if this shape class was tuned eagerly, else the heuristic's), so the compiled
     graph launches it directly.
 
+    ``norm``: 0, or RMS-normalise each head first with ``q_weight``/``k_weight``
+    (contiguous ``[head_dim]``) and ``eps``; 2 for the ``(1 + weight)`` form.
+
     Returns the :class:`PreparedLaunch` of this call for the caller to replay, or None
     when the launch cannot be replayed that way (autotuning, tracing, nothing to do).
     """
@@ -516,8 +566,8 @@ def launch_rope(
         return None
     inplace = q.dst is q.src
     rot = 2 * half
-    q_tail, q_tail_pad = _tail(q, rot, inplace)
-    k_tail, k_tail_pad = _tail(k, rot, inplace)
+    q_tail, q_tail_pad = _tail(q, rot, norm or not inplace)
+    k_tail, k_tail_pad = _tail(k, rot, norm or not inplace)
     if k is None:
         k = Operand(q.src, (0, 0, 0, 0), q.dst, (0, 0, 0, 0))
     tune = config is None and autotune and AUTOTUNE and not INTERPRETED
@@ -525,7 +575,7 @@ def launch_rope(
         # The autotuner's own per-call bookkeeping costs more host time than the launch;
         # it runs once per shape class, later calls launch its pick directly.
         tune_key = (_tok_class(n_tokens), n_q_heads, n_k_heads, q.src_strides[2], k.src_strides[2],
-                    half, in_pairs, out_pairs, inplace, cu_seqlens is not None,
+                    half, in_pairs, out_pairs, inplace, cu_seqlens is not None, norm,
                     q.src.dtype, q.dst.dtype, k.src.dtype)
         config = config or _TUNED.get(tune_key)
         # never tune while tracing or inside a CUDA graph capture (the timing runs would be
@@ -541,7 +591,10 @@ def launch_rope(
         q.src, q.dst, k.src, k.dst,
         inv_freq if pos_ptr is None else pos_ptr,
         cu_seqlens if varlen else inv_freq,
-        inv_freq, float(scale), int(pos_base),
+        inv_freq,
+        inv_freq if q_weight is None else q_weight,
+        inv_freq if k_weight is None else k_weight,
+        float(scale), int(pos_base), float(eps),
         n_tokens, seq_len, n_seqs, _tok_class(n_tokens),
         n_q_heads, n_k_heads, q_tail, k_tail,
         *q.src_strides, *q.dst_strides, *k.src_strides, *k.dst_strides,
@@ -552,7 +605,7 @@ def launch_rope(
         Q_TAIL_PAD=q_tail_pad, K_TAIL_PAD=k_tail_pad,
         IN_PAIRS=in_pairs, OUT_PAIRS=out_pairs,
         INVERSE=inverse, PRECISE=precise, INPLACE=inplace,
-        POS_MODE=0 if per_token else 1, HAS_OFFSETS=offsets is not None, VARLEN=varlen,
+        POS_MODE=0 if per_token else 1, HAS_OFFSETS=offsets is not None, VARLEN=varlen, NORM=norm,
     )
 
     def grid(meta):
@@ -594,10 +647,10 @@ def _meta(cfg: LaunchConfig) -> dict:
 # through the compiled kernel's own launcher with no re-derivation.
 # --------------------------------------------------------------------------------------
 FAST_LAUNCH = os.environ.get("YARN_TRITON_FAST_LAUNCH", "1") != "0"
-_N_PTRS = 7  # q, qo, k, ko, pos, cu, inv_freq come first in rope_kernel's signature
+_N_PTRS = 9  # q, qo, k, ko, pos, cu, inv_freq, qw, kw come first in rope_kernel's signature
 # integer arguments Triton does not specialize on value (only on 32/64-bit width)
 _UNSPECIALIZED = frozenset(rope_kernel.arg_names.index(n) for n in
-                           ("scale", "pos_base", "n_tokens", "seq_len", "n_seqs", "tok_class"))
+                           ("scale", "pos_base", "eps", "n_tokens", "seq_len", "n_seqs", "tok_class"))
 _COMPILED: "collections.OrderedDict" = collections.OrderedDict()
 _COMPILED_MAX = 128
 

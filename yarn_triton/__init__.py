@@ -3,7 +3,7 @@
 from .rope import RopeParams, RopeTracker
 from .config import SUPPORTED_ROPE_TYPES, rope_params_from_config
 from .reference import rope_reference
-from .op import apply_rope, apply_rope_
+from .op import apply_qk_norm_rope, apply_qk_norm_rope_, apply_rope, apply_rope_
 from .module import YarnRotaryEmbedding
 from .attention import YarnGQAAttention, YarnMLAAttention
 
@@ -14,6 +14,8 @@ __all__ = [
     "rope_params_from_config",
     "apply_rope",
     "apply_rope_",
+    "apply_qk_norm_rope",
+    "apply_qk_norm_rope_",
     "rope_reference",
     "YarnRotaryEmbedding",
     "YarnGQAAttention",

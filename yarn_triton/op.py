@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .reference import LAYOUTS, apply_rope_reference_, packed_token_mask, positions_from_offsets
+from .reference import (LAYOUTS, apply_rope_reference_, packed_token_mask, positions_from_offsets,
+                        rms_norm_reference)
 from .rope import RopeParams
 from .kernels.rope_kernel import INTERPRETED, LaunchConfig, Operand, launch_rope
 
-__all__ = ["apply_rope_", "apply_rope", "LAYOUTS"]
+__all__ = ["apply_rope_", "apply_rope", "apply_qk_norm_rope_", "apply_qk_norm_rope", "LAYOUTS"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -235,6 +236,39 @@ def _check_offsets(offsets: Offsets, n_seqs: int, device: torch.device) -> None:
         raise ValueError(f"offsets must have shape ({n_seqs},), one per sequence, got {tuple(offsets.shape)}")
 
 
+class Norm(NamedTuple):
+    """A per-head RMSNorm fused before the rotation: ``kind`` 1 multiplies by ``weight``,
+    2 by ``1 + weight`` (Gemma, Qwen3.5)."""
+
+    q_weight: torch.Tensor
+    k_weight: Optional[torch.Tensor]
+    eps: float
+    kind: int
+
+
+def check_norm_args(q: torch.Tensor, k: Optional[torch.Tensor], norm: Norm) -> None:
+    """Raise TypeError/ValueError naming the argument unless each weight is a contiguous
+    float ``[head_dim]`` tensor on q's device and ``eps`` a finite number > 0."""
+    for name, w, x in (("q_weight", norm.q_weight, q), ("k_weight", norm.k_weight, k)):
+        if x is None:
+            if w is not None:
+                raise ValueError(f"{name} was given but its tensor is None")
+            continue
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape ({x.shape[-1]},), got {type(w).__name__}")
+        if w.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {w.dtype}")
+        if w.device != x.device:
+            raise ValueError(f"{name} is on {w.device} but q is on {x.device}; they must share a device")
+        if tuple(w.shape) != (x.shape[-1],):
+            raise ValueError(f"{name} must have shape ({x.shape[-1]},) (the head dim), got {tuple(w.shape)}")
+        if w.stride(0) != 1:
+            raise ValueError(f"{name} must be contiguous (stride 1), got stride {w.stride(0)}")
+    eps = norm.eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < float("inf")):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+
+
 # --------------------------------------------------------------------------------------
 # Geometry: fold the token dims of all tensors into (batch, seq)
 # --------------------------------------------------------------------------------------
@@ -262,7 +296,7 @@ def _operand(src, dst, token_strides):
 
 
 def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_freq, scale,
-                   rot, layout, inverse, precise, config, traced=False):
+                   rot, layout, inverse, precise, config, traced=False, norm=None):
     """Fold the token dims and launch; returns the kernel's :class:`PreparedLaunch` (None
     when the call took several launches or cannot be replayed)."""
     in_pairs, out_pairs = layout_switches(layout, inverse)
@@ -270,6 +304,8 @@ def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_f
                   precise=precise, pos_base=pos_base, cu_seqlens=cu_seqlens, config=config,
                   offsets=offsets, offsets_stride=0 if offsets is None else offsets.stride(0),
                   traced=traced)
+    if norm is not None:
+        common.update(norm=norm.kind, q_weight=norm.q_weight, k_weight=norm.k_weight, eps=norm.eps)
     if positions is None:
         # implicit positions: [B, S, H, D], [S, H, D] or packed [T, H, D]
         def bs(t):
@@ -289,7 +325,7 @@ def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_f
         for i in range(q.shape[0]):
             _launch_kernel(q[i], qo[i], None if k is None else k[i], None if k is None else ko[i],
                            pos[i], offsets, pos_base, cu_seqlens, inv_freq, scale,
-                           rot, layout, inverse, precise, config, traced)
+                           rot, layout, inverse, precise, config, traced, norm)
         return None
     while len(sizes) < 2:
         sizes.insert(0, 1)
@@ -306,12 +342,13 @@ def uses_kernel(t: torch.Tensor) -> bool:
 
 
 def _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-             rot, layout, inverse, precise, config=None, traced=False):
-    """Rotate ``q``/``k`` into ``qo``/``ko`` (the same tensors for in place). Returns the
-    launch's :class:`PreparedLaunch` when it can be replayed."""
+             rot, layout, inverse, precise, config=None, traced=False, norm=None):
+    """Rotate ``q``/``k`` (RMS-normalised first when ``norm``) into ``qo``/``ko`` (the same
+    tensors for in place). Returns the launch's :class:`PreparedLaunch` when it can be
+    replayed."""
     if uses_kernel(q):
         return _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_freq, scale,
-                              rot, layout, inverse, precise, config, traced)
+                              rot, layout, inverse, precise, config, traced, norm)
     mask = None
     if positions is None:
         positions = positions_from_offsets(q, offsets if offsets is not None else pos_base, cu_seqlens)
@@ -320,19 +357,21 @@ def _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_
         if cu_seqlens is not None:
             mask = packed_token_mask(q, cu_seqlens)
     params = RopeParams(inv_freq.cpu(), rot, scale)
-    apply_rope_reference_(q, k, positions, params, layout=layout, rotary_dim=rot, inverse=inverse,
-                          token_mask=mask, out=(qo, ko))
+    src_q, src_k = q, k
+    if norm is not None:
+        unit = norm.kind == 2
+        src_q = rms_norm_reference(q, norm.q_weight, norm.eps, unit_offset=unit)
+        src_k = None if k is None else rms_norm_reference(k, norm.k_weight, norm.eps, unit_offset=unit)
+        if mask is not None:  # tokens outside the packed sequences stay as they were
+            m = mask.view(-1, *([1] * (q.dim() - 1)))
+            src_q = torch.where(m, src_q, q.float())
+            src_k = None if k is None else torch.where(m, src_k, k.float())
+    new_q, new_k = apply_rope_reference_(src_q.clone(), None if src_k is None else src_k.clone(), positions,
+                                         params, layout=layout, rotary_dim=rot, inverse=inverse, token_mask=mask)
+    qo.copy_(new_q)
+    if ko is not None:
+        ko.copy_(new_k)
     return None
-
-
-def _rotated_copy(q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-                  rot, layout, inverse, precise, traced=False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Out of place: new ``(q_out, k_out)`` (``k_out`` None without k), one kernel pass."""
-    qo = torch.empty_like(q)
-    ko = None if k is None else torch.empty_like(k)
-    _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-             rot, layout, inverse, precise, traced=traced)
-    return qo, ko
 
 
 # --------------------------------------------------------------------------------------
@@ -354,7 +393,7 @@ class _Plan:
         self.k_span = None if k is None else _span(k)
         self.fused_ok: set = set()  # pointer distances of q/k views checked disjoint
 
-    def run(self, q, k, positions, offsets, cu_seqlens, pos_base, qo=None, ko=None) -> None:
+    def run(self, q, k, positions, offsets, cu_seqlens, pos_base, qo=None, ko=None, norm=None) -> None:
         """Checks what can differ for the same signature, then launches."""
         qp = q.data_ptr()
         if k is None:
@@ -367,11 +406,17 @@ class _Plan:
         qop, kop = (qp, kp) if qo is None else (qo.data_ptr(), qp if ko is None else ko.data_ptr())
         qo = q if qo is None else qo
         ko = k if ko is None else ko
+        inv = self.inv_freq
         pos = positions if positions is not None else offsets
-        cu = cu_seqlens if cu_seqlens is not None else self.inv_freq
-        pos = pos if pos is not None else self.inv_freq
-        self.launch((qp, qop, kp, kop, pos.data_ptr(), cu.data_ptr(), self.inv_ptr), pos_base,
-                    (q, qo, k, ko, pos, cu, self.inv_freq))
+        cu = cu_seqlens if cu_seqlens is not None else inv
+        pos = pos if pos is not None else inv
+        if norm is None:
+            qw = kw = inv
+        else:
+            qw = norm.q_weight
+            kw = qw if norm.k_weight is None else norm.k_weight
+        self.launch((qp, qop, kp, kop, pos.data_ptr(), cu.data_ptr(), self.inv_ptr, qw.data_ptr(), kw.data_ptr()),
+                    pos_base, (q, qo, k, ko, pos, cu, inv, qw, kw))
 
     def _check_disjoint(self, q, k, qp, kp) -> None:
         (qlo, qhi), (klo, khi) = self.q_span, self.k_span
@@ -407,7 +452,7 @@ def _tsig(t):
 
 
 def _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, config,
-               inplace):
+               inplace, norm=None):
     """Everything validation and the launch geometry depend on, or None when a call is not
     eligible for the fast path (then it takes the full path, which raises on bad input)."""
     if type(q) is not torch.Tensor or (k is not None and type(k) is not torch.Tensor):
@@ -421,8 +466,13 @@ def _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
     if (positions is not None and type(positions) is not torch.Tensor) or \
             (cu_seqlens is not None and type(cu_seqlens) is not torch.Tensor):
         return None
+    if norm is not None:
+        if type(norm.q_weight) is not torch.Tensor or (
+                norm.k_weight is not None and type(norm.k_weight) is not torch.Tensor) or type(norm.eps) is not float:
+            return None
+        norm = (norm.kind, norm.eps, _tsig(norm.q_weight), _tsig(norm.k_weight))
     return (id(params), layout, rotary_dim, precise, inverse, config, inplace, _tsig(q), _tsig(k),
-            _tsig(positions), off, _tsig(cu_seqlens))
+            _tsig(positions), off, _tsig(cu_seqlens), norm)
 
 
 def _remember(key, plan_launch, params, inv_freq, q, k) -> None:
@@ -439,11 +489,15 @@ def _remember(key, plan_launch, params, inv_freq, q, k) -> None:
 # With torch.library.triton_op (torch >= 2.6) the compiler traces into the op and its
 # generated code launches rope_kernel itself; CPU tensors inside it go through an opaque
 # custom op (the reference, or the kernel under the interpreter). Older torch: the same
-# bodies behind plain custom ops.
+# bodies behind plain custom ops. ``norm`` 0 is plain rope; 1/2 fuse the RMSNorm.
 # --------------------------------------------------------------------------------------
 _triton_op = getattr(torch.library, "triton_op", None)
 _wrap_triton = getattr(torch.library, "wrap_triton", None)
 COMPILER_SEES_KERNEL = _triton_op is not None and _wrap_triton is not None and not INTERPRETED
+
+
+def _norm_of(q_weight, k_weight, eps, norm) -> Optional[Norm]:
+    return None if not norm else Norm(q_weight, k_weight, eps, norm)
 
 
 @torch.library.custom_op("yarn_triton::rope_host_", mutates_args=("qo", "ko"))
@@ -451,21 +505,21 @@ def _rope_host_op(
     q: torch.Tensor, qo: torch.Tensor, k: Optional[torch.Tensor], ko: Optional[torch.Tensor],
     positions: Optional[torch.Tensor], offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
     inv_freq: torch.Tensor, scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool,
-    precise: bool,
+    precise: bool, q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], eps: float, norm: int,
 ) -> None:
     """Rotate q/k into qo/ko outside the compiler's view (CPU tensors, old torch)."""
     _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-             rotary_dim, layout, inverse, precise)
+             rotary_dim, layout, inverse, precise, norm=_norm_of(q_weight, k_weight, eps, norm))
 
 
 def _dispatch(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse,
-              precise) -> None:
+              precise, q_weight, k_weight, eps, norm) -> None:
     if COMPILER_SEES_KERNEL and q.device.type == "cuda":
         _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-                 rot, layout, inverse, precise, traced=True)
+                 rot, layout, inverse, precise, traced=True, norm=_norm_of(q_weight, k_weight, eps, norm))
     else:
         torch.ops.yarn_triton.rope_host_(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale,
-                                         pos_base, rot, layout, inverse, precise)
+                                         pos_base, rot, layout, inverse, precise, q_weight, k_weight, eps, norm)
 
 
 def _define(name: str, mutates_args, fn):
@@ -478,20 +532,24 @@ def _rope_inplace_impl(
     q: torch.Tensor, k: Optional[torch.Tensor], positions: Optional[torch.Tensor],
     offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor,
     scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool, precise: bool,
+    q_weight: Optional[torch.Tensor] = None, k_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
+    norm: int = 0,
 ) -> None:
     _dispatch(q, q, k, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-              rotary_dim, layout, inverse, precise)
+              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm)
 
 
 def _rope_impl(
     q: torch.Tensor, k: Optional[torch.Tensor], positions: Optional[torch.Tensor],
     offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor,
     scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool, precise: bool,
+    q_weight: Optional[torch.Tensor] = None, k_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
+    norm: int = 0,
 ) -> List[torch.Tensor]:
     qo = torch.empty_like(q)
     ko = None if k is None else torch.empty_like(k)
     _dispatch(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-              rotary_dim, layout, inverse, precise)
+              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm)
     return [qo] if ko is None else [qo, ko]
 
 
@@ -500,28 +558,57 @@ _rope_op = _define("yarn_triton::rope", (), _rope_impl)
 
 if not COMPILER_SEES_KERNEL:  # triton_op derives its fake from the body
     @_rope_op.register_fake
-    def _rope_fake(q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rotary_dim,
-                   layout, inverse, precise):
+    def _rope_fake(q, k, *args):
         return [torch.empty_like(q)] + ([] if k is None else [torch.empty_like(k)])
 
 
+def _rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool,
+                       grad_normed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``y = x * rsqrt(mean(x^2) + eps) * w`` (per head, float32) w.r.t. ``x``
+    and the weight, given ``dL/dy``; ``w = 1 + weight`` when ``unit_offset``."""
+    xf = x.float()
+    g = grad_normed.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = xf * r
+    w = weight.float() + 1.0 if unit_offset else weight.float()
+    gxhat = g * w
+    gx = r * (gxhat - xhat * (gxhat * xhat).mean(-1, keepdim=True))
+    gw = (g * xhat).reshape(-1, x.shape[-1]).sum(0)
+    return gx.to(x.dtype), gw.to(weight.dtype)
+
+
+def _norm_rope_backward(q, k, q_weight, k_weight, eps, kind, gq_normed, gk_normed):
+    """(dq, dk, dq_weight, dk_weight) from the gradients of the normalised, un-rotated heads."""
+    dq, dqw = _rms_norm_backward(q, q_weight, eps, kind == 2, gq_normed)
+    dk = dkw = None
+    if k is not None:
+        dk, dkw = _rms_norm_backward(k, k_weight, eps, kind == 2, gk_normed)
+    return dq, dk, dqw, dkw
+
+
 def _rope_setup_context(ctx, inputs, output) -> None:
-    q, k, positions, offsets, cu_seqlens, inv_freq, *scalars = inputs
-    ctx.save_for_backward(positions, offsets, cu_seqlens, inv_freq)
-    ctx.scalars = scalars
+    q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse, precise, \
+        q_weight, k_weight, eps, norm = inputs
+    ctx.save_for_backward(positions, offsets, cu_seqlens, inv_freq, *((q, k, q_weight, k_weight) if norm else ()))
+    ctx.scalars = (scale, pos_base, rot, layout, inverse, precise, eps, norm)
     ctx.has_k = k is not None
 
 
 def _rope_backward(ctx, grads):
     """The inverse rotation of the incoming gradients (same kernel, INVERSE flipped),
-    angles recomputed from the saved positions."""
-    positions, offsets, cu_seqlens, inv_freq = ctx.saved_tensors
-    scale, pos_base, rot, layout, inverse, precise = ctx.scalars
+    angles recomputed from the saved positions; then, with the norm, its backward."""
+    positions, offsets, cu_seqlens, inv_freq, *saved = ctx.saved_tensors
+    scale, pos_base, rot, layout, inverse, precise, eps, norm = ctx.scalars
     gq = grads[0]
     gk = grads[1] if ctx.has_k else None
     outs = torch.ops.yarn_triton.rope(gq, gk, positions, offsets, cu_seqlens, inv_freq, scale,
                                       pos_base, rot, layout, not inverse, precise)
-    return (outs[0], outs[1] if ctx.has_k else None) + (None,) * 10
+    dq, dk = outs[0], (outs[1] if ctx.has_k else None)
+    dqw = dkw = None
+    if norm:
+        q, k, q_weight, k_weight = saved
+        dq, dk, dqw, dkw = _norm_rope_backward(q, k, q_weight, k_weight, eps, norm, dq, dk)
+    return (dq, dk) + (None,) * 10 + (dqw, dkw, None, None)
 
 
 _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup_context)
@@ -535,37 +622,43 @@ class _EagerRope(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse,
-                precise, params, key):
+                precise, params, key, q_weight, k_weight, eps, norm_kind):
+        norm = _norm_of(q_weight, k_weight, eps, norm_kind)
         qo, ko = _eager_copy(key, params, q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-                             rot, layout, inverse, precise)
-        ctx.save_for_backward(positions, offsets, cu_seqlens, inv_freq)
-        ctx.scalars = (scale, pos_base, rot, layout, inverse, precise, params)
+                             rot, layout, inverse, precise, norm)
+        ctx.save_for_backward(positions, offsets, cu_seqlens, inv_freq,
+                              *((q, k, q_weight, k_weight) if norm_kind else ()))
+        ctx.scalars = (scale, pos_base, rot, layout, inverse, precise, params, eps, norm_kind)
         ctx.has_k = k is not None
         return qo, ko
 
     @staticmethod
     def backward(ctx, gq, gk):
-        positions, offsets, cu_seqlens, inv_freq = ctx.saved_tensors
-        scale, pos_base, rot, layout, inverse, precise, params = ctx.scalars
+        positions, offsets, cu_seqlens, inv_freq, *saved = ctx.saved_tensors
+        scale, pos_base, rot, layout, inverse, precise, params, eps, norm_kind = ctx.scalars
         gk = gk if ctx.has_k else None
         key = _signature(gq, gk, positions, params, layout, rot, offsets, cu_seqlens, precise, not inverse, None,
                          False)
         dq, dk = _eager_copy(key, params, gq, gk, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
                              rot, layout, not inverse, precise)
-        return (dq, dk) + (None,) * 12
+        dqw = dkw = None
+        if norm_kind:
+            q, k, q_weight, k_weight = saved
+            dq, dk, dqw, dkw = _norm_rope_backward(q, k, q_weight, k_weight, eps, norm_kind, dq, dk)
+        return (dq, dk) + (None,) * 12 + (dqw, dkw, None, None)
 
 
 def _eager_copy(key, params, q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout,
-                inverse, precise):
+                inverse, precise, norm=None):
     """Out-of-place rotation for eager autograd, through the plan of ``key`` when known."""
     qo = torch.empty_like(q)
     ko = None if k is None else torch.empty_like(k)
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:
-        plan.run(q, k, positions, offsets, cu_seqlens, pos_base, qo, ko)
+        plan.run(q, k, positions, offsets, cu_seqlens, pos_base, qo, ko, norm)
     else:
         launch = _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-                          rot, layout, inverse, precise)
+                          rot, layout, inverse, precise, norm=norm)
         _remember(key, launch, params, inv_freq, q, k)
     return qo, ko
 
@@ -579,8 +672,13 @@ def _split_offsets(offsets: Offsets) -> Tuple[Optional[torch.Tensor], int]:
     return None, int(offsets or 0)
 
 
-def _needs_grad(q: torch.Tensor, k: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad))
+def _needs_grad(q: torch.Tensor, k: Optional[torch.Tensor], norm: Optional[Norm] = None) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    if q.requires_grad or (k is not None and k.requires_grad):
+        return True
+    return norm is not None and (norm.q_weight.requires_grad or
+                                 (norm.k_weight is not None and norm.k_weight.requires_grad))
 
 
 # YARN_TRITON_CHECK_CU_SEQLENS=1 makes check_cu_seqlens=True the default.
@@ -600,6 +698,77 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, n_tokens: int) -> None:
                          f"< cu_seqlens[{i}]={cu[i].item()}")
     if cu[-1].item() > n_tokens:
         raise ValueError(f"cu_seqlens ends at {cu[-1].item()}, past the {n_tokens} tokens of q")
+
+
+def _check_cu(cu_seqlens, check, q) -> None:
+    if cu_seqlens is not None and (CHECK_CU_SEQLENS if check is None else check) \
+            and not torch.compiler.is_compiling():
+        check_cu_seqlens_values(cu_seqlens, q.shape[0])
+
+
+def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse,
+                  check_cu, config, norm):
+    """In-place rope (and norm): the fast path for a known signature, else the full one."""
+    compiling = torch.compiler.is_compiling()
+    key = None
+    if not compiling:
+        key = _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise,
+                         inverse, config, True, norm)
+        plan = _PLANS.get(key) if key is not None else None
+        if plan is not None and not _needs_grad(q, k, norm):
+            _check_cu(cu_seqlens, check_cu, q)
+            _PLANS.move_to_end(key)
+            plan.run(q, k, positions, offsets if type(offsets) is torch.Tensor else None, cu_seqlens,
+                     offsets if type(offsets) is int else 0, norm=norm)
+            return q, k
+    rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens)
+    if norm is not None:
+        check_norm_args(q, k, norm)
+    if config is not None:
+        _check_config(config)
+    _check_cu(cu_seqlens, check_cu, q)
+    if _needs_grad(q, k, norm):
+        out = _rope_copy(q, k, positions, params, layout, rot, offsets, cu_seqlens, precise, inverse, False, norm)
+        q.copy_(out[0])
+        if k is not None:
+            k.copy_(out[1])
+        return q, k
+    off_t, pos_base = _split_offsets(offsets)
+    inv_freq = params.inv_freq_on(q.device)
+    if compiling:
+        args = () if norm is None else (norm.q_weight, norm.k_weight, float(norm.eps), norm.kind)
+        torch.ops.yarn_triton.rope_(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale,
+                                    pos_base, rot, layout, inverse, precise, *args)
+    else:  # eager: straight to the launch, no dispatcher round trip
+        launch = _execute(q, q, k, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base,
+                          rot, layout, inverse, precise, config, norm=norm)
+        _remember(key, launch, params, inv_freq, q, k)
+    return q, k
+
+
+def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, check_cu, norm):
+    """Out-of-place, differentiable rope (and norm)."""
+    compiling = torch.compiler.is_compiling()
+    key = None
+    if not compiling:
+        key = _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise,
+                         inverse, None, False, norm)
+    if key is None or key not in _PLANS:
+        rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace=False)
+        if norm is not None:
+            check_norm_args(q, k, norm)
+    else:
+        rot = params.rope_dim
+    _check_cu(cu_seqlens, check_cu, q)
+    off_t, pos_base = _split_offsets(offsets)
+    inv_freq = params.inv_freq_on(q.device)
+    nargs = (None, None, 0.0, 0) if norm is None else (norm.q_weight, norm.k_weight, float(norm.eps), norm.kind)
+    if not compiling:
+        return _EagerRope.apply(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base,
+                                rot, layout, bool(inverse), precise, params, key, *nargs)
+    out = torch.ops.yarn_triton.rope(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale,
+                                     pos_base, rot, layout, bool(inverse), precise, *nargs)
+    return out[0], (out[1] if k is not None else None)
 
 
 def apply_rope_(
@@ -637,7 +806,7 @@ def apply_rope_(
         cu_seqlens: with ``positions=None``: int32/int64 ``[B+1]`` prefix sums of a packed
             variable-length batch ``q [T, H, D]``; tokens past ``cu_seqlens[-1]`` are left
             untouched.
-        precise_angles: form angles in float64 and reduce by 2*pi in the kernel (accurate
+        precise_angles: form angles in float64 in the kernel (accurate
             at any position); False gives the float32 ``position * inv_freq`` of
             materialised caches.
         inverse: rotate by ``-angle`` instead (undoes a rotation: DeepSeek-V4 de-rotates
@@ -659,42 +828,8 @@ def apply_rope_(
     replays the launch plan of its first call: only the checks that can differ between
     such calls (q and k disjoint in memory; data alignment) run again.
     """
-    compiling = torch.compiler.is_compiling()
-    if not compiling:
-        key = _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles,
-                         inverse, config, True)
-        plan = _PLANS.get(key) if key is not None else None
-        if plan is not None and not _needs_grad(q, k):
-            if cu_seqlens is not None and (CHECK_CU_SEQLENS if check_cu_seqlens is None else check_cu_seqlens):
-                check_cu_seqlens_values(cu_seqlens, q.shape[0])
-            _PLANS.move_to_end(key)
-            plan.run(q, k, positions, offsets if type(offsets) is torch.Tensor else None, cu_seqlens,
-                     offsets if type(offsets) is int else 0)
-            return q, k
-    rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens)
-    if config is not None:
-        _check_config(config)
-    if cu_seqlens is not None and (CHECK_CU_SEQLENS if check_cu_seqlens is None else check_cu_seqlens) \
-            and not compiling:
-        check_cu_seqlens_values(cu_seqlens, q.shape[0])
-    if _needs_grad(q, k):
-        out = apply_rope(q, k, positions, params, layout=layout, rotary_dim=rot, offsets=offsets,
-                         cu_seqlens=cu_seqlens, precise_angles=precise_angles, inverse=inverse,
-                         check_cu_seqlens=False)
-        q.copy_(out[0])
-        if k is not None:
-            k.copy_(out[1])
-        return q, k
-    off_t, pos_base = _split_offsets(offsets)
-    inv_freq = params.inv_freq_on(q.device)
-    if compiling:
-        torch.ops.yarn_triton.rope_(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale,
-                                    pos_base, rot, layout, inverse, precise_angles)
-    else:  # eager: straight to the launch, no dispatcher round trip
-        launch = _execute(q, q, k, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base,
-                          rot, layout, inverse, precise_angles, config)
-        _remember(key, launch, params, inv_freq, q, k)
-    return q, k
+    return _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles,
+                         inverse, check_cu_seqlens, config, None)
 
 
 def apply_rope(
@@ -718,23 +853,80 @@ def apply_rope(
     The backward pass is the inverse rotation, by the same kernel, recomputing angles from
     the positions; nothing else is saved.
     """
-    compiling = torch.compiler.is_compiling()
-    key = None
-    if not compiling:
-        key = _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles,
-                         inverse, None, False)
-    if key is None or key not in _PLANS:
-        rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace=False)
-    else:
-        rot = params.rope_dim
-    if cu_seqlens is not None and (CHECK_CU_SEQLENS if check_cu_seqlens is None else check_cu_seqlens) \
-            and not compiling:
-        check_cu_seqlens_values(cu_seqlens, q.shape[0])
-    off_t, pos_base = _split_offsets(offsets)
-    inv_freq = params.inv_freq_on(q.device)
-    if not compiling:
-        return _EagerRope.apply(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base,
-                                rot, layout, bool(inverse), precise_angles, params, key)
-    out = torch.ops.yarn_triton.rope(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale,
-                                     pos_base, rot, layout, bool(inverse), precise_angles)
-    return out[0], (out[1] if k is not None else None)
+    return _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles, inverse,
+                      check_cu_seqlens, None)
+
+
+def _make_norm(q_weight, k_weight, eps, unit_offset) -> Norm:
+    if isinstance(eps, int) and not isinstance(eps, bool):
+        eps = float(eps)
+    return Norm(q_weight, k_weight, eps, 2 if unit_offset else 1)
+
+
+def apply_qk_norm_rope_(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    positions: Optional[torch.Tensor],
+    params: RopeParams,
+    q_weight: torch.Tensor,
+    k_weight: Optional[torch.Tensor],
+    *,
+    eps: float = 1e-6,
+    unit_offset: bool = False,
+    layout: str = "neox",
+    rotary_dim: Optional[int] = None,
+    offsets: Offsets = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    precise_angles: bool = True,
+    check_cu_seqlens: Optional[bool] = None,
+    config: Optional[LaunchConfig] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-head RMSNorm of q and k, then rope, in place and in one pass (Qwen3 attention).
+
+    Each head ``x`` (all ``head_dim`` channels, the pass-through ones of a partial rotary
+    too) becomes ``x * rsqrt(mean(x^2) + eps) * w`` computed in float32, as transformers'
+    Qwen3 ``q_norm``/``k_norm`` do, and its rope part is then rotated exactly as by
+    :func:`apply_rope_`. One read and one write of q and k, where norm and rope as two
+    ops read and write them twice.
+
+    Args:
+        q_weight: ``[Dq]`` norm weight of q (float32/float16/bfloat16, contiguous, on q's
+            device).
+        k_weight: ``[Dk]`` norm weight of k; None only when ``k`` is None.
+        eps: added to the mean square; a finite number > 0.
+        unit_offset: scale by ``1 + weight`` (Gemma, Qwen3.5 norms) instead of ``weight``.
+        Everything else: as in :func:`apply_rope_` (strides, fused-projection views, head
+        counts, dtypes, layouts, partial rotary and the three position forms).
+
+    Returns:
+        ``(q, k)``, the same tensors, normalised and rotated.
+    """
+    return _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles,
+                         False, check_cu_seqlens, config, _make_norm(q_weight, k_weight, eps, unit_offset))
+
+
+def apply_qk_norm_rope(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    positions: Optional[torch.Tensor],
+    params: RopeParams,
+    q_weight: torch.Tensor,
+    k_weight: Optional[torch.Tensor],
+    *,
+    eps: float = 1e-6,
+    unit_offset: bool = False,
+    layout: str = "neox",
+    rotary_dim: Optional[int] = None,
+    offsets: Offsets = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    precise_angles: bool = True,
+    check_cu_seqlens: Optional[bool] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Out-of-place, differentiable :func:`apply_qk_norm_rope_`: returns new ``(q, k)``.
+
+    The backward rotates the incoming gradients back with the same kernel, then goes
+    through the norm (float32), giving the gradients of q, k and of both weights.
+    Arguments as in :func:`apply_qk_norm_rope_`.
+    """
+    return _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles, False,
+                      check_cu_seqlens, _make_norm(q_weight, k_weight, eps, unit_offset))

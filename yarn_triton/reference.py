@@ -17,6 +17,7 @@ from .rope import RopeParams
 
 __all__ = [
     "rope_reference", "apply_rope_reference_", "positions_from_offsets", "rotate_half", "cos_sin_cache", "LAYOUTS",
+    "rms_norm_reference", "qk_norm_rope_reference",
 ]
 
 LAYOUTS = ("neox", "interleaved", "deepseek")
@@ -120,6 +121,50 @@ def rope_reference(
         return torch.cat((rotated, xc[..., rot:]), dim=-1).to(x.dtype)
 
     return one(q), one(k)
+
+
+def rms_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    unit_offset: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per-head RMSNorm over the last dim, as transformers' Qwen3 ``q_norm``/``k_norm``
+    computes it but without rounding in between: ``x * rsqrt(mean(x^2) + eps) * w`` with
+    ``w = weight`` (or ``1 + weight`` when ``unit_offset``, Gemma-style), in
+    ``compute_dtype``. ``x``: ``[..., D]``, ``weight``: ``[D]``. Returns ``compute_dtype``."""
+    xc = x.to(compute_dtype)
+    w = weight.to(compute_dtype)
+    if unit_offset:
+        w = 1.0 + w
+    return xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def qk_norm_rope_reference(
+    q: torch.Tensor,
+    k: Optional[torch.Tensor],
+    positions: torch.Tensor,
+    params: RopeParams,
+    q_weight: torch.Tensor,
+    k_weight: Optional[torch.Tensor],
+    *,
+    eps: float = 1e-6,
+    unit_offset: bool = False,
+    layout: str = "neox",
+    rotary_dim: Optional[int] = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Out-of-place reference of :func:`yarn_triton.apply_qk_norm_rope_`: per-head RMSNorm
+    of q and k (:func:`rms_norm_reference`), then the rotation of the rope part, all in
+    ``compute_dtype``. Returns new ``(q_out, k_out)`` in the input dtypes."""
+    qn = rms_norm_reference(q, q_weight, eps, unit_offset=unit_offset, compute_dtype=compute_dtype)
+    kn = None if k is None else rms_norm_reference(k, k_weight, eps, unit_offset=unit_offset,
+                                                   compute_dtype=compute_dtype)
+    qo, ko = rope_reference(qn, kn, positions, params, layout=layout, rotary_dim=rotary_dim,
+                            compute_dtype=compute_dtype)
+    return qo.to(q.dtype), (None if k is None else ko.to(k.dtype))
 
 
 def positions_from_offsets(
