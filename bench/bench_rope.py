@@ -49,6 +49,13 @@ SHAPES = {
     "decode-256": (256, 32, 8, 128, 128, "decode", "neox", 32),
     "train-16k": (16384, 32, 8, 128, 128, "train", "neox", 32),
 }
+# Qwen3-8B attention (32/8 heads, d128): per-head RMSNorm of q and k, then rope
+QKNORM_SHAPES = {
+    "qwen3-qknorm-prefill": 16384,
+    "qwen3-qknorm-decode-1": 1,
+    "qwen3-qknorm-decode-64": 64,
+    "qwen3-qknorm-decode-256": 256,
+}
 SWEEP_TOKENS = [256, 2048, 16384, 65536]
 
 
@@ -246,6 +253,60 @@ def run_shape(name, shape, dtype, bw, liger, compiled_apply, log):
     return row
 
 
+def hf_rms_norm(x, weight, eps):
+    """transformers' Qwen3RMSNorm forward."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def run_qknorm_shape(name, T, dtype, bw, liger, liger_norm, compiled_qk, log):
+    """Fused norm + rope against the two ops back to back, each as its users run them:
+    transformers (q_norm/k_norm on the [B, S, H, D] projection view, transpose, rotate),
+    compiled, and Liger's RMSNorm then Liger's rope."""
+    import yarn_triton as yt
+
+    hq, hk, D = 32, 8, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, T, hq, D, device="cuda", dtype=dtype, generator=gen)
+    k = torch.randn(1, T, hk, D, device="cuda", dtype=dtype, generator=gen)
+    pos = torch.randint(0, 128 * 1024, (1, T), device="cuda", generator=gen)
+    qw = torch.rand(D, device="cuda", generator=gen).to(dtype) + 0.5
+    kw = torch.rand(D, device="cuda", generator=gen).to(dtype) + 0.5
+    base = yt.RopeParams.yarn(D, 1e6, 4.0, 32768)
+    params = yt.RopeParams(base.inv_freq, D, 1.0, 1.0, "yarn")
+    cos, sin = hf_cos_sin(pos, params.inv_freq_on("cuda"), 1.0, dtype)
+    nbytes = 2 * T * (hq + hk) * D * q.element_size()
+    row = {"shape": name, "tokens": T, "q_heads": hq, "k_heads": hk, "head_dim": D, "rope_dim": D,
+           "kind": "qknorm", "layout": "neox", "layers": 36, "floor_us": nbytes / bw * 1e6}
+    row["table_us"] = graph_us(lambda: hf_cos_sin(pos, params.inv_freq_on("cuda"), 1.0, dtype), calls=5)
+
+    def torch_two_ops():
+        return hf_apply(hf_rms_norm(q, qw, 1e-6).transpose(1, 2), hf_rms_norm(k, kw, 1e-6).transpose(1, 2), cos, sin)
+
+    methods = {
+        "ours": lambda: yt.apply_qk_norm_rope_(q, k, pos, params, qw, kw),
+        "torch": torch_two_ops,
+        "torch_compile": lambda: compiled_qk(q, k, qw, kw, cos, sin),
+    }
+    if liger is not None and liger_norm is not None:
+        lq, lk = liger_norm(D, qw), liger_norm(D, kw)
+
+        def liger_two_ops():  # its RMSNorm on the projection view, then its rope on the transposed view
+            return liger(lq(q).transpose(1, 2), lk(k).transpose(1, 2), cos, sin)
+        methods["liger"] = liger_two_ops
+    for m, fn in methods.items():
+        try:
+            row[f"{m}_us"] = graph_us(fn, calls=5 if T > 256 else 20)
+            row[f"{m}_kernels"] = kernels_launched(fn)
+            if m != "ours":
+                row[f"{m}_e2e_us"] = row[f"{m}_us"] + row["table_us"] / row["layers"]
+        except Exception as e:
+            row[f"{m}_error"] = f"{type(e).__name__}: {e}"[:200]
+            log(f"  {name}: {m} failed: {row[f'{m}_error']}")
+    return row
+
+
 def empty_kernel_us() -> float:
     """An empty Triton kernel, replayed in a CUDA graph: the floor of any decode launch."""
     import triton
@@ -348,6 +409,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench_results.json", help="JSON results path")
     ap.add_argument("--plot", default="", help="PNG path for GB/s vs tokens (needs matplotlib)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the tokens sweep for the plot")
+    ap.add_argument("--no-qknorm", dest="qknorm", action="store_false", help="skip the QK-norm + rope rows")
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -367,12 +429,31 @@ def main(argv=None) -> int:
         log(f"Liger-Kernel not available ({type(e).__name__}): its columns are skipped")
     compiled_apply = torch.compile(hf_apply)
 
+    def qk_two_ops(q, k, qw, kw, cos, sin):
+        return hf_apply(hf_rms_norm(q, qw, 1e-6).transpose(1, 2), hf_rms_norm(k, kw, 1e-6).transpose(1, 2), cos, sin)
+    compiled_qk = torch.compile(qk_two_ops)
+    liger_norm = None
+    try:
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+
+        def liger_norm(dim, weight):
+            m = LigerRMSNorm(dim, eps=1e-6, in_place=False).to("cuda", weight.dtype)
+            with torch.no_grad():
+                m.weight.copy_(weight)
+            return m
+    except Exception as e:
+        log(f"Liger RMSNorm not available ({type(e).__name__})")
+
     rows = []
     for name in args.shapes.split(","):
         log(f"running {name} ...")
         rows.append(run_shape(name, SHAPES[name], dtype, bw, liger, compiled_apply, log))
         with open(args.out, "w") as f:  # as we go: a killed run still leaves its rows
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    for name, T in QKNORM_SHAPES.items():
+        if args.qknorm:
+            log(f"running {name} ...")
+            rows.append(run_qknorm_shape(name, T, dtype, bw, liger, liger_norm, compiled_qk, log))
     host = host_costs(dtype, liger)
 
     sweep = []

@@ -31,7 +31,7 @@ import collections
 import functools
 import math
 import os
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -52,7 +52,9 @@ _TWO_OVER_PI = tl.constexpr(2.0 / math.pi)
 
 @triton.jit
 def _cos_sin(pos, inv_freq, PRECISE: tl.constexpr):
-    """float32 ``(cos, sin)`` of the angles ``pos * inv_freq``, ``[BLOCK_T, HALF_PAD]``.
+    """float32 ``(cos, sin)`` of the angles ``pos * inv_freq``, ``[BLOCK_T, HALF_PAD]``;
+    ``pos`` is int64 ``[BLOCK_T, 1]`` (one position per token) or ``[BLOCK_T, HALF_PAD]``
+    (M-RoPE: one per token and frequency).
 
     The angle is formed in float64 (PRECISE: right to ~1e-7 rad at any int32 position) or
     as the float32 product a materialised cache would hold. Either way it is reduced
@@ -62,9 +64,9 @@ def _cos_sin(pos, inv_freq, PRECISE: tl.constexpr):
     whose code and stack frame would cost registers in every program.
     """
     if PRECISE:
-        a = pos.to(tl.float64)[:, None] * inv_freq.to(tl.float64)[None, :]
+        a = pos.to(tl.float64) * inv_freq.to(tl.float64)[None, :]
     else:
-        a = (pos.to(tl.float32)[:, None] * inv_freq[None, :]).to(tl.float64)
+        a = (pos.to(tl.float32) * inv_freq[None, :]).to(tl.float64)
     n = tl.floor(a * _TWO_OVER_PI + 0.5)
     r = ((a - n * _PIO2_HI) - n * _PIO2_LO).to(tl.float32)
     quadrant = n.to(tl.int64) & 3
@@ -78,6 +80,27 @@ def _cos_sin(pos, inv_freq, PRECISE: tl.constexpr):
     s = tl.where(quadrant >= 2, -s, s)
     c = tl.where((quadrant == 1) | (quadrant == 2), -c, c)
     return c, s
+
+
+@triton.jit
+def _mrope_positions(pos_ptr, row, stream_stride, tok_mask, HALF_PAD: tl.constexpr, MROPE: tl.constexpr,
+                     SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr):
+    """M-RoPE: ``[BLOCK_T, HALF_PAD]`` int64 positions, each frequency pair taking the
+    time, height or width stream (``pos_ptr + row``, ``+ stream_stride``, ``+ 2 *
+    stream_stride``). MROPE 1, sectioned (Qwen2-VL): the first SEC_T pairs use t, the next
+    SEC_H h, the rest w. MROPE 2, interleaved (Qwen3-VL, Qwen3.5): pair i uses h when
+    ``i % 3 == 1 and i < 3 * SEC_H``, w when ``i % 3 == 2 and i < 3 * SEC_W``, else t."""
+    pt = tl.load(pos_ptr + row, mask=tok_mask, other=0).to(tl.int64)[:, None]
+    ph = tl.load(pos_ptr + row + stream_stride, mask=tok_mask, other=0).to(tl.int64)[:, None]
+    pw = tl.load(pos_ptr + row + 2 * stream_stride, mask=tok_mask, other=0).to(tl.int64)[:, None]
+    i = tl.arange(0, HALF_PAD)[None, :]
+    if MROPE == 1:
+        use_h = (i >= SEC_T) & (i < SEC_T + SEC_H)
+        use_w = i >= SEC_T + SEC_H
+    else:
+        use_h = (i % 3 == 1) & (i < 3 * SEC_H)
+        use_w = (i % 3 == 2) & (i < 3 * SEC_W)
+    return tl.where(use_h, ph, tl.where(use_w, pw, pt))
 
 
 @triton.jit
@@ -236,12 +259,13 @@ def rope_kernel(
     n_q_heads, n_k_heads, q_tail, k_tail,
     q_sb, q_ss, q_sh, q_sd, qo_sb, qo_ss, qo_sh, qo_sd,
     k_sb, k_ss, k_sh, k_sd, ko_sb, ko_ss, ko_sh, ko_sd,
-    pos_sb, pos_ss,
+    pos_sb, pos_ss, pos_s3,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr,
     Q_TAIL_PAD: tl.constexpr, K_TAIL_PAD: tl.constexpr,
     IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr,
     INVERSE: tl.constexpr, PRECISE: tl.constexpr, INPLACE: tl.constexpr,
     POS_MODE: tl.constexpr, HAS_OFFSETS: tl.constexpr, VARLEN: tl.constexpr, NORM: tl.constexpr,
+    MROPE: tl.constexpr, SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_GROUPS: tl.constexpr,
 ):
     """Grid: ``(cdiv(n_tokens, BLOCK_T), HEAD_GROUPS)``.
@@ -277,12 +301,16 @@ def rope_kernel(
         seq = b
         local = s
 
-    if POS_MODE == 0:
-        pos = tl.load(pos_ptr + b * pos_sb + s * pos_ss, mask=tok_mask, other=0).to(tl.int64)
+    if MROPE:
+        pos = _mrope_positions(pos_ptr, b * pos_sb + s * pos_ss, pos_s3, tok_mask, HALF_PAD, MROPE,
+                               SEC_T, SEC_H, SEC_W)
+    elif POS_MODE == 0:
+        pos = tl.load(pos_ptr + b * pos_sb + s * pos_ss, mask=tok_mask, other=0).to(tl.int64)[:, None]
     else:
         pos = local + pos_base
         if HAS_OFFSETS:
             pos += tl.load(pos_ptr + seq * pos_sb, mask=tok_mask, other=0).to(tl.int64)
+        pos = pos[:, None]
 
     # Each operand's first heads are loaded before the angles are computed: their memory
     # latency then overlaps the position load and the trigonometry (decode is latency bound).
@@ -537,6 +565,8 @@ def launch_rope(
     q_weight: Optional[torch.Tensor] = None,
     k_weight: Optional[torch.Tensor] = None,
     eps: float = 0.0,
+    mrope: Tuple[int, int, int, int] = (0, 0, 0, 0),
+    pos_stream_stride: int = 0,
 ) -> Optional[PreparedLaunch]:
     """Launch :func:`rope_kernel` on already-validated arguments.
 
@@ -557,6 +587,10 @@ def launch_rope(
     ``norm``: 0, or RMS-normalise each head first with ``q_weight``/``k_weight``
     (contiguous ``[head_dim]``) and ``eps``; 2 for the ``(1 + weight)`` form.
 
+    ``mrope``: ``(kind, s_t, s_h, s_w)``: kind 0 (one position per token), or 1/2 for
+    sectioned/interleaved M-RoPE with per-token positions of three streams, the stream
+    ``i`` at ``per_token_positions + i * pos_stream_stride``.
+
     Returns the :class:`PreparedLaunch` of this call for the caller to replay, or None
     when the launch cannot be replayed that way (autotuning, tracing, nothing to do).
     """
@@ -575,7 +609,7 @@ def launch_rope(
         # The autotuner's own per-call bookkeeping costs more host time than the launch;
         # it runs once per shape class, later calls launch its pick directly.
         tune_key = (_tok_class(n_tokens), n_q_heads, n_k_heads, q.src_strides[2], k.src_strides[2],
-                    half, in_pairs, out_pairs, inplace, cu_seqlens is not None, norm,
+                    half, in_pairs, out_pairs, inplace, cu_seqlens is not None, norm, mrope[0],
                     q.src.dtype, q.dst.dtype, k.src.dtype)
         config = config or _TUNED.get(tune_key)
         # never tune while tracing or inside a CUDA graph capture (the timing runs would be
@@ -598,7 +632,7 @@ def launch_rope(
         n_tokens, seq_len, n_seqs, _tok_class(n_tokens),
         n_q_heads, n_k_heads, q_tail, k_tail,
         *q.src_strides, *q.dst_strides, *k.src_strides, *k.dst_strides,
-        pos_sb, pos_ss,
+        pos_sb, pos_ss, pos_stream_stride,
     )
     switches = dict(
         HALF=half, HALF_PAD=_next_pow2(half),
@@ -606,6 +640,7 @@ def launch_rope(
         IN_PAIRS=in_pairs, OUT_PAIRS=out_pairs,
         INVERSE=inverse, PRECISE=precise, INPLACE=inplace,
         POS_MODE=0 if per_token else 1, HAS_OFFSETS=offsets is not None, VARLEN=varlen, NORM=norm,
+        MROPE=mrope[0], SEC_T=mrope[1], SEC_H=mrope[2], SEC_W=mrope[3],
     )
 
     def grid(meta):

@@ -15,8 +15,8 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .reference import (LAYOUTS, apply_rope_reference_, packed_token_mask, positions_from_offsets,
-                        rms_norm_reference)
+from .reference import (LAYOUTS, StreamParams, apply_rope_reference_, packed_token_mask,
+                        positions_from_offsets, rms_norm_reference)
 from .rope import RopeParams
 from .kernels.rope_kernel import INTERPRETED, LaunchConfig, Operand, launch_rope
 
@@ -136,6 +136,15 @@ def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return _offsets_meet(diff_bytes // a.element_size(), dims)
 
 
+def mrope_spec(params: RopeParams) -> Tuple[int, int, int, int]:
+    """``(kind, s_t, s_h, s_w)`` of the kernel's M-RoPE switch for ``params``: kind 0 when
+    they carry no sections, 1 sectioned, 2 interleaved."""
+    section = getattr(params, "mrope_section", None)
+    if section is None:
+        return (0, 0, 0, 0)
+    return (2 if getattr(params, "mrope_interleaved", False) else 1, *section)
+
+
 def check_rope_args(
     q: torch.Tensor,
     k: Optional[torch.Tensor],
@@ -172,7 +181,20 @@ def check_rope_args(
         if offsets is not None or cu_seqlens is not None:
             raise ValueError("give either positions, or offsets/cu_seqlens to derive them, not both")
         _check_index_tensor("positions", positions, q.device)
-        if not _broadcasts_to(tuple(positions.shape), tokens):
+        shape = tuple(positions.shape)
+        if mrope_spec(params)[0] and len(shape) == len(tokens) + 1:  # [3, *T]: t, h, w streams
+            if shape[0] != 3:
+                raise ValueError(
+                    f"M-RoPE positions must be [3, *tokens] (time, height, width), got leading dim {shape[0]} "
+                    f"in shape {shape}"
+                )
+            shape = shape[1:]
+        elif len(shape) == len(tokens) + 1 and shape[0] == 3:
+            raise ValueError(
+                f"positions of shape {tuple(positions.shape)} look like M-RoPE [3, *tokens] streams, but params "
+                f"carry no mrope_section; build them from the model config or with mrope_section=..."
+            )
+        if not _broadcasts_to(shape, tokens):
             raise ValueError(
                 f"positions of shape {tuple(positions.shape)} do not broadcast to q's token dims {tokens}"
             )
@@ -296,7 +318,7 @@ def _operand(src, dst, token_strides):
 
 
 def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_freq, scale,
-                   rot, layout, inverse, precise, config, traced=False, norm=None):
+                   rot, layout, inverse, precise, config, traced=False, norm=None, mrope=None):
     """Fold the token dims and launch; returns the kernel's :class:`PreparedLaunch` (None
     when the call took several launches or cannot be replayed)."""
     in_pairs, out_pairs = layout_switches(layout, inverse)
@@ -317,15 +339,22 @@ def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_f
                            per_token_positions=None, pos_strides=(0, 0), **common)
 
     tokens = tuple(q.shape[:-2])
-    pos = positions.expand(tokens)
-    tensors = [q, qo, pos] + ([] if k is None else [k, ko])
+    if mrope is not None and positions.dim() == len(tokens) + 1:
+        # M-RoPE [3, *T] streams: handled as [*T, 3], the stream stride passed apart
+        pos = positions.expand((3,) + tokens).movedim(0, -1)
+        common.update(mrope=mrope, pos_stream_stride=pos.stride(-1))
+        first = pos[..., 0]
+    else:
+        pos = first = positions.expand(tokens)
+    tensors = [q, qo, first] + ([] if k is None else [k, ko])
     sizes, strides = _fold_tokens(tokens, [t.stride()[: len(tokens)] for t in tensors])
     if len(sizes) > 2:
         # Three or more token dims that no stride folds together: peel the outermost.
         for i in range(q.shape[0]):
+            pos_i = pos[i].movedim(-1, 0) if pos is not first else pos[i]
             _launch_kernel(q[i], qo[i], None if k is None else k[i], None if k is None else ko[i],
-                           pos[i], offsets, pos_base, cu_seqlens, inv_freq, scale,
-                           rot, layout, inverse, precise, config, traced, norm)
+                           pos_i, offsets, pos_base, cu_seqlens, inv_freq, scale,
+                           rot, layout, inverse, precise, config, traced, norm, mrope)
         return None
     while len(sizes) < 2:
         sizes.insert(0, 1)
@@ -333,7 +362,7 @@ def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_f
     qop = _operand(q, qo, strides[0:2])
     kop = None if k is None else _operand(k, ko, strides[3:5])
     return launch_rope(qop, kop, inv_freq, scale, n_tokens=sizes[0] * sizes[1], seq_len=sizes[1],
-                       per_token_positions=pos, pos_strides=tuple(strides[2]), **common)
+                       per_token_positions=first, pos_strides=tuple(strides[2]), **common)
 
 
 def uses_kernel(t: torch.Tensor) -> bool:
@@ -342,13 +371,14 @@ def uses_kernel(t: torch.Tensor) -> bool:
 
 
 def _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-             rot, layout, inverse, precise, config=None, traced=False, norm=None):
+             rot, layout, inverse, precise, config=None, traced=False, norm=None, mrope=None):
     """Rotate ``q``/``k`` (RMS-normalised first when ``norm``) into ``qo``/``ko`` (the same
     tensors for in place). Returns the launch's :class:`PreparedLaunch` when it can be
     replayed."""
     if uses_kernel(q):
         return _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_freq, scale,
-                              rot, layout, inverse, precise, config, traced, norm)
+                              rot, layout, inverse, precise, config, traced, norm,
+                              mrope if mrope is not None and mrope[0] else None)
     mask = None
     if positions is None:
         positions = positions_from_offsets(q, offsets if offsets is not None else pos_base, cu_seqlens)
@@ -357,6 +387,8 @@ def _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_
         if cu_seqlens is not None:
             mask = packed_token_mask(q, cu_seqlens)
     params = RopeParams(inv_freq.cpu(), rot, scale)
+    if mrope is not None and mrope[0]:
+        params = StreamParams(params.inv_freq, rot, scale, tuple(mrope[1:]), mrope[0] == 2)
     src_q, src_k = q, k
     if norm is not None:
         unit = norm.kind == 2
@@ -506,20 +538,23 @@ def _rope_host_op(
     positions: Optional[torch.Tensor], offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
     inv_freq: torch.Tensor, scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool,
     precise: bool, q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], eps: float, norm: int,
+    mrope: Optional[List[int]],
 ) -> None:
     """Rotate q/k into qo/ko outside the compiler's view (CPU tensors, old torch)."""
     _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-             rotary_dim, layout, inverse, precise, norm=_norm_of(q_weight, k_weight, eps, norm))
+             rotary_dim, layout, inverse, precise, norm=_norm_of(q_weight, k_weight, eps, norm), mrope=mrope)
 
 
 def _dispatch(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse,
-              precise, q_weight, k_weight, eps, norm) -> None:
+              precise, q_weight, k_weight, eps, norm, mrope) -> None:
     if COMPILER_SEES_KERNEL and q.device.type == "cuda":
         _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-                 rot, layout, inverse, precise, traced=True, norm=_norm_of(q_weight, k_weight, eps, norm))
+                 rot, layout, inverse, precise, traced=True, norm=_norm_of(q_weight, k_weight, eps, norm),
+                 mrope=mrope)
     else:
         torch.ops.yarn_triton.rope_host_(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale,
-                                         pos_base, rot, layout, inverse, precise, q_weight, k_weight, eps, norm)
+                                         pos_base, rot, layout, inverse, precise, q_weight, k_weight, eps, norm,
+                                         mrope)
 
 
 def _define(name: str, mutates_args, fn):
@@ -532,24 +567,24 @@ def _rope_inplace_impl(
     q: torch.Tensor, k: Optional[torch.Tensor], positions: Optional[torch.Tensor],
     offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor,
     scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool, precise: bool,
-    q_weight: Optional[torch.Tensor] = None, k_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
-    norm: int = 0,
+    q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], eps: float, norm: int,
+    mrope: Optional[List[int]],
 ) -> None:
     _dispatch(q, q, k, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm)
+              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm, mrope)
 
 
 def _rope_impl(
     q: torch.Tensor, k: Optional[torch.Tensor], positions: Optional[torch.Tensor],
     offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor,
     scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool, precise: bool,
-    q_weight: Optional[torch.Tensor] = None, k_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
-    norm: int = 0,
+    q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], eps: float, norm: int,
+    mrope: Optional[List[int]],
 ) -> List[torch.Tensor]:
     qo = torch.empty_like(q)
     ko = None if k is None else torch.empty_like(k)
     _dispatch(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm)
+              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm, mrope)
     return [qo] if ko is None else [qo, ko]
 
 
@@ -588,9 +623,9 @@ def _norm_rope_backward(q, k, q_weight, k_weight, eps, kind, gq_normed, gk_norme
 
 def _rope_setup_context(ctx, inputs, output) -> None:
     q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse, precise, \
-        q_weight, k_weight, eps, norm = inputs
+        q_weight, k_weight, eps, norm, mrope = inputs
     ctx.save_for_backward(positions, offsets, cu_seqlens, inv_freq, *((q, k, q_weight, k_weight) if norm else ()))
-    ctx.scalars = (scale, pos_base, rot, layout, inverse, precise, eps, norm)
+    ctx.scalars = (scale, pos_base, rot, layout, inverse, precise, eps, norm, mrope)
     ctx.has_k = k is not None
 
 
@@ -598,17 +633,17 @@ def _rope_backward(ctx, grads):
     """The inverse rotation of the incoming gradients (same kernel, INVERSE flipped),
     angles recomputed from the saved positions; then, with the norm, its backward."""
     positions, offsets, cu_seqlens, inv_freq, *saved = ctx.saved_tensors
-    scale, pos_base, rot, layout, inverse, precise, eps, norm = ctx.scalars
+    scale, pos_base, rot, layout, inverse, precise, eps, norm, mrope = ctx.scalars
     gq = grads[0]
     gk = grads[1] if ctx.has_k else None
     outs = torch.ops.yarn_triton.rope(gq, gk, positions, offsets, cu_seqlens, inv_freq, scale,
-                                      pos_base, rot, layout, not inverse, precise)
+                                      pos_base, rot, layout, not inverse, precise, None, None, 0.0, 0, mrope)
     dq, dk = outs[0], (outs[1] if ctx.has_k else None)
     dqw = dkw = None
     if norm:
         q, k, q_weight, k_weight = saved
         dq, dk, dqw, dkw = _norm_rope_backward(q, k, q_weight, k_weight, eps, norm, dq, dk)
-    return (dq, dk) + (None,) * 10 + (dqw, dkw, None, None)
+    return (dq, dk) + (None,) * 10 + (dqw, dkw, None, None, None)
 
 
 _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup_context)
@@ -658,7 +693,7 @@ def _eager_copy(key, params, q, k, positions, offsets, cu_seqlens, inv_freq, sca
         plan.run(q, k, positions, offsets, cu_seqlens, pos_base, qo, ko, norm)
     else:
         launch = _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-                          rot, layout, inverse, precise, norm=norm)
+                          rot, layout, inverse, precise, norm=norm, mrope=mrope_spec(params))
         _remember(key, launch, params, inv_freq, q, k)
     return qo, ko
 
@@ -706,6 +741,11 @@ def _check_cu(cu_seqlens, check, q) -> None:
         check_cu_seqlens_values(cu_seqlens, q.shape[0])
 
 
+def _mrope_arg(params) -> Optional[List[int]]:
+    spec = mrope_spec(params)
+    return list(spec) if spec[0] else None
+
+
 def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse,
                   check_cu, config, norm):
     """In-place rope (and norm): the fast path for a known signature, else the full one."""
@@ -736,12 +776,12 @@ def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqle
     off_t, pos_base = _split_offsets(offsets)
     inv_freq = params.inv_freq_on(q.device)
     if compiling:
-        args = () if norm is None else (norm.q_weight, norm.k_weight, float(norm.eps), norm.kind)
+        args = (None, None, 0.0, 0) if norm is None else (norm.q_weight, norm.k_weight, float(norm.eps), norm.kind)
         torch.ops.yarn_triton.rope_(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale,
-                                    pos_base, rot, layout, inverse, precise, *args)
+                                    pos_base, rot, layout, inverse, precise, *args, _mrope_arg(params))
     else:  # eager: straight to the launch, no dispatcher round trip
         launch = _execute(q, q, k, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base,
-                          rot, layout, inverse, precise, config, norm=norm)
+                          rot, layout, inverse, precise, config, norm=norm, mrope=mrope_spec(params))
         _remember(key, launch, params, inv_freq, q, k)
     return q, k
 
@@ -767,7 +807,7 @@ def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
         return _EagerRope.apply(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base,
                                 rot, layout, bool(inverse), precise, params, key, *nargs)
     out = torch.ops.yarn_triton.rope(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale,
-                                     pos_base, rot, layout, bool(inverse), precise, *nargs)
+                                     pos_base, rot, layout, bool(inverse), precise, *nargs, _mrope_arg(params))
     return out[0], (out[1] if k is not None else None)
 
 

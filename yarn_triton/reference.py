@@ -9,7 +9,7 @@ it into the float64 truth for the same float32 ``inv_freq``.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -17,7 +17,7 @@ from .rope import RopeParams
 
 __all__ = [
     "rope_reference", "apply_rope_reference_", "positions_from_offsets", "rotate_half", "cos_sin_cache", "LAYOUTS",
-    "rms_norm_reference", "qk_norm_rope_reference",
+    "rms_norm_reference", "qk_norm_rope_reference", "mrope_stream_of_pairs", "mrope_cos_sin_cache",
 ]
 
 LAYOUTS = ("neox", "interleaved", "deepseek")
@@ -47,6 +47,45 @@ def cos_sin_cache(
     sin = emb.sin() * params.cos_sin_scale
     shape = tuple(positions.shape) + (params.rope_dim,)
     return cos[inverse].reshape(shape), sin[inverse].reshape(shape)
+
+
+class StreamParams(NamedTuple):
+    """What the reference reads of :class:`RopeParams`, with M-RoPE sections: lets the op
+    layer run the reference from the kernel's arguments."""
+
+    inv_freq: torch.Tensor
+    rope_dim: int
+    cos_sin_scale: float
+    mrope_section: Optional[Tuple[int, int, int]]
+    mrope_interleaved: bool
+
+
+def mrope_stream_of_pairs(half: int, section: Tuple[int, int, int], interleaved: bool) -> torch.Tensor:
+    """``[half]`` int64: which position stream (0 t, 1 h, 2 w) each frequency pair takes,
+    the way transformers decides it: sectioned (Qwen2-VL) or interleaved (Qwen3-VL)."""
+    s_t, s_h, s_w = section
+    i = torch.arange(half)
+    if interleaved:
+        stream = torch.zeros(half, dtype=torch.int64)
+        stream[(i % 3 == 1) & (i < 3 * s_h)] = 1
+        stream[(i % 3 == 2) & (i < 3 * s_w)] = 2
+        return stream
+    return (i >= s_t).long() + (i >= s_t + s_h).long()
+
+
+def mrope_cos_sin_cache(
+    params: RopeParams, positions: torch.Tensor, section: Tuple[int, int, int], interleaved: bool,
+    dtype: torch.dtype = torch.float32,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """M-RoPE ``cos, sin`` of shape ``positions.shape[1:] + (rope_dim,)`` from ``[3, *T]``
+    (t, h, w) positions: each frequency pair's angle uses its stream's position."""
+    half = params.rope_dim // 2
+    stream = mrope_stream_of_pairs(half, section, interleaved).to(positions.device)
+    pos = positions.to(dtype)  # [3, *T]
+    inv_freq = params.inv_freq.to(device=positions.device, dtype=dtype)
+    freqs = pos.movedim(0, -1)[..., stream] * inv_freq  # [*T, half]: pair i at its stream
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * params.cos_sin_scale, emb.sin() * params.cos_sin_scale
 
 
 def _deinterleave(x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +135,8 @@ def rope_reference(
     Args:
         q: ``[*T, Hq, Dq]``; heads at dim -2, head dim last.
         k: ``[*T, Hk, Dk]`` or None.
-        positions: integer tensor broadcastable to ``T``.
+        positions: integer tensor broadcastable to ``T``; or, for params with M-RoPE
+            sections, ``[3, *T]`` (time, height, width streams).
         params: the rope parameters; ``rotary_dim`` (default ``params.rope_dim``) leading
             channels of each head are rotated, the rest copied.
         layout: ``"neox"``, ``"interleaved"`` or ``"deepseek"``.
@@ -110,7 +150,12 @@ def rope_reference(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     rot = params.rope_dim if rotary_dim is None else rotary_dim
-    cos, sin = cos_sin_cache(params, positions, compute_dtype)
+    section = getattr(params, "mrope_section", None)
+    if section is not None and positions.dim() == q.dim() - 1:  # [3, *T]: t, h, w streams
+        cos, sin = mrope_cos_sin_cache(params, positions, section, getattr(params, "mrope_interleaved", False),
+                                       compute_dtype)
+    else:
+        cos, sin = cos_sin_cache(params, positions, compute_dtype)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
 
     def one(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
