@@ -16,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import yarn_triton.attention as yt_attention  # noqa: E402
+import yarn_triton.op as yt_op  # noqa: E402
 from yarn_triton import RopeParams  # noqa: E402
 from yarn_triton.integrations.transformers import (  # noqa: E402
     ROPE_FUNCTIONS,
@@ -141,9 +141,8 @@ def modeling_module(model):
 def _nothing_left_switched():
     """Every test must leave transformers' modeling functions as it found them."""
     yield
-    for family in ("llama", "mistral", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3"):
-        mod = sys.modules.get(f"transformers.models.{family}.modeling_{family}")
-        if mod is None:
+    for modname, mod in list(sys.modules.items()):
+        if not modname.startswith("transformers.models.") or ".modeling_" not in modname:
             continue
         for name in ROPE_FUNCTIONS:
             fn = getattr(mod, name, None)
@@ -250,13 +249,13 @@ def test_logits_fp32_and_switch_back(family, gen, monkeypatch):
     originals = {n: getattr(modeling_module(model), n) for n in ROPE_FUNCTIONS if hasattr(modeling_module(model), n)}
 
     calls = []
-    real = yt_attention.apply_rope_
+    real = yt_op.apply_rope_
 
     def counting(*a, **k):
         calls.append(k.get("layout"))
         return real(*a, **k)
 
-    monkeypatch.setattr(yt_attention, "apply_rope_", counting)
+    monkeypatch.setattr(yt_op, "apply_rope_", counting)
     enable_fused_rope(model)
     assert is_fused_rope_enabled(model)
     assert isinstance(model.model.rotary_emb, FusedRotaryEmbedding)

@@ -4,6 +4,9 @@ Each integration lives in its own submodule and imports its library only when th
 submodule is imported, so ``import yarn_triton`` never pulls in transformers::
 
     from yarn_triton.integrations.transformers import enable_fused_rope, disable_fused_rope
+
+The transformers model types the switch supports, and what it fuses in each, are listed in
+``docs/models.md``.
 """
 
 __all__ = ["transformers"]

@@ -9,41 +9,54 @@
     model.generate(...)
     disable_fused_rope(model)    # the model's own rope again
 
-How it hooks in (transformers 5.x, families Llama, Mistral, Qwen2, Qwen3, DeepSeek-V2,
-DeepSeek-V3). The base model computes its rope once per forward in ``self.rotary_emb``
-(``rotary_emb(hidden_states, position_ids)`` returns cos/sin, or DeepSeek-V2's complex
-``freqs_cis``) and hands the result to every attention layer as ``position_embeddings``;
-each attention layer rotates its q/k with a module-level function of its modeling file:
+The model types it supports are the rows of :data:`MODEL_SUPPORT` (listed with their rope
+type, layout, partial rotary and what is fused in ``docs/models.md``, which is generated
+from the same table by :func:`supported_models_markdown`); the tests iterate over that
+table.
 
-* ``apply_rotary_pos_emb`` (Llama, Mistral, Qwen2, Qwen3; DeepSeek-V3 with
-  ``rope_interleave=False``): rotate_half -> our ``"neox"`` layout;
-* ``apply_rotary_pos_emb_interleave`` (DeepSeek-V3, ``rope_interleave=True``, its
-  default): adjacent pairs in, halves out -> ``"deepseek"``;
-* ``apply_rotary_emb`` (DeepSeek-V2, complex ``freqs_cis``): adjacent pairs in and
-  out -> ``"interleaved"``.
+How it hooks in (transformers 5.x). The base model computes its rope once per forward in
+``self.rotary_emb`` (``rotary_emb(hidden_states, position_ids)`` returns cos/sin, or
+DeepSeek-V2's complex ``freqs_cis``; DeepSeek-V4 asks it once per rope label,
+``layer_type="main"`` / ``"compress"``, and its compressors and indexers own rotaries of
+their own) and hands the result to the attention layers as ``position_embeddings``; the
+attention code rotates with a module-level function of its modeling file:
 
-:func:`enable_fused_rope` makes two changes:
+* ``apply_rotary_pos_emb(q, k, cos, sin)`` (Llama family, most models): rotate_half ->
+  our ``"neox"`` layout, on the first ``rope_dim`` channels of each head (partial rotary:
+  Phi-3, MiniMax-M2);
+* ``apply_rotary_pos_emb_interleave`` (DeepSeek-V3 style MLA with
+  ``rope_interleave=True``): adjacent pairs in, halves out -> ``"deepseek"``;
+* ``apply_rotary_emb`` (DeepSeek-V2, complex ``freqs_cis``): adjacent pairs in and out ->
+  ``"interleaved"``;
+* DeepSeek-V4's ``apply_rotary_pos_emb(x, cos, sin)``: one tensor, GPT-J pairs
+  (``"interleaved"``) on the *trailing* ``rope_dim`` channels; called with ``-sin`` to
+  de-rotate the attention output.
 
-1. it swaps the model's ``rotary_emb`` submodule for a :class:`FusedRotaryEmbedding` that
+:func:`enable_fused_rope` makes these changes:
+
+1. it swaps every ``rotary_emb`` submodule for a :class:`FusedRotaryEmbedding` that
    returns a :class:`FusedRopePositions` -- the position ids plus the
-   :class:`~yarn_triton.RopeParams` -- in place of cos/sin (it unpacks as ``cos, sin`` and
-   answers ``.to()``, so the attention code passes it on untouched);
+   :class:`~yarn_triton.RopeParams` of the asked rope label -- in place of cos/sin (it
+   unpacks as ``cos, sin``, answers ``.to()``, and ``-sin`` marks the inverse rotation,
+   so the attention code passes it on untouched);
 2. it replaces those module-level functions with a dispatcher that, when handed a
-   :class:`FusedRopePositions`, rotates q and k with the fused op -- in place on the
-   projection views the attention layer passes (``[B, H, S, D]`` transposes of the
-   projection output), or out of place and differentiable when autograd records -- and
-   otherwise calls the original function unchanged. The function swap is process-wide
-   but only changes what happens for models that were switched; it is undone when the
-   last switched model is switched back.
+   :class:`FusedRopePositions`, rotates with the fused op -- in place on the views the
+   attention code passes, or out of place and differentiable when autograd records --
+   and otherwise calls the original function unchanged;
+3. for models that scale the query after rope by a per-position factor (Ministral-3's
+   ``llama_4_scaling_beta``), the dispatcher applies that factor right after the rotation
+   and the modeling file's ``get_llama_4_attn_scale`` hands the attention code a neutral
+   factor for that call.
 
-The attention code, the KV cache, masks and the attention backend stay transformers' own,
-and the model's softmax scale (DeepSeek's ``mscale_all_dim`` correction) is the one it
-already applies. What this relies on is checked when switching (and by the tests against
-the installed transformers): a ``rotary_emb`` submodule, attention ``forward``s that call
-one of the functions above by name, and a rope whose ``inv_freq`` / ``attention_scaling``
-match :meth:`RopeParams.from_config` of the model's config. Rope types whose frequencies
-change with the sequence length (dynamic NTK, longrope) follow transformers' rule for
-picking them per forward through a :class:`~yarn_triton.RopeTracker`.
+The function swaps are process-wide but only change what happens for models that were
+switched; they are undone when the last switched model is switched back. The attention
+code, the KV cache, masks, the attention backend and the softmax scale stay transformers'
+own. What this relies on is checked when switching (and by the tests against the installed
+transformers): ``rotary_emb`` submodules, attention code that calls the functions above by
+name, and a rope whose ``inv_freq`` / ``attention_scaling`` match
+:meth:`RopeParams.from_config` of the model's config. Rope types whose frequencies change
+with the sequence length (dynamic NTK, longrope) follow transformers' rule for picking them
+per forward through a :class:`~yarn_triton.RopeTracker`.
 """
 
 from __future__ import annotations
@@ -52,36 +65,174 @@ import contextlib
 import functools
 import inspect
 import threading
-from typing import Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 import transformers  # noqa: F401  (this integration is only imported when transformers is wanted)
 
-from ..attention import rope_qk
+from .. import op as _op
 from ..rope import RopeParams, RopeTracker
 
 __all__ = [
+    "MODEL_SUPPORT",
     "SUPPORTED_MODEL_TYPES",
     "ROPE_FUNCTIONS",
+    "ModelSupport",
+    "RopeFunction",
     "FusedRopePositions",
     "FusedRotaryEmbedding",
     "enable_fused_rope",
     "disable_fused_rope",
     "is_fused_rope_enabled",
     "fused_rope",
+    "supported_models_markdown",
 ]
 
-#: ``config.model_type`` values this integration is tested with.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3")
 
-#: Module-level rope functions of transformers' modeling files -> layout of their channels.
+# --------------------------------------------------------------------------------------
+# What each supported model type is, and how its rope functions map onto the fused op
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RopeFunction:
+    """How one rope function of a modeling file maps onto the fused op.
+
+    Attributes:
+        layout: channel layout of its rotation (``"neox"``, ``"interleaved"``,
+            ``"deepseek"``).
+        pair: ``fn(q, k, cos, sin, ...) -> (q, k)`` (``k`` may be None); False for
+            ``fn(x, cos, sin, ...) -> x``.
+        trailing: rotates the last ``rope_dim`` channels of each head (DeepSeek-V4)
+            rather than the first.
+    """
+
+    layout: str
+    pair: bool = True
+    trailing: bool = False
+
+
+#: Module-level rope functions of transformers' modeling files -> layout of their channels
+#: (the ``(q, k, cos, sin)`` functions; a model type may override one in its table row).
 ROPE_FUNCTIONS: Dict[str, str] = {
     "apply_rotary_pos_emb": "neox",
     "apply_rotary_pos_emb_interleave": "deepseek",
     "apply_rotary_emb": "interleaved",
 }
+_DEFAULT_FUNCTIONS: Dict[str, RopeFunction] = {n: RopeFunction(lay) for n, lay in ROPE_FUNCTIONS.items()}
+
+#: Modeling-file function that computes Llama-4 style query scaling (Ministral-3, Mistral-4).
+_Q_SCALE_FUNCTION = "get_llama_4_attn_scale"
+
+
+@dataclass(frozen=True)
+class ModelSupport:
+    """One supported ``config.model_type``: what it is and what the switch does to it.
+
+    Attributes:
+        model_type: the ``config.model_type`` (for a multimodal wrapper, the one of its
+            text config, e.g. ``"mistral_large4_text"``).
+        family: ``"dense"``, ``"moe"``, ``"mla"`` (multi-head latent attention) or
+            ``"deepseek_v4"``.
+        rope: the rope type(s) its released configs use.
+        layout: our layout(s) of its rotated channels.
+        partial_rotary: which channels of a head rotate.
+        fused: the rope sites that run in the fused op.
+        not_fused: what stays transformers' own, and why ("" for nothing).
+        functions: rope functions whose mapping differs from :data:`ROPE_FUNCTIONS`.
+        fuse_q_scale: the Llama-4 query scale (``llama_4_scaling_beta``) is applied right
+            after the fused rotation, and transformers' multiply is skipped.
+        freq_scale_param: name of a learned parameter ``a`` of the rotary embedding whose
+            frequencies are ``inv_freq * exp(a)`` (Mistral-Large-4's ``alpha``).
+        rope_labels: the rotary takes ``layer_type=<label>`` and keeps one set of params
+            per label (DeepSeek-V4's ``main`` / ``compress``).
+    """
+
+    model_type: str
+    family: str
+    rope: str
+    layout: str
+    partial_rotary: str
+    fused: str
+    not_fused: str = ""
+    functions: Mapping[str, RopeFunction] = field(default_factory=dict)
+    fuse_q_scale: bool = False
+    freq_scale_param: Optional[str] = None
+    rope_labels: bool = False
+
+    def function(self, name: str) -> RopeFunction:
+        """The mapping of the modeling file's function ``name``."""
+        return self.functions.get(name) or _DEFAULT_FUNCTIONS[name]
+
+
+_QK = "q, k"
+_MLA = "q_rot, k_rot (MLA)"
+_V4_ROPE = RopeFunction("interleaved", pair=False, trailing=True)
+
+#: The supported model types, one row each; :data:`SUPPORTED_MODEL_TYPES` and
+#: ``docs/models.md`` are generated from it, and the tests iterate over it.
+MODEL_SUPPORT: Dict[str, ModelSupport] = {
+    s.model_type: s
+    for s in (
+        ModelSupport("llama", "dense", "any (yarn, llama3, dynamic, ...)", "neox", "no", _QK),
+        ModelSupport("mistral", "dense", "any", "neox", "no", _QK),
+        ModelSupport("qwen2", "dense", "any (yarn)", "neox", "no", _QK),
+        ModelSupport("qwen3", "dense", "any (yarn)", "neox", "no", _QK),
+        ModelSupport("ministral3", "dense", "yarn + llama-4 query scale", "neox", "no",
+                     _QK + "; query scale (`llama_4_scaling_beta`) right after the rotation",
+                     fuse_q_scale=True),
+        ModelSupport("phi3", "dense", "longrope (short/long factors)", "neox",
+                     "`partial_rotary_factor` (leading channels)", _QK),
+        ModelSupport("qwen3_moe", "moe", "yarn", "neox", "no", _QK),
+        ModelSupport("gpt_oss", "moe", "yarn (x32, no truncation)", "neox", "no", _QK),
+        ModelSupport("minimax_m2", "moe", "default / yarn", "neox",
+                     "`rotary_dim` (leading channels)", _QK),
+        ModelSupport("deepseek_v2", "mla", "yarn (mscale)", "interleaved (complex)",
+                     "`qk_rope_head_dim`", _MLA),
+        ModelSupport("deepseek_v3", "mla", "yarn (mscale)",
+                     "deepseek (`rope_interleave`), else neox", "`qk_rope_head_dim`", _MLA),
+        ModelSupport("glm4_moe_lite", "mla", "yarn / default",
+                     "deepseek (`rope_interleave`), else neox", "`qk_rope_head_dim`", _MLA),
+        ModelSupport("deepseek_v32", "mla", "yarn (mscale)",
+                     "deepseek (attention), neox (indexer)", "`qk_rope_head_dim`",
+                     _MLA + "; indexer q, k"),
+        ModelSupport("mistral_large4_text", "mla", "yarn, learned `alpha` on the frequencies",
+                     "deepseek", "`qk_rope_head_dim`; NoPE layers untouched",
+                     _MLA + " (q alone on KV-sharing layers); indexer q, k",
+                     "the per-head log-position query scaling (not rope)",
+                     freq_scale_param="alpha"),
+        ModelSupport("mistral4", "mla", "yarn + llama-4 query scale",
+                     "deepseek (`rope_interleave`), else neox", "`qk_rope_head_dim`", _MLA,
+                     "the llama-4 query scale: it multiplies the whole query, no-rope "
+                     "channels included, which the rope call does not see"),
+        ModelSupport("deepseek_v4", "deepseek_v4",
+                     "per layer: `main` (default, theta 1e4) on sliding layers, `compress` "
+                     "(yarn, theta 1.6e5) on compressed layers",
+                     "interleaved (GPT-J pairs)", "trailing `head_dim * partial_rotary_factor`",
+                     "q, kv; compressor entries; indexer entries and q; inverse rotation "
+                     "of the attention output",
+                     functions={"apply_rotary_pos_emb": _V4_ROPE}, rope_labels=True),
+    )
+}
+
+#: ``config.model_type`` values this integration supports (:data:`MODEL_SUPPORT`'s keys).
+SUPPORTED_MODEL_TYPES: Tuple[str, ...] = tuple(MODEL_SUPPORT)
+
+
+def supported_models_markdown() -> str:
+    """The table of ``docs/models.md``: one row per :data:`MODEL_SUPPORT` entry."""
+    rows = [
+        "| model type | family | rope | layout | partial rotary | fused | stays transformers' |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in MODEL_SUPPORT.values():
+        rows.append(
+            f"| `{s.model_type}` | {s.family} | {s.rope} | {s.layout} | {s.partial_rotary} "
+            f"| {s.fused} | {s.not_fused or '-'} |"
+        )
+    return "\n".join(rows) + "\n"
+
 
 # --------------------------------------------------------------------------------------
 # What flows from the rotary embedding to the attention layers
@@ -89,15 +240,26 @@ ROPE_FUNCTIONS: Dict[str, str] = {
 class FusedRopePositions:
     """Stands in for the ``(cos, sin)`` pair (or ``freqs_cis``) of a switched model.
 
-    Holds the position ids and the params; unpacks as ``cos, sin`` (both itself) and
-    ``.to(...)`` returns itself, so attention code passes it to its rope function untouched.
+    Holds the position ids and the params; unpacks as ``cos, sin`` (both itself),
+    ``.to(...)`` returns itself, and ``-handle`` is the same handle marked for the inverse
+    rotation (what ``cos, -sin`` means), so attention code passes it to its rope function
+    untouched. ``q_scale`` is ``(beta, original_max_position_embeddings)`` of a Llama-4
+    query scale to apply after the rotation, or None.
     """
 
-    __slots__ = ("positions", "params")
+    __slots__ = ("positions", "params", "inverse", "q_scale")
 
-    def __init__(self, positions: torch.Tensor, params: RopeParams) -> None:
+    def __init__(
+        self,
+        positions: torch.Tensor,
+        params: RopeParams,
+        inverse: bool = False,
+        q_scale: Optional[Tuple[float, int]] = None,
+    ) -> None:
         self.positions = positions
         self.params = params
+        self.inverse = inverse
+        self.q_scale = q_scale
 
     def __iter__(self) -> Iterator["FusedRopePositions"]:
         return iter((self, self))
@@ -108,68 +270,128 @@ class FusedRopePositions:
     def __getitem__(self, i: int) -> "FusedRopePositions":
         return (self, self)[i]
 
+    def __neg__(self) -> "FusedRopePositions":
+        return FusedRopePositions(self.positions, self.params, not self.inverse, self.q_scale)
+
     def to(self, *args, **kwargs) -> "FusedRopePositions":
         return self
 
     def rotate(
-        self, q: torch.Tensor, k: torch.Tensor, layout: str, head_axis: int = 1
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q``/``k`` whose heads are at ``head_axis`` (``[B, H, S, D]`` for 1).
+        self,
+        q: torch.Tensor,
+        k: Optional[torch.Tensor],
+        layout: str,
+        head_axis: int = 1,
+        inverse: bool = False,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Rotate ``q`` (and ``k`` unless None) whose heads are at ``head_axis``
+        (``[B, H, S, D]`` for 1), on their first ``params.rope_dim`` channels.
 
         In place on the given views under no-grad (returns the same tensors), out of place
         when autograd records."""
         pos = self.positions
         if pos.device != q.device:
             pos = pos.to(q.device)
-        qv, kv = q.movedim(head_axis, -2), k.movedim(head_axis, -2)
-        qo, ko = rope_qk(qv, kv, pos, self.params, layout=layout)
+        qv = q.movedim(head_axis, -2)
+        kv = None if k is None else k.movedim(head_axis, -2)
+        qo, ko = _rope(qv, kv, pos, self.params, layout, inverse)
         if qo is qv and ko is kv:
             return q, k
-        return qo.movedim(-2, head_axis), ko.movedim(-2, head_axis)
+        return qo.movedim(-2, head_axis), (None if ko is None else ko.movedim(-2, head_axis))
 
     def __repr__(self) -> str:
-        return f"FusedRopePositions(positions={tuple(self.positions.shape)}, {self.params!r})"
+        inv = ", inverse" if self.inverse else ""
+        return f"FusedRopePositions(positions={tuple(self.positions.shape)}, {self.params!r}{inv})"
 
 
-class FusedRotaryEmbedding(nn.Module):
-    """Replaces a switched model's ``rotary_emb``: returns :class:`FusedRopePositions`
-    instead of cos/sin. Keeps the original as ``.original`` (a submodule, so it follows
-    ``.to()``) for :func:`disable_fused_rope`.
+def _rope(q, k, positions, params, layout, inverse):
+    """The fused op on ``[*T, H, D]`` views: in place (:func:`yarn_triton.apply_rope_`,
+    the same tensors come back) unless autograd records for q or k, then the
+    differentiable out-of-place :func:`yarn_triton.apply_rope`."""
+    if torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)):
+        return _op.apply_rope(q, k, positions, params, layout=layout, inverse=inverse)
+    _op.apply_rope_(q, _unit_strides_like(k, q), positions, params, layout=layout, inverse=inverse)
+    return q, k
 
-    For rope types whose frequencies depend on the sequence length (dynamic NTK,
-    longrope) a :class:`~yarn_triton.RopeTracker` picks the params per forward from
-    ``max(position_ids) + 1``, as transformers' ``dynamic_rope_update`` does (this reads
-    one number back from the device, as transformers does too); for all others nothing is
-    read and the params are fixed.
-    """
 
-    def __init__(
-        self,
-        original: nn.Module,
-        params: RopeParams,
-        hooks: List[Tuple[str, str]],
-        tracker: Optional[RopeTracker] = None,
-    ) -> None:
-        super().__init__()
+def _unit_strides_like(k: Optional[torch.Tensor], q: torch.Tensor) -> Optional[torch.Tensor]:
+    """``k``, with the strides of its size-1 dims set to ``q``'s (the same elements).
+
+    Views of one fused projection (Phi-3's ``qkv``) at one token per sequence (decode)
+    differ only there, and the op's q/k overlap check treats any stride difference as a
+    possible overlap."""
+    if k is None or k.stride() == q.stride() or k.dim() != q.dim() or torch.compiler.is_compiling():
+        return k
+    strides = [qs if n == 1 and m == 1 else ks for n, m, ks, qs in zip(k.shape, q.shape, k.stride(), q.stride())]
+    if strides == list(k.stride()):
+        return k
+    return k.as_strided(k.shape, strides, k.storage_offset())
+
+
+# --------------------------------------------------------------------------------------
+# Query scaling after rope (Llama-4 style, Ministral-3)
+# --------------------------------------------------------------------------------------
+def _llama4_query_factor(positions: torch.Tensor, beta: float, original_max: int) -> torch.Tensor:
+    """float32 ``[*positions.shape]``: ``1 + beta * log(1 + floor(pos / original_max))``,
+    in the same float32 operations as transformers' ``get_llama_4_attn_scale``."""
+    return 1 + beta * torch.log(1 + torch.floor(positions / original_max))
+
+
+def _scale_q_after_rope(q: torch.Tensor, factor: torch.Tensor, head_axis: int) -> torch.Tensor:
+    """``q * factor`` per token, right after the rotation: the one place the query scale
+    is applied (a per-token q scale that a later kernel version takes over).
+
+    ``q`` has heads at ``head_axis`` and the head dim last; ``factor`` holds one value per
+    token (the token dims of ``q`` without the head axis). Rounded to ``q.dtype`` first and
+    multiplied in ``q.dtype``, as transformers does. In place unless autograd records."""
+    f = factor.to(device=q.device, dtype=q.dtype).unsqueeze(head_axis).unsqueeze(-1)
+    if torch.is_grad_enabled() and q.requires_grad:
+        return q * f
+    return q.mul_(f)
+
+
+class _Unit:
+    """The neutral factor handed to attention code whose query was already scaled:
+    ``.to()`` returns itself and ``q * unit`` is ``q`` (no pass over q)."""
+
+    __slots__ = ()
+
+    def to(self, *args, **kwargs) -> "_Unit":
+        return self
+
+    def __rmul__(self, other):
+        return other
+
+    __mul__ = __rmul__
+
+    def __repr__(self) -> str:
+        return "<query already scaled>"
+
+
+_UNIT = _Unit()
+# One-shot hand-over from the rope dispatcher to the query-scale dispatcher of the same
+# attention call: the positions tensor whose query was just scaled. Per thread.
+_HANDOVER = threading.local()
+
+
+class _QScaleDispatch:
+    """Stands in for ``get_llama_4_attn_scale``: neutral right after the rope dispatcher
+    scaled the query of the same call (same positions object), else the original."""
+
+    def __init__(self, original) -> None:
+        functools.update_wrapper(self, original)
         self.original = original
-        self.params = params
-        self.tracker = tracker
-        self._hooks = list(hooks)
 
-    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None, *args, **kwargs):
-        if position_ids is None:
-            raise ValueError("the fused rope needs position_ids")
-        if kwargs.get("layer_type") is not None:
-            # A rope per layer type (Gemma 3 style) would need params per type.
-            raise NotImplementedError("rotary embeddings with per-layer-type rope are not supported")
-        params = self.params
-        if self.tracker is not None:
-            params = self.tracker.update(int(position_ids.max()) + 1)
-        return FusedRopePositions(position_ids, params)
-
-    def extra_repr(self) -> str:
-        fns = ", ".join(sorted({f"{m.rsplit('.', 1)[-1]}.{n}" for m, n in self._hooks}))
-        return f"{self.params!r}, hooks=[{fns}]"
+    def __call__(self, positions_ids, *args, **kwargs):
+        pending = getattr(_HANDOVER, "positions", None)
+        if pending is not None:
+            _HANDOVER.positions = None
+            if pending is positions_ids:
+                if torch.compiler.is_compiling():
+                    # graphs cannot hold the neutral object; x * 1 is exact and free once fused
+                    return torch.ones((), dtype=torch.float32, device=positions_ids.device)
+                return _UNIT
+        return self.original(positions_ids, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------
@@ -178,15 +400,20 @@ class FusedRotaryEmbedding(nn.Module):
 class _RopeDispatch:
     """Calls the fused op when handed a :class:`FusedRopePositions`, else the original."""
 
-    def __init__(self, original, layout: str) -> None:
+    def __init__(self, original, spec: RopeFunction) -> None:
         functools.update_wrapper(self, original)
         self.original = original
-        self.layout = layout
+        self.spec = spec
+        self.layout = spec.layout
         self._sig = inspect.signature(original)
         params = list(self._sig.parameters)
-        if len(params) < 3:
+        need = 3 if spec.pair else 2
+        if len(params) < need:
             raise NotImplementedError(f"unexpected signature of {original.__qualname__}{self._sig}")
-        self._q, self._k = params[0], params[1]
+        if spec.pair:
+            self._q, self._k = params[0], params[1]
+        else:
+            self._q, self._k = params[0], None
         # apply_rotary_pos_emb*(q, k, cos, sin, unsqueeze_dim=1): heads at unsqueeze_dim;
         # DeepSeek-V2's apply_rotary_emb(xq, xk, freqs_cis) unsqueezes dim 1 in its body.
         self._axis = "unsqueeze_dim" if "unsqueeze_dim" in self._sig.parameters else None
@@ -199,9 +426,38 @@ class _RopeDispatch:
         bound = self._sig.bind(*args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
-        handle = next(v for v in a.values() if isinstance(v, FusedRopePositions))
+        handles = [v for v in a.values() if isinstance(v, FusedRopePositions)]
+        first, last = handles[0], handles[-1]
+        for h in handles[1:]:
+            if h.params is not first.params or h.positions is not first.positions:
+                raise ValueError("the cos and sin handed to the rope function come from different rope calls")
+        if len(handles) > 1 and first.inverse:
+            raise NotImplementedError("a negated cos is not a rotation; only `cos, -sin` (the inverse) is")
+        inverse = last.inverse  # `cos, -sin`
         axis = a[self._axis] if self._axis is not None else 1
-        return handle.rotate(a[self._q], a[self._k], self.layout, axis)
+        q = a[self._q]
+        if not self.spec.pair:
+            return self._rotate_one(q, first, axis, inverse)
+        k = a[self._k]
+        q, k = first.rotate(q, k, self.layout, axis, inverse)
+        if first.q_scale is not None:
+            beta, original_max = first.q_scale
+            q = _scale_q_after_rope(q, _llama4_query_factor(first.positions, beta, original_max), axis)
+            _HANDOVER.positions = first.positions
+        return q, k
+
+    def _rotate_one(self, x: torch.Tensor, handle: FusedRopePositions, axis: int, inverse: bool):
+        rot = handle.params.rope_dim
+        d = x.shape[-1]
+        if d < rot:
+            raise ValueError(f"the rope function got {d} channels per head, fewer than rope_dim={rot}")
+        view = x[..., d - rot:] if self.spec.trailing else x[..., :rot]
+        out, _ = handle.rotate(view, None, self.layout, axis, inverse)
+        if out is view:
+            return x
+        if rot == d:
+            return out
+        return torch.cat((x[..., : d - rot], out) if self.spec.trailing else (out, x[..., rot:]), dim=-1)
 
 
 _LOCK = threading.RLock()
@@ -209,13 +465,18 @@ _LOCK = threading.RLock()
 _INSTALLED: Dict[Tuple[str, str], list] = {}
 
 
-def _acquire(module_globals: dict, name: str) -> Tuple[str, str]:
+def _acquire(module_globals: dict, name: str, spec: Optional[RopeFunction]) -> Tuple[str, str]:
     key = (module_globals["__name__"], name)
     entry = _INSTALLED.get(key)
     if entry is None:
-        dispatch = _RopeDispatch(module_globals[name], ROPE_FUNCTIONS[name])
+        original = module_globals[name]
+        dispatch = _QScaleDispatch(original) if spec is None else _RopeDispatch(original, spec)
         module_globals[name] = dispatch
         _INSTALLED[key] = entry = [dispatch, module_globals, 0]
+    elif spec is not None and entry[0].spec != spec:
+        raise NotImplementedError(
+            f"{key[0]}.{key[1]} is already switched as {entry[0].spec}, not {spec}"
+        )
     entry[2] += 1
     return key
 
@@ -233,6 +494,100 @@ def _release(key: Tuple[str, str]) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# The replacement rotary embedding
+# --------------------------------------------------------------------------------------
+class _LearnedFreqScale:
+    """Frequencies ``inv_freq * exp(a)`` with ``a`` a learned parameter of the rotary
+    (Mistral-Large-4's ``alpha``): the params follow ``a`` when it changes (checked by
+    its version counter in eager forwards)."""
+
+    def __init__(self, base: RopeParams, param: torch.Tensor, name: str) -> None:
+        if base.is_seq_len_dependent:
+            raise NotImplementedError(f"a learned `{name}` with rope type {base.rope_type!r} is not supported")
+        self.base, self.param, self.name = base, param, name
+        self.version = -1
+        self.params = base
+        self.refresh()
+
+    def refresh(self) -> RopeParams:
+        v = self.param._version
+        if v != self.version:
+            scale = self.param.detach().to(device="cpu", dtype=torch.float32).exp()
+            b = self.base
+            self.params = RopeParams(b.inv_freq * scale, b.rope_dim, b.cos_sin_scale,
+                                     b.softmax_scale_factor, b.rope_type)
+            self.version = v
+        return self.params
+
+
+class FusedRotaryEmbedding(nn.Module):
+    """Replaces a switched model's ``rotary_emb``: returns :class:`FusedRopePositions`
+    instead of cos/sin. Keeps the original as ``.original`` (a submodule, so it follows
+    ``.to()``) for :func:`disable_fused_rope`.
+
+    For rope types whose frequencies depend on the sequence length (dynamic NTK,
+    longrope) a :class:`~yarn_triton.RopeTracker` picks the params per forward from
+    ``max(position_ids) + 1``, as transformers' ``dynamic_rope_update`` does (this reads
+    one number back from the device, as transformers does too); for all others nothing is
+    read and the params are fixed. A rotary with rope labels (``layer_type=``, DeepSeek-V4)
+    keeps one set per label in ``by_label``.
+    """
+
+    def __init__(
+        self,
+        original: nn.Module,
+        params: Optional[RopeParams],
+        hooks: List[Tuple[str, str]],
+        tracker: Optional[RopeTracker] = None,
+        *,
+        by_label: Optional[Mapping[str, Tuple[RopeParams, Optional[RopeTracker]]]] = None,
+        q_scale: Optional[Tuple[float, int]] = None,
+        freq_scale: Optional[_LearnedFreqScale] = None,
+    ) -> None:
+        super().__init__()
+        self.original = original
+        self.params = params
+        self.tracker = tracker
+        self.by_label = dict(by_label or {})
+        self.q_scale = q_scale
+        self._freq_scale = freq_scale
+        self._hooks = list(hooks)
+
+    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None, *args, **kwargs):
+        if position_ids is None:
+            raise ValueError("the fused rope needs position_ids")
+        label = kwargs.get("layer_type", args[0] if args else None)
+        if self.by_label:
+            if label not in self.by_label:
+                raise ValueError(f"rope label {label!r} is not one of {sorted(self.by_label)}")
+            params, tracker = self.by_label[label]
+        elif label is not None:
+            # A rope per layer type (Gemma 3 style) would need params per type.
+            raise NotImplementedError("rotary embeddings with per-layer-type rope are not supported")
+        else:
+            params, tracker = self.params, self.tracker
+        if tracker is not None:
+            params = tracker.update(int(position_ids.max()) + 1)
+        elif self._freq_scale is not None:
+            fs = self._freq_scale
+            if torch.is_grad_enabled() and fs.param.requires_grad and self.training:
+                raise RuntimeError(
+                    f"the fused rope does not train the rotary's `{fs.name}`; freeze it "
+                    f"(requires_grad_(False)) or switch the model back for training"
+                )
+            params = fs.params if torch.compiler.is_compiling() else fs.refresh()
+        return FusedRopePositions(position_ids, params, False, self.q_scale)
+
+    def extra_repr(self) -> str:
+        fns = ", ".join(sorted({f"{m.rsplit('.', 1)[-1]}.{n}" for m, n in self._hooks}))
+        if self.by_label:
+            ps = ", ".join(f"{k}={p!r}" for k, (p, _) in self.by_label.items())
+        else:
+            ps = repr(self.params)
+        return f"{ps}, hooks=[{fns}]" + (f", q_scale={self.q_scale}" if self.q_scale else "")
+
+
+# --------------------------------------------------------------------------------------
 # Discovery
 # --------------------------------------------------------------------------------------
 def _rotary_sites(model: nn.Module) -> List[Tuple[nn.Module, nn.Module]]:
@@ -245,9 +600,9 @@ def _rotary_sites(model: nn.Module) -> List[Tuple[nn.Module, nn.Module]]:
     return sites
 
 
-def _attention_hooks(model: nn.Module) -> List[Tuple[dict, str]]:
-    """``(module globals, function name)`` of the rope functions the model's attention
-    ``forward``s call by name."""
+def _code_hooks(model: nn.Module, names) -> List[Tuple[dict, str]]:
+    """``(module globals, function name)`` of the functions in ``names`` that the
+    ``forward``s of the model's modules call by name."""
     found: Dict[Tuple[str, str], Tuple[dict, str]] = {}
     seen = set()
     for module in model.modules():
@@ -260,18 +615,46 @@ def _attention_hooks(model: nn.Module) -> List[Tuple[dict, str]]:
         g = getattr(forward, "__globals__", None)
         if code is None or g is None or "__name__" not in g:
             continue
-        for name in ROPE_FUNCTIONS:
+        for name in names:
             if name in code.co_names and callable(g.get(name)):
                 found[(g["__name__"], name)] = (g, name)
     return list(found.values())
 
 
-def _config_of(model: nn.Module, parent: nn.Module):
-    config = getattr(parent, "config", None) or getattr(model, "config", None)
+def _attention_hooks(model: nn.Module) -> List[Tuple[dict, str]]:
+    """``(module globals, function name)`` of the rope functions the model's attention
+    ``forward``s call by name."""
+    return _code_hooks(model, ROPE_FUNCTIONS)
+
+
+def _config_of(model: nn.Module, parent: nn.Module, rotary: Optional[nn.Module] = None):
+    """The (text) config a rotary embedding was built from."""
+    config = getattr(rotary, "config", None) if rotary is not None else None
+    config = config or getattr(parent, "config", None) or getattr(model, "config", None)
     if config is None:
         raise ValueError("the model has no .config; pass params= explicitly")
     get_text = getattr(config, "get_text_config", None)
     return get_text() if callable(get_text) else config
+
+
+def _support_of(model: nn.Module, sites) -> Tuple[Optional[str], Optional[ModelSupport]]:
+    """``(model type, its table row or None)``. A wrapper (multimodal) model whose own type
+    is not in the table is looked up by the type of the config its rotaries were built
+    from, when they all share one."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in MODEL_SUPPORT:
+        return model_type, MODEL_SUPPORT[model_type]
+    inner = set()
+    for parent, rotary in sites:
+        try:
+            inner.add(getattr(_config_of(model, parent, rotary), "model_type", None))
+        except ValueError:
+            inner.add(None)
+    if len(inner) == 1:
+        (t,) = inner
+        if t in MODEL_SUPPORT:
+            return t, MODEL_SUPPORT[t]
+    return model_type, None
 
 
 def _make_tracker(params: RopeParams, rotary: nn.Module) -> Optional[RopeTracker]:
@@ -286,15 +669,18 @@ def _make_tracker(params: RopeParams, rotary: nn.Module) -> Optional[RopeTracker
     return tracker
 
 
-def _check_params(params: RopeParams, tracker: Optional[RopeTracker], rotary: nn.Module) -> None:
+def _check_params(
+    params: RopeParams, tracker: Optional[RopeTracker], rotary: nn.Module, prefix: str = ""
+) -> None:
     """The params must reproduce the model's own rope (catches rope types or config
-    readings that differ from the model's)."""
+    readings that differ from the model's). ``prefix`` names a rope label's buffers
+    (``"compress_"`` -> ``compress_inv_freq``, ``compress_attention_scaling``)."""
     if tracker is None:
-        inv, current = getattr(rotary, "inv_freq", None), params
+        inv, current = getattr(rotary, f"{prefix}inv_freq", None), params
     elif params.rope_type == "dynamic":
-        inv, current = getattr(rotary, "inv_freq", None), tracker.current
+        inv, current = getattr(rotary, f"{prefix}inv_freq", None), tracker.current
     else:  # longrope: the buffer holds whichever set the last call picked; check the initial one
-        inv, current = getattr(rotary, "original_inv_freq", None), params
+        inv, current = getattr(rotary, f"{prefix}original_inv_freq", None), params
     if isinstance(inv, torch.Tensor):
         # ``model.to(torch.bfloat16)`` casts the buffer too (the model's own rope then runs
         # on rounded frequencies; ours keeps float32): compare at the buffer's precision.
@@ -304,17 +690,86 @@ def _check_params(params: RopeParams, tracker: Optional[RopeTracker], rotary: nn
         inv = inv.detach().float().cpu()
         if inv.shape != ours.shape or not torch.allclose(ours, inv, rtol=rtol, atol=0.0):
             raise ValueError(
-                f"the params' inv_freq ({current!r}) do not match the model's rotary_emb.inv_freq "
+                f"the params' inv_freq ({current!r}) do not match the model's rotary_emb.{prefix}inv_freq "
                 f"(shape {tuple(inv.shape)}); refusing to change the model's rope"
             )
-    scale = getattr(rotary, "attention_scaling", None)
+    scale = getattr(rotary, f"{prefix}attention_scaling", None)
     if isinstance(scale, (int, float)) and abs(float(scale) - current.cos_sin_scale) > 1e-6 * max(
         1.0, abs(float(scale))
     ):
         raise ValueError(
             f"the params' cos_sin_scale={current.cos_sin_scale!r} does not match the model's "
-            f"rotary_emb.attention_scaling={scale!r}"
+            f"rotary_emb.{prefix}attention_scaling={scale!r}"
         )
+
+
+def _label_config(config, label: str) -> Dict[str, Any]:
+    """The flat config a labelled rotary (DeepSeek-V4) reads for ``label``: the label's
+    rope dict, over ``head_dim`` (its ``partial_rotary_factor`` inside that dict), with the
+    top-level rope fields -- which describe the ``main`` rope only -- left out."""
+    d = config.to_dict()
+    rope = (d.get("rope_parameters") or {}).get(label)
+    if not isinstance(rope, Mapping):
+        raise ValueError(f"the config's rope_parameters has no {label!r} entry")
+    drop = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "qk_rope_head_dim")
+    flat = {k: v for k, v in d.items() if k not in drop}
+    flat["rope_parameters"] = dict(rope)
+    return flat
+
+
+def _site_params(model, parent, rotary, params, support, memo: Dict[Tuple[int, Optional[str]], RopeParams]):
+    """``(params, tracker, by_label, freq_scale)`` for one rotary site, checked against it.
+    Sites built from one config share one params object per label (``memo``), and with it
+    the op's launch plans."""
+    config = _config_of(model, parent, rotary)
+
+    def read(label: Optional[str]) -> RopeParams:
+        key = (id(config), label)
+        if key not in memo:
+            memo[key] = RopeParams.from_config(config if label is None else _label_config(config, label))
+        return memo[key]
+
+    if support is not None and support.rope_labels:
+        labels = list(getattr(rotary, "layer_types", None) or [])
+        if not labels:
+            raise NotImplementedError(f"{type(rotary).__name__} has no rope labels (`layer_types`)")
+        if params is not None:
+            raise ValueError(f"{support.model_type} has one rope per label ({', '.join(labels)}); "
+                             "params= cannot stand for all of them")
+        by_label = {}
+        for label in labels:
+            p = read(label)
+            t = _make_tracker(p, rotary)
+            if t is not None:
+                raise NotImplementedError(f"sequence-length dependent rope ({p.rope_type}) per label")
+            _check_params(p, t, rotary, prefix=f"{label}_")
+            by_label[label] = (p, t)
+        return None, None, by_label, None
+    p = params if params is not None else read(None)
+    if not isinstance(p, RopeParams):
+        raise TypeError(f"params must be a yarn_triton.RopeParams, got {type(p).__name__}")
+    tracker = _make_tracker(p, rotary)
+    _check_params(p, tracker, rotary)
+    freq_scale = None
+    if support is not None and support.freq_scale_param is not None:
+        learned = getattr(rotary, support.freq_scale_param, None)
+        if not isinstance(learned, torch.Tensor) or learned.shape != p.inv_freq.shape:
+            raise NotImplementedError(
+                f"{type(rotary).__name__} has no `{support.freq_scale_param}` of shape {tuple(p.inv_freq.shape)}"
+            )
+        freq_scale = _LearnedFreqScale(p, learned, support.freq_scale_param)
+    return p, tracker, None, freq_scale
+
+
+def _q_scale_of(config) -> Optional[Tuple[float, int]]:
+    """``(beta, original_max_position_embeddings)`` of a Llama-4 query scale, read where
+    the attention code reads them, or None when the config lacks one of them (then the
+    modeling file's own code runs, and fails as it would)."""
+    rp = getattr(config, "rope_parameters", None) or {}
+    beta, omax = rp.get("llama_4_scaling_beta"), rp.get("original_max_position_embeddings")
+    if beta is None or omax is None:
+        return None
+    return beta, omax
 
 
 # --------------------------------------------------------------------------------------
@@ -331,12 +786,13 @@ def enable_fused_rope(
     """Switch a loaded transformers model to the fused rope kernel (in place; returns it).
 
     Args:
-        model: a ``*ForCausalLM`` / ``*Model`` of the Llama, Mistral, Qwen2, Qwen3,
-            DeepSeek-V2 or DeepSeek-V3 family (any dtype or device, before or after
+        model: a ``*ForCausalLM`` / ``*Model`` (or a multimodal wrapper around one) of a
+            type in :data:`SUPPORTED_MODEL_TYPES` (any dtype or device, before or after
             ``.to()``).
-        params: the rope parameters; default ``RopeParams.from_config(model.config)``.
-            Checked against the model's own ``rotary_emb`` (``inv_freq`` to 1e-5 relative,
-            ``attention_scaling``) either way.
+        params: the rope parameters; default ``RopeParams.from_config`` of the model's
+            config. Checked against the model's own rotary embeddings (``inv_freq`` to
+            1e-5 relative, ``attention_scaling``) either way. Not accepted for models with
+            a rope per label (DeepSeek-V4), whose params are read per label.
         strict: refuse model types outside :data:`SUPPORTED_MODEL_TYPES`; with False any
             model whose structure matches (a ``rotary_emb`` submodule and attention that
             calls one of :data:`ROPE_FUNCTIONS`) is switched -- verify its outputs.
@@ -353,40 +809,58 @@ def enable_fused_rope(
         sites = _rotary_sites(model)
         if any(isinstance(r, FusedRotaryEmbedding) for _, r in sites):
             return model
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if strict and model_type not in SUPPORTED_MODEL_TYPES:
+        model_type, support = _support_of(model, sites)
+        if strict and support is None:
             raise NotImplementedError(
-                f"model_type={model_type!r} is not one of {SUPPORTED_MODEL_TYPES}; "
-                "pass strict=False to try anyway"
+                f"model_type={model_type!r} is not supported by the fused rope switch; supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} (see docs/models.md). Pass strict=False to "
+                "try anyway, and compare its outputs with the unswitched model's"
             )
         if not sites:
             raise NotImplementedError(
                 f"{type(model).__name__} has no `rotary_emb` submodule; cannot switch its rope"
             )
-        hooks = _attention_hooks(model)
+        names = set(ROPE_FUNCTIONS) | set(support.functions if support else ())
+        hooks = _code_hooks(model, names)
         if not hooks:
             raise NotImplementedError(
                 f"no attention forward of {type(model).__name__} calls one of "
-                f"{tuple(ROPE_FUNCTIONS)}; cannot switch its rope"
+                f"{tuple(sorted(names))}; cannot switch its rope"
             )
-        site_params = []
-        for parent, rotary in sites:
-            p = params if params is not None else RopeParams.from_config(_config_of(model, parent))
-            if not isinstance(p, RopeParams):
-                raise TypeError(f"params must be a yarn_triton.RopeParams, got {type(p).__name__}")
-            tracker = _make_tracker(p, rotary)
-            _check_params(p, tracker, rotary)
-            site_params.append((p, tracker))
+        specs = [(g, n, support.function(n) if support else _DEFAULT_FUNCTIONS[n]) for g, n in hooks]
+        q_scale = None
+        if support is not None and support.fuse_q_scale:
+            scale_hooks = _code_hooks(model, (_Q_SCALE_FUNCTION,))
+            if not scale_hooks:
+                raise NotImplementedError(
+                    f"no attention forward of {type(model).__name__} calls {_Q_SCALE_FUNCTION}; "
+                    "cannot move its query scale"
+                )
+            q_scale = _q_scale_of(_config_of(model, sites[0][0], sites[0][1]))
+            if q_scale is not None:
+                specs += [(g, n, None) for g, n in scale_hooks]
 
-        keys = [_acquire(g, name) for g, name in hooks]
-        for (parent, rotary), (p, tracker) in zip(sites, site_params):
-            parent.rotary_emb = FusedRotaryEmbedding(rotary, p, keys, tracker)
+        memo: Dict[Tuple[int, Optional[str]], RopeParams] = {}
+        site_params = [_site_params(model, parent, rotary, params, support, memo) for parent, rotary in sites]
+
+        keys = []
+        try:
+            for g, name, spec in specs:
+                keys.append(_acquire(g, name, spec))
+        except Exception:
+            for key in keys:
+                _release(key)
+            raise
+        for (parent, rotary), (p, tracker, by_label, freq_scale) in zip(sites, site_params):
+            parent.rotary_emb = FusedRotaryEmbedding(
+                rotary, p, keys, tracker, by_label=by_label, q_scale=q_scale, freq_scale=freq_scale
+            )
     return model
 
 
 def disable_fused_rope(model: nn.Module) -> nn.Module:
     """Switch ``model`` back to its own rope (in place; returns it). Restores the original
-    ``rotary_emb`` modules, and the modeling files' rope functions once no switched model
+    ``rotary_emb`` modules, and the modeling files' functions once no switched model
     uses them. Does nothing on a model that is not switched."""
     with _LOCK:
         released = False
