@@ -603,7 +603,10 @@ def launch_rope(
     q_tail, q_tail_pad = _tail(q, rot, norm or not inplace)
     k_tail, k_tail_pad = _tail(k, rot, norm or not inplace)
     if k is None:
-        k = Operand(q.src, (0, 0, 0, 0), q.dst, (0, 0, 0, 0))
+        # no k heads: nothing of k is read or written. Traced for torch.compile, k must not
+        # be q itself (the graph would see q mutated through two arguments)
+        dummy = q.src.new_empty(1) if traced else None
+        k = Operand(dummy if traced else q.src, (0, 0, 0, 0), dummy if traced else q.dst, (0, 0, 0, 0))
     tune = config is None and autotune and AUTOTUNE and not INTERPRETED
     if tune or traced:
         # The autotuner's own per-call bookkeeping costs more host time than the launch;

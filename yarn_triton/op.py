@@ -121,16 +121,23 @@ def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
-    if a.element_size() != b.element_size() or a.stride() != b.stride():
+    if a.element_size() != b.element_size() or a.dim() != b.dim():
         return True
+    # A size-1 dim's stride never matters (views of one projection may differ there): use
+    # the stride of the tensor that spans the dim; both spanning it must agree.
+    strides = []
+    for sa, sb, na, nb in zip(a.stride(), b.stride(), a.shape, b.shape):
+        if na > 1 and nb > 1 and sa != sb:
+            return True
+        strides.append(sa if na > 1 else sb)
     sizes = [max(x, y) for x, y in zip(a.shape, b.shape)]
-    if any(s < 0 for s in a.stride()) or not _nested(sizes, a.stride()):
+    if any(s < 0 for s in strides) or not _nested(sizes, strides):
         return True
     diff_bytes = b.data_ptr() - a.data_ptr()
     if diff_bytes % a.element_size():
         return True
     dims = sorted(
-        ((s, na, nb) for s, na, nb in zip(a.stride(), a.shape, b.shape) if na > 1 or nb > 1),
+        ((s, na, nb) for s, na, nb in zip(strides, a.shape, b.shape) if na > 1 or nb > 1),
         key=lambda p: -p[0],
     )
     return _offsets_meet(diff_bytes // a.element_size(), dims)
