@@ -18,14 +18,15 @@ if [ "$MODE" = quick ]; then
   timeout 240 python3 -m pytest -q -x -p no:cacheprovider -n 8 tests/test_core.py tests/test_training.py \
     > "$OUT/pytest.log" 2>&1
 else
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -n 12 tests/ ${PYTEST_EXTRA:-} > "$OUT/pytest.log" 2>&1
+  timeout ${PYTEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n 12 tests/ ${PYTEST_EXTRA:-} \
+    > "$OUT/pytest.log" 2>&1
 fi
 echo "pytest exit $?" >> "$OUT/pytest.log"
 SWEEP=--no-sweep; [ "$MODE" = full ] && SWEEP=""
-timeout 330 python3 bench/bench_rope.py --out "$OUT/bench.json" --plot "$OUT/gbps.png" $SWEEP \
+timeout ${BENCH_TIMEOUT:-330} python3 bench/bench_rope.py --out "$OUT/bench.json" --plot "$OUT/gbps.png" $SWEEP \
   > "$OUT/bench.log" 2> "$OUT/bench.err"
 timeout 120 python3 bench/profile_host.py > "$OUT/host.txt" 2>&1
-for s in llama3-8b-prefill mla-8k-deepseek decode-64; do
+for s in ${NCU_SHAPES:-llama3-8b-prefill mla-8k-deepseek decode-64}; do
   echo "=== $s" >> "$OUT/ncu.txt"
   timeout 90 ncu --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section Occupancy --section LaunchStats --section WarpStateStats python3 bench/ncu_case.py $s \
