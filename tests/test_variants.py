@@ -793,3 +793,103 @@ def test_constructor_argument_errors():
         RopeParams.dynamic(64, 1e4, 2.0, 128).for_seq_len(-1)
     with pytest.raises(ValueError, match="original_max_position_embeddings"):
         RopeParams.yarn_hf(64, 1e4, 4.0)
+
+
+# --------------------------------------------------------------------------------------
+# Against the rotary module of tiny models built by transformers (issue 15)
+# --------------------------------------------------------------------------------------
+_TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=16384, pad_token_id=0)
+_TINY_MLA = dict(q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=16,
+                 moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1)
+_TINY_DSA = dict(_TINY_MLA, index_head_dim=16, index_n_heads=2, index_topk=4)
+_TINY_MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 2048,
+         "beta_fast": 32.0, "beta_slow": 1.0}
+_YARN_MSCALE = dict(_YARN, mscale=1.0, mscale_all_dim=1.0)
+
+# name: (model_type, config kwargs); the model type is the part of the name before "/"
+TINY_MODELS = {
+    # Mistral Small 4: MLA whose config sets head_dim = qk_nope + qk_rope and
+    # partial_rotary_factor = qk_rope / head_dim; the rope runs on the qk_rope slice.
+    "mistral4": ("mistral4", dict(_TINY, **_TINY_MLA, rope_parameters=dict(_YARN_MSCALE))),
+    "mistral4/equal-split": ("mistral4", dict(_TINY, **dict(_TINY_MLA, qk_rope_head_dim=32),
+                                             rope_parameters=dict(_YARN_MSCALE, llama_4_scaling_beta=0.1))),
+    "mistral4/class-default-rope": ("mistral4", dict(_TINY, **_TINY_MLA)),
+    "mistral_large4_text": ("mistral_large4_text", dict(_TINY, **_TINY_DSA, rope_parameters=dict(_YARN))),
+    "deepseek_v32": ("deepseek_v32", dict(_TINY, **_TINY_DSA, rope_parameters=dict(_YARN_MSCALE))),
+    "glm4_moe_lite": ("glm4_moe_lite", dict(_TINY, **_TINY_MLA, rope_parameters=dict(_YARN_MSCALE))),
+    "qwen3_moe": ("qwen3_moe", dict(_TINY, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=16, rope_parameters=dict(_YARN))),
+    "gpt_oss": ("gpt_oss", dict(_TINY, head_dim=16, **_TINY_MOE, rope_parameters=dict(_YARN, truncate=False))),
+    "ministral3": ("ministral3", dict(_TINY, head_dim=16,
+                                      rope_parameters=dict(_YARN_MSCALE, llama_4_scaling_beta=0.1))),
+    # MiniMax-M2 checkpoints give the rotary width as a legacy `rotary_dim`.
+    "minimax_m2": ("minimax_m2", dict(_TINY, head_dim=16, rotary_dim=8, **_TINY_MOE, rope_parameters=dict(_YARN))),
+    "phi3": ("phi3", dict(_TINY, original_max_position_embeddings=2048, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0,
+        "short_factor": [1.0 + i / 10 for i in range(8)], "long_factor": [2.0 + i for i in range(8)]})),
+    # Phi-4-mini style: partial rotary factor 0.75 with LongRoPE lists for the rotated part
+    "phi3/partial": ("phi3", dict(_TINY, partial_rotary_factor=0.75, original_max_position_embeddings=2048,
+                                  rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                   "short_factor": [1.5] * 6, "long_factor": [4.0] * 6})),
+}
+
+
+def _tiny_model(name):
+    model_type, kwargs = TINY_MODELS[name]
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"the installed transformers has no {model_type!r} model")
+    cfg = AutoConfig.for_model(model_type, **copy.deepcopy(kwargs))
+    torch.manual_seed(0)
+    return cfg, transformers.AutoModel.from_config(cfg)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_tiny_model_rotary_module_matches(name, tmp_path):
+    """inv_freq and the cos/sin factor of each model's own rotary module, and the softmax
+    factor of its attention (``scaling * sqrt(qk head dim)``), from the config object, its
+    dict and the config.json that save_pretrained writes."""
+    cfg, model = _tiny_model(name)
+    rotary = [m for n, m in model.named_modules() if n.endswith("rotary_emb")]
+    assert len(rotary) == 1, name
+    inv, att = rotary[0].inv_freq, float(rotary[0].attention_scaling)
+    attn = next(m for n, m in model.named_modules() if n.endswith("self_attn"))
+    softmax = attn.scaling * math.sqrt(getattr(attn, "qk_head_dim", None) or attn.head_dim)
+    cfg.save_pretrained(tmp_path)
+    for source in (cfg, cfg.to_dict(), tmp_path):
+        ours = RopeParams.from_config(source)
+        assert ours.rope_dim == 2 * inv.numel(), (name, source)
+        assert torch.equal(ours.inv_freq, inv.float()), (name, source)
+        assert rel(ours.cos_sin_scale, att) <= 1e-12, (name, ours.cos_sin_scale, att)
+        assert rel(ours.softmax_scale_factor, softmax) <= 1e-12, (name, ours.softmax_scale_factor, softmax)
+
+
+def test_mistral4_rotates_the_rope_slice_only():
+    """Mistral 4's rotary width is qk_rope_head_dim, not qk_rope_head_dim times its
+    partial_rotary_factor (which is a fraction of the whole qk head), and a config.json
+    without the factor gets the one Mistral4Config would set."""
+    cfg, model = _tiny_model("mistral4")
+    assert cfg.head_dim == 48 and abs(cfg.rope_parameters["partial_rotary_factor"] - 16 / 48) < 1e-15
+    ours = RopeParams.from_config(cfg)
+    assert ours.rope_dim == cfg.qk_rope_head_dim == 16
+    bare = dict(model_type="mistral4", **_TINY, **_TINY_MLA, rope_parameters=dict(_YARN_MSCALE))
+    assert torch.equal(RopeParams.from_config(bare).inv_freq, model.rotary_emb.inv_freq)
+    # a DeepSeek-style MLA config with the same sizes: head_dim is the rope slice there
+    deepseek = dict(bare, model_type="deepseek_v3")
+    assert torch.equal(RopeParams.from_config(deepseek).inv_freq, ours.inv_freq)
+
+
+def test_minimax_rotary_dim_from_config_json():
+    """MiniMax-M2's config.json gives rotary_dim (no partial_rotary_factor); a top-level or
+    rope-dict partial_rotary_factor wins over it, as in MiniMaxM2Config."""
+    d = dict(model_type="minimax_m2", hidden_size=3072, num_attention_heads=48, head_dim=128, rotary_dim=64,
+             max_position_embeddings=196608, rope_theta=5e6)
+    assert RopeParams.from_config(d).rope_dim == 64
+    assert RopeParams.from_config(dict(d, partial_rotary_factor=0.25)).rope_dim == 32
+    assert RopeParams.from_config(dict(d, model_type="llama")).rope_dim == 128  # rotary_dim is MiniMax's
+    modeling = pytest.importorskip("transformers.models.minimax_m2.modeling_minimax_m2")
+    module = modeling.MiniMaxM2RotaryEmbedding(hf_config(d))
+    assert torch.equal(RopeParams.from_config(d).inv_freq, module.inv_freq)
