@@ -56,6 +56,14 @@ QKNORM_SHAPES = {
     "qwen3-qknorm-decode-64": 64,
     "qwen3-qknorm-decode-256": 256,
 }
+# M-RoPE attention shapes from the real configs: (q heads, k heads, head dim, rope dim,
+# section, interleaved); prefill 16K tokens and decode 1/64/256, distinct t/h/w streams.
+MROPE_MODELS = {
+    "qwen3.5": (16, 4, 256, 64, (11, 11, 10), True),
+    "qwen3-vl-8b": (32, 8, 128, 128, (24, 20, 20), True),
+    "qwen2-vl-sect": (32, 8, 128, 128, (16, 24, 24), False),  # sectioned: what Liger's kernel does
+}
+MROPE_TOKENS = {"prefill": 16384, "decode-1": 1, "decode-64": 64, "decode-256": 256}
 SWEEP_TOKENS = [256, 4096, 65536]
 
 
@@ -307,6 +315,79 @@ def run_qknorm_shape(name, T, dtype, bw, liger, liger_norm, compiled_qk, log):
     return row
 
 
+def mrope_tables(pos3, inv_freq, section, interleaved, dtype):
+    """transformers' M-RoPE rotary forward: per-stream angles, recomposed per pair, as
+    ``[B, S, R]`` cos/sin (what its attention hands ``apply_rotary_pos_emb``), plus the
+    per-stream ``[3, B, S, R]`` tables Liger's sectioned kernel takes."""
+    from yarn_triton.reference import mrope_stream_of_pairs
+
+    freqs = pos3[..., None].float() * inv_freq  # [3, B, S, half]
+    stream = mrope_stream_of_pairs(inv_freq.numel(), section, interleaved).to(pos3.device)
+    picked = freqs.gather(0, stream.expand(1, *freqs.shape[1:3], -1)).squeeze(0)
+    emb = torch.cat((picked, picked), -1)
+    emb3 = torch.cat((freqs, freqs), -1)
+    return emb.cos().to(dtype), emb.sin().to(dtype), emb3.cos().to(dtype), emb3.sin().to(dtype)
+
+
+def hf_apply_partial(q, k, cos, sin):
+    """transformers' apply_rotary_pos_emb with partial rotary (Qwen3.5): rotate the first
+    ``cos.shape[-1]`` channels, keep the rest."""
+    rot = cos.shape[-1]
+    if rot == q.shape[-1]:
+        return hf_apply(q, k, cos, sin)
+    (qr, qp), (kr, kp) = q.split((rot, q.shape[-1] - rot), -1), k.split((rot, k.shape[-1] - rot), -1)
+    qo, ko = hf_apply(qr, kr, cos, sin)
+    return torch.cat((qo, qp), -1), torch.cat((ko, kp), -1)
+
+
+def run_mrope_shape(model, kind, dtype, bw, compiled_partial, log):
+    """Our in-place M-RoPE against transformers (eager, compiled) and Liger's sectioned kernel."""
+    import yarn_triton as yt
+
+    hq, hk, D, rot, section, interleaved = MROPE_MODELS[model]
+    T = MROPE_TOKENS[kind]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, T, hq, D, device="cuda", dtype=dtype, generator=gen)
+    k = torch.randn(1, T, hk, D, device="cuda", dtype=dtype, generator=gen)
+    t = torch.randint(0, 200000, (1, T), device="cuda", generator=gen)
+    pos3 = torch.stack([t, torch.randint(0, 512, (1, T), device="cuda", generator=gen),
+                        torch.randint(0, 512, (1, T), device="cuda", generator=gen)])
+    base = yt.RopeParams.yarn(rot, 1e7, 4.0, 262144)
+    params = yt.RopeParams(base.inv_freq, rot, 1.0, 1.0, "yarn").with_mrope(section, interleaved)
+    inv = params.inv_freq_on("cuda")
+    cos, sin, cos3, sin3 = mrope_tables(pos3, inv, section, interleaved, dtype)
+    nbytes = 2 * T * (hq + hk) * rot * q.element_size()  # in place: the rope part, read + write
+    row = {"shape": f"{model}-{kind}", "tokens": T, "q_heads": hq, "k_heads": hk, "head_dim": D, "rope_dim": rot,
+           "kind": "mrope-decode" if kind != "prefill" else "mrope", "section": list(section),
+           "interleaved": interleaved, "layers": 32, "floor_us": nbytes / bw * 1e6}
+    row["table_us"] = graph_us(lambda: mrope_tables(pos3, inv, section, interleaved, dtype), calls=5)
+    qv, kv = q.transpose(1, 2), k.transpose(1, 2)
+    methods = {
+        "ours": lambda: yt.apply_rope_(q, k, pos3, params),
+        "torch": lambda: hf_apply_partial(qv, kv, cos, sin),
+        "torch_compile": lambda: compiled_partial(qv, kv, cos, sin),
+    }
+    if not interleaved and rot == D:
+        try:
+            from liger_kernel.transformers.qwen2vl_mrope import liger_multimodal_rotary_pos_emb as lm
+            methods["liger"] = lambda: lm(qv, kv, cos3, sin3, list(section))
+        except Exception as e:
+            log(f"Liger M-RoPE not available ({type(e).__name__})")
+    for m, fn in methods.items():
+        try:
+            row[f"{m}_us"] = graph_us(fn, calls=5 if T > 256 else 20)
+            row[f"{m}_kernels"] = kernels_launched(fn)
+            if m != "ours":
+                row[f"{m}_e2e_us"] = row[f"{m}_us"] + row["table_us"] / row["layers"]
+        except Exception as e:
+            row[f"{m}_error"] = f"{type(e).__name__}: {e}"[:200]
+            log(f"  {row['shape']}: {m} failed: {row[f'{m}_error']}")
+    # memory a cos/sin-cache peer holds for this context: vLLM sizes its M-RoPE cache at 4x
+    # the context (video positions), one row of rope_dim values per position
+    row["cache_peer_bytes"] = 4 * 262144 * 4 * rot * q.element_size()
+    return row
+
+
 def empty_kernel_us() -> float:
     """An empty Triton kernel, replayed in a CUDA graph: the floor of any decode launch."""
     import triton
@@ -410,6 +491,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default="", help="PNG path for GB/s vs tokens (needs matplotlib)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the tokens sweep for the plot")
     ap.add_argument("--no-qknorm", dest="qknorm", action="store_false", help="skip the QK-norm + rope rows")
+    ap.add_argument("--no-mrope", dest="mrope", action="store_false", help="skip the M-RoPE rows")
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -454,6 +536,14 @@ def main(argv=None) -> int:
         if args.qknorm:
             log(f"running {name} ...")
             rows.append(run_qknorm_shape(name, T, dtype, bw, liger, liger_norm, compiled_qk, log))
+    compiled_partial = torch.compile(hf_apply_partial)
+    if args.mrope:
+        for model in MROPE_MODELS:
+            for kind in MROPE_TOKENS:
+                if model == "qwen2-vl-sect" and kind not in ("prefill", "decode-64"):
+                    continue
+                log(f"running {model}-{kind} ...")
+                rows.append(run_mrope_shape(model, kind, dtype, bw, compiled_partial, log))
     host = host_costs(dtype, liger)
 
     sweep = []

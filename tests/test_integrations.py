@@ -256,16 +256,24 @@ def test_logits_fp32_and_switch_back(family, gen, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(yt_op, "apply_rope_", counting)
-    enable_fused_rope(model)
-    assert is_fused_rope_enabled(model)
-    assert isinstance(model.model.rotary_emb, FusedRotaryEmbedding)
-    assert model.state_dict().keys() == state.keys()
-    out = logits(model, ids, position_ids=pos)
-    assert calls == [EXPECTED_LAYOUT[USED_FUNCTION[family]]] * 2  # one launch per layer
-    assert rel_err(out, ref) < 1e-5
-    assert enable_fused_rope(model) is model  # idempotent
+    real_norm = yt_op.apply_qk_norm_rope_  # Qwen3: q/k norm and rope in one launch
 
-    disable_fused_rope(model)
+    def counting_norm(*a, **k):
+        calls.append(k.get("layout"))
+        return real_norm(*a, **k)
+
+    monkeypatch.setattr(yt_op, "apply_qk_norm_rope_", counting_norm)
+    enable_fused_rope(model)
+    try:
+        assert is_fused_rope_enabled(model)
+        assert isinstance(model.model.rotary_emb, FusedRotaryEmbedding)
+        assert model.state_dict().keys() == state.keys()
+        out = logits(model, ids, position_ids=pos)
+        assert calls == [EXPECTED_LAYOUT[USED_FUNCTION[family]]] * 2  # one launch per layer
+        assert rel_err(out, ref) < 1e-5
+        assert enable_fused_rope(model) is model  # idempotent
+    finally:  # a failure must not leave the modeling file switched for later tests
+        disable_fused_rope(model)
     assert not is_fused_rope_enabled(model)
     assert model.model.rotary_emb is rotary
     for n, fn in originals.items():

@@ -46,7 +46,15 @@ attention code rotates with a module-level function of its modeling file:
 3. for models that scale the query after rope by a per-position factor (Ministral-3's
    ``llama_4_scaling_beta``), the dispatcher applies that factor right after the rotation
    and the modeling file's ``get_llama_4_attn_scale`` hands the attention code a neutral
-   factor for that call.
+   factor for that call;
+4. for models whose attention normalises every head of q and k right before rope (Qwen3,
+   Qwen3-MoE: ``q_norm``/``k_norm``, per-head RMSNorm), it replaces those two modules by
+   :class:`_DeferredQKNorm`, which hands its input back unchanged and leaves the norm to
+   the rope call of the same attention call: the dispatcher then runs
+   :func:`yarn_triton.apply_qk_norm_rope_` (norm and rotation in one pass). Hooks on the
+   attention module bound the deferral to one call, and the dispatcher checks (in eager
+   mode) that the q and k it receives are views of the deferred norms' inputs; anything
+   else raises rather than skip a norm.
 
 The function swaps are process-wide but only change what happens for models that were
 switched; they are undone when the last switched model is switched back. The attention
@@ -147,6 +155,8 @@ class ModelSupport:
             frequencies are ``inv_freq * exp(a)`` (Mistral-Large-4's ``alpha``).
         rope_labels: the rotary takes ``layer_type=<label>`` and keeps one set of params
             per label (DeepSeek-V4's ``main`` / ``compress``).
+        fuse_qk_norm: the attention's per-head ``q_norm``/``k_norm`` (RMSNorm) run in the
+            rope call (:func:`yarn_triton.apply_qk_norm_rope_`).
     """
 
     model_type: str
@@ -160,6 +170,7 @@ class ModelSupport:
     fuse_q_scale: bool = False
     freq_scale_param: Optional[str] = None
     rope_labels: bool = False
+    fuse_qk_norm: bool = False
 
     def function(self, name: str) -> RopeFunction:
         """The mapping of the modeling file's function ``name``."""
@@ -167,6 +178,7 @@ class ModelSupport:
 
 
 _QK = "q, k"
+_QK_NORM_FUSED = "q, k, with their per-head RMSNorm (`q_norm`, `k_norm`) in the same pass"
 _MLA = "q_rot, k_rot (MLA)"
 _V4_ROPE = RopeFunction("interleaved", pair=False, trailing=True)
 
@@ -178,13 +190,13 @@ MODEL_SUPPORT: Dict[str, ModelSupport] = {
         ModelSupport("llama", "dense", "any (yarn, llama3, dynamic, ...)", "neox", "no", _QK),
         ModelSupport("mistral", "dense", "any", "neox", "no", _QK),
         ModelSupport("qwen2", "dense", "any (yarn)", "neox", "no", _QK),
-        ModelSupport("qwen3", "dense", "any (yarn)", "neox", "no", _QK),
+        ModelSupport("qwen3", "dense", "any (yarn)", "neox", "no", _QK_NORM_FUSED, fuse_qk_norm=True),
         ModelSupport("ministral3", "dense", "yarn + llama-4 query scale", "neox", "no",
                      _QK + "; query scale (`llama_4_scaling_beta`) right after the rotation",
                      fuse_q_scale=True),
         ModelSupport("phi3", "dense", "longrope (short/long factors)", "neox",
                      "`partial_rotary_factor` (leading channels)", _QK),
-        ModelSupport("qwen3_moe", "moe", "yarn", "neox", "no", _QK),
+        ModelSupport("qwen3_moe", "moe", "yarn", "neox", "no", _QK_NORM_FUSED, fuse_qk_norm=True),
         ModelSupport("gpt_oss", "moe", "yarn (x32, no truncation)", "neox", "no", _QK),
         ModelSupport("minimax_m2", "moe", "default / yarn", "neox",
                      "`rotary_dim` (leading channels)", _QK),
@@ -283,9 +295,11 @@ class FusedRopePositions:
         layout: str,
         head_axis: int = 1,
         inverse: bool = False,
+        norm: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Rotate ``q`` (and ``k`` unless None) whose heads are at ``head_axis``
-        (``[B, H, S, D]`` for 1), on their first ``params.rope_dim`` channels.
+        (``[B, H, S, D]`` for 1), on their first ``params.rope_dim`` channels; with
+        ``norm = (q_weight, k_weight, eps)``, RMSNorm every head first (same pass).
 
         In place on the given views under no-grad (returns the same tensors), out of place
         when autograd records."""
@@ -294,7 +308,7 @@ class FusedRopePositions:
             pos = pos.to(q.device)
         qv = q.movedim(head_axis, -2)
         kv = None if k is None else k.movedim(head_axis, -2)
-        qo, ko = _rope(qv, kv, pos, self.params, layout, inverse)
+        qo, ko = _rope(qv, kv, pos, self.params, layout, inverse, norm)
         if qo is qv and ko is kv:
             return q, k
         return qo.movedim(-2, head_axis), (None if ko is None else ko.movedim(-2, head_axis))
@@ -304,10 +318,20 @@ class FusedRopePositions:
         return f"FusedRopePositions(positions={tuple(self.positions.shape)}, {self.params!r}{inv})"
 
 
-def _rope(q, k, positions, params, layout, inverse):
+def _rope(q, k, positions, params, layout, inverse, norm=None):
     """The fused op on ``[*T, H, D]`` views: in place (:func:`yarn_triton.apply_rope_`,
     the same tensors come back) unless autograd records for q or k, then the
-    differentiable out-of-place :func:`yarn_triton.apply_rope`."""
+    differentiable out-of-place :func:`yarn_triton.apply_rope`. With ``norm``, the same
+    through :func:`yarn_triton.apply_qk_norm_rope_` / :func:`yarn_triton.apply_qk_norm_rope`
+    (autograd also records for the norm weights)."""
+    if norm is not None:
+        qw, kw, eps = norm
+        if inverse:
+            raise NotImplementedError("a deferred q/k norm before an inverse rotation")
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, qw, kw)):
+            return _op.apply_qk_norm_rope(q, k, positions, params, qw, kw, eps=eps, layout=layout)
+        _op.apply_qk_norm_rope_(q, _unit_strides_like(k, q), positions, params, qw, kw, eps=eps, layout=layout)
+        return q, k
     if torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)):
         return _op.apply_rope(q, k, positions, params, layout=layout, inverse=inverse)
     _op.apply_rope_(q, _unit_strides_like(k, q), positions, params, layout=layout, inverse=inverse)
@@ -395,6 +419,155 @@ class _QScaleDispatch:
 
 
 # --------------------------------------------------------------------------------------
+# Per-head q/k RMSNorm moved into the rope call (Qwen3, Qwen3-MoE)
+# --------------------------------------------------------------------------------------
+# Per thread: ``attn``, the switched attention module whose call is running (set by its
+# forward pre-hook, only when it was handed a FusedRopePositions); ``q``/``k``, the norm
+# deferred during that call, as ``(deferring module, its input)`` -- the input is None
+# under torch.compile, where only the order of the calls is relied on.
+_QK_NORM = threading.local()
+
+
+class _DeferredQKNorm(nn.Module):
+    """Stands in for a switched attention's ``q_norm`` / ``k_norm`` (per-head RMSNorm).
+
+    Inside a call of its attention that was handed a :class:`FusedRopePositions`, it
+    returns its input unchanged and records itself; the rope dispatcher of the same call
+    then normalises and rotates in one pass (:func:`_take_qk_norm`). Anywhere else (called
+    on its own, by an attention handed real cos/sin) it is the original norm. It holds the
+    original's ``weight`` Parameter itself (same object: state-dict keys and optimizers see
+    no change); the original module is kept outside the module tree for
+    :func:`disable_fused_rope`."""
+
+    def __init__(self, original: nn.Module, attn: nn.Module, role: str) -> None:
+        super().__init__()
+        self.weight = original.weight
+        self.variance_epsilon = original.variance_epsilon
+        self.role = role
+        object.__setattr__(self, "_attn", attn)  # not submodules: no cycle, no new state keys
+        object.__setattr__(self, "_original", original)
+        self._handles: list = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = _QK_NORM
+        if getattr(st, "attn", None) is not self._attn or getattr(st, self.role, None) is not None:
+            # not inside a switched call of its own attention (or asked twice in one): the norm
+            return self.restored()(x)
+        # deferred: x goes on un-normed; the rope dispatcher (or the post-hook) takes this up
+        setattr(st, self.role, (self, None if torch.compiler.is_compiling() else x))
+        return x
+
+    def restored(self) -> nn.Module:
+        """The original norm module, holding the current weight (one that replaced it while
+        switched, e.g. ``load_state_dict(assign=True)``, carries over)."""
+        original = self._original
+        if original.weight is not self.weight:
+            original.weight = self.weight
+        return original
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, deferred to the rope call"
+
+
+def _qk_norm_pre_hook(attn: nn.Module, args, kwargs) -> None:
+    # Norms defer only during a call handed the switch's rope handle (not real cos/sin).
+    live = any(isinstance(v, FusedRopePositions) for v in (*args, *kwargs.values()))
+    _QK_NORM.attn = attn if live else None
+    _QK_NORM.q = _QK_NORM.k = None
+
+
+def _qk_norm_post_hook(attn: nn.Module, args, output) -> None:
+    # always_call=True: also ends the deferral when the forward raised.
+    left = getattr(_QK_NORM, "q", None) is not None or getattr(_QK_NORM, "k", None) is not None
+    _QK_NORM.attn = _QK_NORM.q = _QK_NORM.k = None
+    if left:
+        raise RuntimeError(
+            f"{type(attn).__name__}: a q_norm/k_norm deferred to the fused rope call was not consumed by "
+            "it; this attention's output skipped the norm. The attention code differs from what "
+            "enable_fused_rope expects: switch the model back (disable_fused_rope)"
+        )
+
+
+def _same_elements(t: torch.Tensor, x: torch.Tensor) -> bool:
+    """``t`` is ``x`` with its dims permuted (the attention's ``transpose(1, 2)``), the
+    head dim (the one the norm reduces over) last in both."""
+    return (t.data_ptr() == x.data_ptr() and t.shape[-1] == x.shape[-1] and t.stride(-1) == x.stride(-1)
+            and sorted(zip(t.shape, t.stride())) == sorted(zip(x.shape, x.stride())))
+
+
+def _take_qk_norm(q: torch.Tensor, k: Optional[torch.Tensor]):
+    """``(q_weight, k_weight, eps)`` of the q and k norms deferred in this attention call
+    (consumed), or None when none is pending. Raises unless both are pending and, in
+    eager mode, ``q``/``k`` are views of exactly the tensors they were handed."""
+    st = _QK_NORM
+    pq, pk = getattr(st, "q", None), getattr(st, "k", None)
+    if pq is None and pk is None:
+        return None
+    st.q = st.k = None
+    if pq is None or pk is None or k is None or not (
+        torch.compiler.is_compiling() or (_same_elements(q, pq[1]) and _same_elements(k, pk[1]))
+    ):
+        raise RuntimeError(
+            "the fused rope call did not get the q and k whose q_norm/k_norm were deferred to it; the "
+            "attention code differs from what enable_fused_rope expects: switch the model back "
+            "(disable_fused_rope)"
+        )
+    return pq[0].weight, pk[0].weight, pq[0].variance_epsilon
+
+
+def _qk_norm_sites(model: nn.Module) -> List[nn.Module]:
+    """Attention modules whose ``q_norm``/``k_norm`` can move into the rope call: their
+    forward calls both and ``apply_rotary_pos_emb``, and both are the RMSNorm the fused op
+    computes (checked on a small input, once per norm class) over ``head_dim``, one eps."""
+    sites, probed = [], set()
+    for m in model.modules():
+        norms = (m._modules.get("q_norm"), m._modules.get("k_norm"))
+        names = set(getattr(getattr(inspect.unwrap(type(m).forward), "__code__", None), "co_names", ()))
+        if None in norms or not {"q_norm", "k_norm", "apply_rotary_pos_emb"} <= names:
+            continue
+        for n in norms:
+            w, eps = getattr(n, "weight", None), getattr(n, "variance_epsilon", None)
+            if not (isinstance(w, nn.Parameter) and tuple(w.shape) == (getattr(m, "head_dim", -1),)
+                    and isinstance(eps, float) and eps > 0):
+                raise NotImplementedError(f"{type(m).__name__}'s {type(n).__name__} is not a per-head RMSNorm "
+                                          "(`weight` [head_dim], `variance_epsilon`); cannot fuse it")
+            if type(n) not in probed and not w.is_meta:
+                probed.add(type(n))
+                with torch.no_grad():
+                    x = torch.randn(3, w.numel(), generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+                    xf = x.float()
+                    ours = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+                    if not torch.allclose(n(x).float(), ours, rtol=2e-2, atol=2e-2 * float(w.abs().max())):
+                        raise NotImplementedError(f"{type(n).__name__} does not compute x * rsqrt(mean(x^2) + eps) "
+                                                  "* weight; cannot fuse it")
+        if norms[0].variance_epsilon != norms[1].variance_epsilon:
+            raise NotImplementedError(f"{type(m).__name__}: q_norm and k_norm have different eps; cannot fuse them")
+        sites.append(m)
+    if not sites:
+        raise NotImplementedError(f"{type(model).__name__} has no attention with q_norm/k_norm before "
+                                  "apply_rotary_pos_emb; cannot fuse them")
+    return sites
+
+
+def _defer_qk_norm(attn: nn.Module) -> None:
+    q = _DeferredQKNorm(attn.q_norm, attn, "q")
+    k = _DeferredQKNorm(attn.k_norm, attn, "k")
+    q._handles = [attn.register_forward_pre_hook(_qk_norm_pre_hook, with_kwargs=True),
+                  attn.register_forward_hook(_qk_norm_post_hook, always_call=True)]
+    attn.q_norm, attn.k_norm = q, k
+
+
+def _restore_qk_norms(model: nn.Module) -> None:
+    for m in list(model.modules()):
+        for name in ("q_norm", "k_norm"):
+            d = m._modules.get(name)
+            if isinstance(d, _DeferredQKNorm):
+                for h in d._handles:
+                    h.remove()
+                setattr(m, name, d.restored())
+
+
+# --------------------------------------------------------------------------------------
 # The dispatcher that stands in for the modeling file's rope function
 # --------------------------------------------------------------------------------------
 class _RopeDispatch:
@@ -439,7 +612,7 @@ class _RopeDispatch:
         if not self.spec.pair:
             return self._rotate_one(q, first, axis, inverse)
         k = a[self._k]
-        q, k = first.rotate(q, k, self.layout, axis, inverse)
+        q, k = first.rotate(q, k, self.layout, axis, inverse, _take_qk_norm(q, k))
         if first.q_scale is not None:
             beta, original_max = first.q_scale
             q = _scale_q_after_rope(q, _llama4_query_factor(first.positions, beta, original_max), axis)
@@ -842,6 +1015,7 @@ def enable_fused_rope(
 
         memo: Dict[Tuple[int, Optional[str]], RopeParams] = {}
         site_params = [_site_params(model, parent, rotary, params, support, memo) for parent, rotary in sites]
+        norm_sites = _qk_norm_sites(model) if support is not None and support.fuse_qk_norm else []
 
         keys = []
         try:
@@ -855,14 +1029,17 @@ def enable_fused_rope(
             parent.rotary_emb = FusedRotaryEmbedding(
                 rotary, p, keys, tracker, by_label=by_label, q_scale=q_scale, freq_scale=freq_scale
             )
+        for attn in norm_sites:
+            _defer_qk_norm(attn)
     return model
 
 
 def disable_fused_rope(model: nn.Module) -> nn.Module:
     """Switch ``model`` back to its own rope (in place; returns it). Restores the original
-    ``rotary_emb`` modules, and the modeling files' functions once no switched model
-    uses them. Does nothing on a model that is not switched."""
+    ``rotary_emb`` (and ``q_norm``/``k_norm``) modules, and the modeling files' functions
+    once no switched model uses them. Does nothing on a model that is not switched."""
     with _LOCK:
+        _restore_qk_norms(model)
         released = False
         for parent, rotary in _rotary_sites(model):
             if isinstance(rotary, FusedRotaryEmbedding):
