@@ -532,10 +532,18 @@ def main(argv=None) -> int:
         rows.append(run_shape(name, SHAPES[name], dtype, bw, liger, compiled_apply, log))
         with open(args.out, "w") as f:  # as we go: a killed run still leaves its rows
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    for name, T in QKNORM_SHAPES.items():
-        if args.qknorm:
+    host = host_costs(dtype, liger)
+
+    def save(sweep=()):
+        with open(args.out, "w") as f:  # as we go: a killed run still leaves its rows
+            json.dump({"meta": meta, "rows": rows, "host_us": host, "sweep": list(sweep)}, f, indent=1)
+
+    save()
+    if args.qknorm:
+        for name, T in QKNORM_SHAPES.items():
             log(f"running {name} ...")
             rows.append(run_qknorm_shape(name, T, dtype, bw, liger, liger_norm, compiled_qk, log))
+            save()
     compiled_partial = torch.compile(hf_apply_partial)
     if args.mrope:
         for model in MROPE_MODELS:
@@ -544,7 +552,7 @@ def main(argv=None) -> int:
                     continue
                 log(f"running {model}-{kind} ...")
                 rows.append(run_mrope_shape(model, kind, dtype, bw, compiled_partial, log))
-    host = host_costs(dtype, liger)
+                save()
 
     sweep = []
     if not args.no_sweep:
@@ -552,8 +560,7 @@ def main(argv=None) -> int:
             r = run_shape(f"sweep-{T}", (T, 32, 8, 128, 128, "prefill", "neox", 32), dtype, bw, liger,
                           compiled_apply, log)
             sweep.append(r)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows, "host_us": host, "sweep": sweep}, f, indent=1)
+    save(sweep)
     if args.plot and sweep:
         plot(sweep, meta, args.plot, log)
     print_tables(meta, rows, host)

@@ -25,10 +25,10 @@ echo "pytest exit $?" >> "$OUT/pytest.log"
 SWEEP=--no-sweep; [ "$MODE" = full ] && SWEEP=""
 timeout ${BENCH_TIMEOUT:-330} python3 bench/bench_rope.py --out "$OUT/bench.json" --plot "$OUT/gbps.png" $SWEEP \
   > "$OUT/bench.log" 2> "$OUT/bench.err"
-timeout 120 python3 bench/profile_host.py > "$OUT/host.txt" 2>&1
+timeout 20 python3 bench/profile_host.py > "$OUT/host.txt" 2>&1
 for s in ${NCU_SHAPES:-llama3-8b-prefill mla-8k-deepseek decode-64}; do
   echo "=== $s" >> "$OUT/ncu.txt"
-  timeout 90 ncu --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \
+  timeout ${NCU_TIMEOUT:-90} ncu --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section Occupancy --section LaunchStats --section WarpStateStats python3 bench/ncu_case.py $s \
     >> "$OUT/ncu.txt" 2>&1
 done
