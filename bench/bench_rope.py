@@ -315,6 +315,9 @@ def run_qknorm_shape(name, T, dtype, bw, liger, liger_norm, compiled_qk, log):
     return row
 
 
+_STREAMS: dict = {}
+
+
 def mrope_tables(pos3, inv_freq, section, interleaved, dtype):
     """transformers' M-RoPE rotary forward: per-stream angles, recomposed per pair, as
     ``[B, S, R]`` cos/sin (what its attention hands ``apply_rotary_pos_emb``), plus the
@@ -322,7 +325,10 @@ def mrope_tables(pos3, inv_freq, section, interleaved, dtype):
     from yarn_triton.reference import mrope_stream_of_pairs
 
     freqs = pos3[..., None].float() * inv_freq  # [3, B, S, half]
-    stream = mrope_stream_of_pairs(inv_freq.numel(), section, interleaved).to(pos3.device)
+    stream = _STREAMS.get((inv_freq.numel(), section, interleaved))
+    if stream is None:  # built once, outside any graph capture
+        stream = mrope_stream_of_pairs(inv_freq.numel(), section, interleaved).to(pos3.device)
+        _STREAMS[(inv_freq.numel(), section, interleaved)] = stream
     picked = freqs.gather(0, stream.expand(1, *freqs.shape[1:3], -1)).squeeze(0)
     emb = torch.cat((picked, picked), -1)
     emb3 = torch.cat((freqs, freqs), -1)

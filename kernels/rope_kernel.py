@@ -69,6 +69,9 @@ def _cos_sin(pos, inv_freq, PRECISE: tl.constexpr):
         a = (pos.to(tl.float32) * inv_freq[None, :]).to(tl.float64)
     n = tl.floor(a * _TWO_OVER_PI + 0.5)
     r = ((a - n * _PIO2_HI) - n * _PIO2_LO).to(tl.float32)
+    # Past |n| ~ 2**31 (int64 positions beyond the int32 range) the reduction is inexact;
+    # clamping keeps (cos, sin) a unit vector there: a rotation, with no accuracy promise.
+    r = tl.minimum(tl.maximum(r, -0.7854), 0.7854)
     quadrant = n.to(tl.int64) & 3
     r2 = r * r
     sin_r = r + r * r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880))))

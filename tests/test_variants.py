@@ -856,6 +856,8 @@ def test_tiny_model_rotary_module_matches(name, tmp_path):
     rotary = [m for n, m in model.named_modules() if n.endswith("rotary_emb")]
     assert len(rotary) == 1, name
     inv, att = rotary[0].inv_freq, float(rotary[0].attention_scaling)
+    if name == "minimax_m2" and 2 * inv.numel() != getattr(cfg, "rotary_dim", 2 * inv.numel()):
+        pytest.skip(f"transformers {transformers.__version__} ignores MiniMax-M2's rotary_dim (later releases honour it)")
     attn = next(m for n, m in model.named_modules() if n.endswith("self_attn"))
     softmax = attn.scaling * math.sqrt(getattr(attn, "qk_head_dim", None) or attn.head_dim)
     cfg.save_pretrained(tmp_path)
@@ -892,4 +894,6 @@ def test_minimax_rotary_dim_from_config_json():
     assert RopeParams.from_config(dict(d, model_type="llama")).rope_dim == 128  # rotary_dim is MiniMax's
     modeling = pytest.importorskip("transformers.models.minimax_m2.modeling_minimax_m2")
     module = modeling.MiniMaxM2RotaryEmbedding(hf_config(d))
+    if module.inv_freq.numel() * 2 != 64:
+        pytest.skip(f"transformers {transformers.__version__} ignores MiniMax-M2's rotary_dim (later releases honour it)")
     assert torch.equal(RopeParams.from_config(d).inv_freq, module.inv_freq)
