@@ -261,6 +261,20 @@ def run_shape(name, shape, dtype, bw, liger, compiled_apply, log):
     return row
 
 
+def time_in_graphs(row, methods, log) -> None:
+    """Device time of each method in a CUDA graph, its kernels, and for peers the time with
+    the cos/sin table spread over the layers; a failing peer is reported, not fatal."""
+    for m, fn in methods.items():
+        try:
+            row[f"{m}_us"] = graph_us(fn, calls=5 if row["tokens"] > 256 else 20)
+            row[f"{m}_kernels"] = kernels_launched(fn)
+            if m != "ours":
+                row[f"{m}_e2e_us"] = row[f"{m}_us"] + row["table_us"] / row["layers"]
+        except Exception as e:
+            row[f"{m}_error"] = f"{type(e).__name__}: {e}"[:200]
+            log(f"  {row['shape']}: {m} failed: {row[f'{m}_error']}")
+
+
 def hf_rms_norm(x, weight, eps):
     """transformers' Qwen3RMSNorm forward."""
     xf = x.float()
@@ -303,15 +317,7 @@ def run_qknorm_shape(name, T, dtype, bw, liger, liger_norm, compiled_qk, log):
         def liger_two_ops():  # its RMSNorm on the projection view, then its rope on the transposed view
             return liger(lq(q).transpose(1, 2), lk(k).transpose(1, 2), cos, sin)
         methods["liger"] = liger_two_ops
-    for m, fn in methods.items():
-        try:
-            row[f"{m}_us"] = graph_us(fn, calls=5 if T > 256 else 20)
-            row[f"{m}_kernels"] = kernels_launched(fn)
-            if m != "ours":
-                row[f"{m}_e2e_us"] = row[f"{m}_us"] + row["table_us"] / row["layers"]
-        except Exception as e:
-            row[f"{m}_error"] = f"{type(e).__name__}: {e}"[:200]
-            log(f"  {name}: {m} failed: {row[f'{m}_error']}")
+    time_in_graphs(row, methods, log)
     return row
 
 
@@ -379,15 +385,7 @@ def run_mrope_shape(model, kind, dtype, bw, compiled_partial, log):
             methods["liger"] = lambda: lm(qv, kv, cos3, sin3, list(section))
         except Exception as e:
             log(f"Liger M-RoPE not available ({type(e).__name__})")
-    for m, fn in methods.items():
-        try:
-            row[f"{m}_us"] = graph_us(fn, calls=5 if T > 256 else 20)
-            row[f"{m}_kernels"] = kernels_launched(fn)
-            if m != "ours":
-                row[f"{m}_e2e_us"] = row[f"{m}_us"] + row["table_us"] / row["layers"]
-        except Exception as e:
-            row[f"{m}_error"] = f"{type(e).__name__}: {e}"[:200]
-            log(f"  {row['shape']}: {m} failed: {row[f'{m}_error']}")
+    time_in_graphs(row, methods, log)
     # memory a cos/sin-cache peer holds for this context: vLLM sizes its M-RoPE cache at 4x
     # the context (video positions), one row of rope_dim values per position
     row["cache_peer_bytes"] = 4 * 262144 * 4 * rot * q.element_size()

@@ -11,7 +11,8 @@ empty ``autograd.Function`` and of allocating the outputs. Needs a CUDA GPU.
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
 import torch
 
@@ -19,17 +20,12 @@ import yarn_triton as yt
 from yarn_triton import op
 from yarn_triton.kernels import rope_kernel as rk
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_rope import host_us  # noqa: E402  (the benchmark's own host timer)
+
 
 def per_call_us(fn, calls: int) -> float:
-    for _ in range(200):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e6
+    return host_us(fn, calls)
 
 
 class _Nothing(torch.autograd.Function):
@@ -58,7 +54,7 @@ def main() -> None:
     launch = plan.launch
     compiled = launch._aligned
     args = [q.data_ptr(), q.data_ptr(), k.data_ptr(), k.data_ptr(), pos.data_ptr(), plan.inv_ptr, plan.inv_ptr,
-            *launch.args[rk._N_PTRS:], *launch._constexprs]
+            plan.inv_ptr, plan.inv_ptr, *launch.args[rk._N_PTRS:], *launch._constexprs]
     stream = torch._C._cuda_getCurrentRawStream(0)
     g0, g1, g2 = launch.grid
 
