@@ -662,22 +662,26 @@ class _EagerRope(torch.autograd.Function):
     directions replay a launch plan when the signature repeats. ``torch.compile`` uses
     the op."""
 
+    # Tensors are separate arguments (autograd tracks them); everything else travels as one
+    # tuple, since apply() inspects each argument and that costs about 1 us per 10.
     @staticmethod
-    def forward(ctx, q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse,
-                precise, params, key, q_weight, k_weight, eps, norm_kind):
+    def forward(ctx, q, k, positions, offsets, cu_seqlens, inv_freq, q_weight, k_weight, meta):
+        scale, pos_base, rot, layout, inverse, precise, params, key, eps, norm_kind = meta
         norm = _norm_of(q_weight, k_weight, eps, norm_kind)
         qo, ko = _eager_copy(key, params, q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
                              rot, layout, inverse, precise, norm)
-        ctx.save_for_backward(positions, offsets, cu_seqlens, inv_freq,
-                              *((q, k, q_weight, k_weight) if norm_kind else ()))
-        ctx.scalars = (scale, pos_base, rot, layout, inverse, precise, params, eps, norm_kind)
+        if norm_kind:
+            ctx.save_for_backward(positions, offsets, cu_seqlens, inv_freq, q, k, q_weight, k_weight)
+        else:
+            ctx.save_for_backward(positions, offsets, cu_seqlens, inv_freq)
+        ctx.meta = meta
         ctx.has_k = k is not None
         return qo, ko
 
     @staticmethod
     def backward(ctx, gq, gk):
         positions, offsets, cu_seqlens, inv_freq, *saved = ctx.saved_tensors
-        scale, pos_base, rot, layout, inverse, precise, params, eps, norm_kind = ctx.scalars
+        scale, pos_base, rot, layout, inverse, precise, params, _, eps, norm_kind = ctx.meta
         gk = gk if ctx.has_k else None
         key = _signature(gq, gk, positions, params, layout, rot, offsets, cu_seqlens, precise, not inverse, None,
                          False)
@@ -687,7 +691,7 @@ class _EagerRope(torch.autograd.Function):
         if norm_kind:
             q, k, q_weight, k_weight = saved
             dq, dk, dqw, dkw = _norm_rope_backward(q, k, q_weight, k_weight, eps, norm_kind, dq, dk)
-        return (dq, dk) + (None,) * 12 + (dqw, dkw, None, None)
+        return dq, dk, None, None, None, None, dqw, dkw, None
 
 
 def _eager_copy(key, params, q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout,
@@ -811,8 +815,9 @@ def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
     inv_freq = params.inv_freq_on(q.device)
     nargs = (None, None, 0.0, 0) if norm is None else (norm.q_weight, norm.k_weight, float(norm.eps), norm.kind)
     if not compiling:
-        return _EagerRope.apply(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base,
-                                rot, layout, bool(inverse), precise, params, key, *nargs)
+        return _EagerRope.apply(q, k, positions, off_t, cu_seqlens, inv_freq, nargs[0], nargs[1],
+                                (params.cos_sin_scale, pos_base, rot, layout, bool(inverse), precise, params, key,
+                                 nargs[2], nargs[3]))
     out = torch.ops.yarn_triton.rope(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale,
                                      pos_base, rot, layout, bool(inverse), precise, *nargs, _mrope_arg(params))
     return out[0], (out[1] if k is not None else None)
