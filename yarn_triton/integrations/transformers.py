@@ -54,7 +54,18 @@ attention code rotates with a module-level function of its modeling file:
    :func:`yarn_triton.apply_qk_norm_rope_` (norm and rotation in one pass). Hooks on the
    attention module bound the deferral to one call, and the dispatcher checks (in eager
    mode) that the q and k it receives are views of the deferred norms' inputs; anything
-   else raises rather than skip a norm.
+   else raises rather than skip a norm. The norm class is probed when switching: it must
+   scale by ``weight`` or by ``1 + weight`` (Qwen3.5, passed on as ``unit_offset=True``).
+   Qwen3-VL's and Qwen3.5's attention fit this path (their table rows leave it off for
+   now);
+5. for multimodal rope (M-RoPE: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5), whose text model
+   hands its rotary ``position_ids`` of shape ``[3, B, S]`` (time, height, width; the
+   rope delta of decode steps already added) and whose rotary recomposes cos/sin per
+   frequency pair from the three streams, the handle carries those ``[3, B, S]`` ids and
+   the params carry the sections (sectioned or interleaved, checked against the rotary's
+   ``mrope_section`` and the model type): the fused op picks the stream per pair itself,
+   and transformers' cos/sin and their recomposition are never computed. ``[B, S]`` ids
+   (or ``[1, B, S]``) mean text: the same position on all three streams.
 
 The function swaps are process-wide but only change what happens for models that were
 switched; they are undone when the last switched model is switched back. The attention
@@ -155,8 +166,11 @@ class ModelSupport:
             frequencies are ``inv_freq * exp(a)`` (Mistral-Large-4's ``alpha``).
         rope_labels: the rotary takes ``layer_type=<label>`` and keeps one set of params
             per label (DeepSeek-V4's ``main`` / ``compress``).
-        fuse_qk_norm: the attention's per-head ``q_norm``/``k_norm`` (RMSNorm) run in the
-            rope call (:func:`yarn_triton.apply_qk_norm_rope_`).
+        fuse_qk_norm: the attention's per-head ``q_norm``/``k_norm`` (RMSNorm, scaled by
+            ``weight`` or by ``1 + weight``) run in the rope call
+            (:func:`yarn_triton.apply_qk_norm_rope_`).
+        mrope: ``"sectioned"`` or ``"interleaved"`` for a multimodal rope (M-RoPE) whose
+            rotary takes ``[3, B, S]`` position ids (time, height, width); None otherwise.
     """
 
     model_type: str
@@ -171,6 +185,7 @@ class ModelSupport:
     freq_scale_param: Optional[str] = None
     rope_labels: bool = False
     fuse_qk_norm: bool = False
+    mrope: Optional[str] = None
 
     def function(self, name: str) -> RopeFunction:
         """The mapping of the modeling file's function ``name``."""
@@ -179,7 +194,14 @@ class ModelSupport:
 
 _QK = "q, k"
 _QK_NORM_FUSED = "q, k, with their per-head RMSNorm (`q_norm`, `k_norm`) in the same pass"
+_QK_HYBRID = "q, k; linear-attention (Gated DeltaNet) layers have no rope and are untouched"
+_NORM_KEPT = "the per-head q/k RMSNorm (`q_norm`, `k_norm`), right before the rope call"
+_NORM1_KEPT = "the per-head `(1 + weight)` q/k RMSNorm (`q_norm`, `k_norm`), right before the rope call"
 _MLA = "q_rot, k_rot (MLA)"
+_MROPE_S = "M-RoPE, sectioned (t, h, w); default or yarn"
+_MROPE_I = "M-RoPE, interleaved (t, h, w); default or yarn"
+_MROPE_35 = "M-RoPE, interleaved (t, h, w); yarn (theta 1e7, factor 4)"
+_PARTIAL_35 = "`partial_rotary_factor` (leading 64 of 256 channels)"
 _V4_ROPE = RopeFunction("interleaved", pair=False, trailing=True)
 
 #: The supported model types, one row each; :data:`SUPPORTED_MODEL_TYPES` and
@@ -225,6 +247,20 @@ MODEL_SUPPORT: Dict[str, ModelSupport] = {
                      "q, kv; compressor entries; indexer entries and q; inverse rotation "
                      "of the attention output",
                      functions={"apply_rotary_pos_emb": _V4_ROPE}, rope_labels=True),
+        # Multimodal rope: the text models of the Qwen VL families and Qwen3.5 (the
+        # `...ForConditionalGeneration` / `...Model` wrappers are found through them).
+        ModelSupport("qwen2_vl_text", "dense", _MROPE_S, "neox", "no", _QK, mrope="sectioned"),
+        ModelSupport("qwen2_5_vl_text", "dense", _MROPE_S, "neox", "no", _QK, mrope="sectioned"),
+        # Their q/k norms fit fuse_qk_norm (Qwen3.5's `(1 + weight)` form is detected and
+        # passed as unit_offset; tests/test_models_mrope.py runs it end to end), but it stays
+        # off in this table for now: tests/test_models_qwen3_norm.py pins the fused rows to
+        # Qwen3 and Qwen3-MoE.
+        ModelSupport("qwen3_vl_text", "dense", _MROPE_I, "neox", "no", _QK, _NORM_KEPT, mrope="interleaved"),
+        ModelSupport("qwen3_vl_moe_text", "moe", _MROPE_I, "neox", "no", _QK, _NORM_KEPT, mrope="interleaved"),
+        ModelSupport("qwen3_5_text", "dense", _MROPE_35, "neox", _PARTIAL_35, _QK_HYBRID, _NORM1_KEPT,
+                     mrope="interleaved"),
+        ModelSupport("qwen3_5_moe_text", "moe", _MROPE_35, "neox", _PARTIAL_35, _QK_HYBRID, _NORM1_KEPT,
+                     mrope="interleaved"),
     )
 }
 
@@ -295,11 +331,12 @@ class FusedRopePositions:
         layout: str,
         head_axis: int = 1,
         inverse: bool = False,
-        norm: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
+        norm: Optional[Tuple[torch.Tensor, torch.Tensor, float, bool]] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Rotate ``q`` (and ``k`` unless None) whose heads are at ``head_axis``
         (``[B, H, S, D]`` for 1), on their first ``params.rope_dim`` channels; with
-        ``norm = (q_weight, k_weight, eps)``, RMSNorm every head first (same pass).
+        ``norm = (q_weight, k_weight, eps, unit_offset)``, RMSNorm every head first (same
+        pass).
 
         In place on the given views under no-grad (returns the same tensors), out of place
         when autograd records."""
@@ -323,14 +360,17 @@ def _rope(q, k, positions, params, layout, inverse, norm=None):
     the same tensors come back) unless autograd records for q or k, then the
     differentiable out-of-place :func:`yarn_triton.apply_rope`. With ``norm``, the same
     through :func:`yarn_triton.apply_qk_norm_rope_` / :func:`yarn_triton.apply_qk_norm_rope`
-    (autograd also records for the norm weights)."""
+    (autograd also records for the norm weights); ``norm = (q_weight, k_weight, eps,
+    unit_offset)``."""
     if norm is not None:
-        qw, kw, eps = norm
+        qw, kw, eps, unit = norm
         if inverse:
             raise NotImplementedError("a deferred q/k norm before an inverse rotation")
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, qw, kw)):
-            return _op.apply_qk_norm_rope(q, k, positions, params, qw, kw, eps=eps, layout=layout)
-        _op.apply_qk_norm_rope_(q, _unit_strides_like(k, q), positions, params, qw, kw, eps=eps, layout=layout)
+            return _op.apply_qk_norm_rope(q, k, positions, params, qw, kw, eps=eps, unit_offset=unit,
+                                          layout=layout)
+        _op.apply_qk_norm_rope_(q, _unit_strides_like(k, q), positions, params, qw, kw, eps=eps, unit_offset=unit,
+                                layout=layout)
         return q, k
     if torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)):
         return _op.apply_rope(q, k, positions, params, layout=layout, inverse=inverse)
@@ -419,7 +459,7 @@ class _QScaleDispatch:
 
 
 # --------------------------------------------------------------------------------------
-# Per-head q/k RMSNorm moved into the rope call (Qwen3, Qwen3-MoE)
+# Per-head q/k RMSNorm moved into the rope call (Qwen3, Qwen3-MoE, Qwen3-VL, Qwen3.5)
 # --------------------------------------------------------------------------------------
 # Per thread: ``attn``, the switched attention module whose call is running (set by its
 # forward pre-hook, only when it was handed a FusedRopePositions); ``q``/``k``, the norm
@@ -437,12 +477,14 @@ class _DeferredQKNorm(nn.Module):
     on its own, by an attention handed real cos/sin) it is the original norm. It holds the
     original's ``weight`` Parameter itself (same object: state-dict keys and optimizers see
     no change); the original module is kept outside the module tree for
-    :func:`disable_fused_rope`."""
+    :func:`disable_fused_rope`. ``unit_offset``: the norm scales by ``1 + weight``
+    (Qwen3.5), found by :func:`_qk_norm_sites`."""
 
-    def __init__(self, original: nn.Module, attn: nn.Module, role: str) -> None:
+    def __init__(self, original: nn.Module, attn: nn.Module, role: str, unit_offset: bool = False) -> None:
         super().__init__()
         self.weight = original.weight
-        self.variance_epsilon = original.variance_epsilon
+        self.eps = _norm_eps(original)
+        self.unit_offset = unit_offset
         self.role = role
         object.__setattr__(self, "_attn", attn)  # not submodules: no cycle, no new state keys
         object.__setattr__(self, "_original", original)
@@ -466,7 +508,8 @@ class _DeferredQKNorm(nn.Module):
         return original
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, deferred to the rope call"
+        scale = "1 + weight" if self.unit_offset else "weight"
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, scale={scale}, deferred to the rope call"
 
 
 def _qk_norm_pre_hook(attn: nn.Module, args, kwargs) -> None:
@@ -496,9 +539,9 @@ def _same_elements(t: torch.Tensor, x: torch.Tensor) -> bool:
 
 
 def _take_qk_norm(q: torch.Tensor, k: Optional[torch.Tensor]):
-    """``(q_weight, k_weight, eps)`` of the q and k norms deferred in this attention call
-    (consumed), or None when none is pending. Raises unless both are pending and, in
-    eager mode, ``q``/``k`` are views of exactly the tensors they were handed."""
+    """``(q_weight, k_weight, eps, unit_offset)`` of the q and k norms deferred in this
+    attention call (consumed), or None when none is pending. Raises unless both are pending
+    and, in eager mode, ``q``/``k`` are views of exactly the tensors they were handed."""
     st = _QK_NORM
     pq, pk = getattr(st, "q", None), getattr(st, "k", None)
     if pq is None and pk is None:
@@ -512,46 +555,72 @@ def _take_qk_norm(q: torch.Tensor, k: Optional[torch.Tensor]):
             "attention code differs from what enable_fused_rope expects: switch the model back "
             "(disable_fused_rope)"
         )
-    return pq[0].weight, pk[0].weight, pq[0].variance_epsilon
+    return pq[0].weight, pk[0].weight, pq[0].eps, pq[0].unit_offset
 
 
-def _qk_norm_sites(model: nn.Module) -> List[nn.Module]:
-    """Attention modules whose ``q_norm``/``k_norm`` can move into the rope call: their
-    forward calls both and ``apply_rotary_pos_emb``, and both are the RMSNorm the fused op
-    computes (checked on a small input, once per norm class) over ``head_dim``, one eps."""
-    sites, probed = [], set()
+def _norm_eps(norm: nn.Module):
+    """The eps of an RMSNorm module: ``variance_epsilon`` (Llama style) or ``eps``."""
+    eps = getattr(norm, "variance_epsilon", None)
+    return getattr(norm, "eps", None) if eps is None else eps
+
+
+def _norm_form(norm: nn.Module, w: torch.Tensor, eps: float) -> Optional[bool]:
+    """Which RMSNorm ``norm`` computes, probed on a small input with a random weight put in
+    for this one call (``torch.func.functional_call``: the module is not changed):
+    ``x * rsqrt(mean(x^2) + eps) * weight`` -> False, the same times ``(1 + weight)`` ->
+    True (Qwen3.5, Gemma), anything else -> None."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, w.numel(), generator=g).to(w.device, w.dtype)
+    probe = (0.5 + torch.rand(w.numel(), generator=g)).to(w.device, w.dtype)  # 1 + probe differs from probe
+    with torch.no_grad():
+        out = torch.func.functional_call(norm, {"weight": probe}, (x,)).float()
+        xf, pf = x.float(), probe.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        for unit, scale in ((False, pf), (True, 1.0 + pf)):
+            if torch.allclose(out, normed * scale, rtol=2e-2, atol=2e-2 * float(scale.abs().max())):
+                return unit
+    return None
+
+
+def _qk_norm_sites(model: nn.Module) -> List[Tuple[nn.Module, bool]]:
+    """``(attention, unit_offset)`` for the attention modules whose ``q_norm``/``k_norm``
+    can move into the rope call: their forward calls both and ``apply_rotary_pos_emb``,
+    and both are the RMSNorm the fused op computes over ``head_dim`` (scaled by ``weight``,
+    or by ``1 + weight`` for ``unit_offset``: probed once per norm class), one eps."""
+    sites, forms = [], {}
     for m in model.modules():
         norms = (m._modules.get("q_norm"), m._modules.get("k_norm"))
         names = set(getattr(getattr(inspect.unwrap(type(m).forward), "__code__", None), "co_names", ()))
         if None in norms or not {"q_norm", "k_norm", "apply_rotary_pos_emb"} <= names:
             continue
         for n in norms:
-            w, eps = getattr(n, "weight", None), getattr(n, "variance_epsilon", None)
+            w, eps = getattr(n, "weight", None), _norm_eps(n)
             if not (isinstance(w, nn.Parameter) and tuple(w.shape) == (getattr(m, "head_dim", -1),)
                     and isinstance(eps, float) and eps > 0):
                 raise NotImplementedError(f"{type(m).__name__}'s {type(n).__name__} is not a per-head RMSNorm "
-                                          "(`weight` [head_dim], `variance_epsilon`); cannot fuse it")
-            if type(n) not in probed and not w.is_meta:
-                probed.add(type(n))
-                with torch.no_grad():
-                    x = torch.randn(3, w.numel(), generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
-                    xf = x.float()
-                    ours = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()
-                    if not torch.allclose(n(x).float(), ours, rtol=2e-2, atol=2e-2 * float(w.abs().max())):
-                        raise NotImplementedError(f"{type(n).__name__} does not compute x * rsqrt(mean(x^2) + eps) "
-                                                  "* weight; cannot fuse it")
-        if norms[0].variance_epsilon != norms[1].variance_epsilon:
+                                          "(`weight` [head_dim], `variance_epsilon` or `eps`); cannot fuse it")
+            if type(n) not in forms:
+                if w.is_meta:
+                    raise NotImplementedError(f"{type(n).__name__} has its weight on the meta device; load the "
+                                              "model before switching it")
+                forms[type(n)] = _norm_form(n, w, eps)
+                if forms[type(n)] is None:
+                    raise NotImplementedError(f"{type(n).__name__} computes neither x * rsqrt(mean(x^2) + eps) "
+                                              "* weight nor the same times (1 + weight); cannot fuse it")
+        if forms[type(norms[0])] != forms[type(norms[1])]:
+            raise NotImplementedError(f"{type(m).__name__}: q_norm and k_norm scale differently; cannot fuse them")
+        if _norm_eps(norms[0]) != _norm_eps(norms[1]):
             raise NotImplementedError(f"{type(m).__name__}: q_norm and k_norm have different eps; cannot fuse them")
-        sites.append(m)
+        sites.append((m, forms[type(norms[0])]))
     if not sites:
         raise NotImplementedError(f"{type(model).__name__} has no attention with q_norm/k_norm before "
                                   "apply_rotary_pos_emb; cannot fuse them")
     return sites
 
 
-def _defer_qk_norm(attn: nn.Module) -> None:
-    q = _DeferredQKNorm(attn.q_norm, attn, "q")
-    k = _DeferredQKNorm(attn.k_norm, attn, "k")
+def _defer_qk_norm(attn: nn.Module, unit_offset: bool = False) -> None:
+    q = _DeferredQKNorm(attn.q_norm, attn, "q", unit_offset)
+    k = _DeferredQKNorm(attn.k_norm, attn, "k", unit_offset)
     q._handles = [attn.register_forward_pre_hook(_qk_norm_pre_hook, with_kwargs=True),
                   attn.register_forward_hook(_qk_norm_post_hook, always_call=True)]
     attn.q_norm, attn.k_norm = q, k
@@ -693,6 +762,20 @@ class _LearnedFreqScale:
         return self.params
 
 
+def _mrope_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """The position ids an M-RoPE rotary was handed, as the fused op takes them:
+    ``[3, B, S]`` (t, h, w) as they are; ``[1, B, S]`` and ``[B, S]`` (the rotary's
+    ``expand(3, -1, -1)`` repeats them on all streams) as text ``[B, S]``."""
+    if position_ids.dim() == 3 and position_ids.shape[0] == 1:
+        return position_ids[0]
+    if position_ids.dim() == 2 or (position_ids.dim() == 3 and position_ids.shape[0] == 3):
+        return position_ids
+    raise ValueError(
+        f"M-RoPE position ids must be [3, batch, seq] (time, height, width) or [batch, seq] (text), got "
+        f"shape {tuple(position_ids.shape)}"
+    )
+
+
 class FusedRotaryEmbedding(nn.Module):
     """Replaces a switched model's ``rotary_emb``: returns :class:`FusedRopePositions`
     instead of cos/sin. Keeps the original as ``.original`` (a submodule, so it follows
@@ -704,6 +787,10 @@ class FusedRotaryEmbedding(nn.Module):
     one number back from the device, as transformers does too); for all others nothing is
     read and the params are fixed. A rotary with rope labels (``layer_type=``, DeepSeek-V4)
     keeps one set per label in ``by_label``.
+
+    With M-RoPE params the handle carries ``[3, B, S]`` position ids (time, height, width)
+    as the text model passes them; ``[B, S]`` or ``[1, B, S]`` ids (text: one position on
+    all three streams, which the model's rotary broadcasts) are handed on as ``[B, S]``.
     """
 
     def __init__(
@@ -749,6 +836,8 @@ class FusedRotaryEmbedding(nn.Module):
                     f"(requires_grad_(False)) or switch the model back for training"
                 )
             params = fs.params if torch.compiler.is_compiling() else fs.refresh()
+        if params.mrope_section is not None:
+            position_ids = _mrope_positions(position_ids)
         return FusedRopePositions(position_ids, params, False, self.q_scale)
 
     def extra_repr(self) -> str:
@@ -810,6 +899,15 @@ def _config_of(model: nn.Module, parent: nn.Module, rotary: Optional[nn.Module] 
     return get_text() if callable(get_text) else config
 
 
+def _row(model_type: Any) -> Optional[ModelSupport]:
+    """The table row of ``model_type``, or of its text model ``<model_type>_text`` (a
+    multimodal type whose text settings sit in its own, flat config, as older transformers'
+    Qwen2-VL configs did)."""
+    if not isinstance(model_type, str):
+        return None
+    return MODEL_SUPPORT.get(model_type) or MODEL_SUPPORT.get(model_type + "_text")
+
+
 def _support_of(model: nn.Module, sites) -> Tuple[Optional[str], Optional[ModelSupport]]:
     """``(model type, its table row or None)``. A wrapper (multimodal) model whose own type
     is not in the table is looked up by the type of the config its rotaries were built
@@ -825,9 +923,11 @@ def _support_of(model: nn.Module, sites) -> Tuple[Optional[str], Optional[ModelS
             inner.add(None)
     if len(inner) == 1:
         (t,) = inner
-        if t in MODEL_SUPPORT:
-            return t, MODEL_SUPPORT[t]
-    return model_type, None
+        row = _row(t)
+        if row is not None:
+            return row.model_type, row
+    row = _row(model_type)
+    return (model_type, None) if row is None else (row.model_type, row)
 
 
 def _make_tracker(params: RopeParams, rotary: nn.Module) -> Optional[RopeTracker]:
@@ -874,6 +974,32 @@ def _check_params(
             f"the params' cos_sin_scale={current.cos_sin_scale!r} does not match the model's "
             f"rotary_emb.{prefix}attention_scaling={scale!r}"
         )
+
+
+def _check_mrope(params: RopeParams, rotary: nn.Module, support: Optional[ModelSupport]) -> None:
+    """M-RoPE params must match the model's rotary: its ``mrope_section`` (transformers'
+    class default when the config names none) and the sectioned / interleaved stream
+    choice of the model type; a rotary without sections must get params without them."""
+    theirs = getattr(rotary, "mrope_section", None)
+    ours = params.mrope_section
+    kind = support.mrope if support is not None else None
+    if theirs is None and kind is None:
+        if ours is not None:
+            raise ValueError(f"the params carry mrope_section={list(ours)} but {type(rotary).__name__} has no "
+                             "multimodal rope")
+        return
+    if theirs is None:
+        raise NotImplementedError(f"{type(rotary).__name__} has no `mrope_section`; cannot switch its M-RoPE")
+    if kind is None:
+        raise NotImplementedError(f"{type(rotary).__name__} uses M-RoPE (mrope_section={list(theirs)}), but "
+                                  "its model type is not in the table: sectioned or interleaved is unknown")
+    if ours is None:
+        raise ValueError(f"{type(rotary).__name__} uses M-RoPE (mrope_section={list(theirs)}), but the params "
+                         "carry no sections; build them with RopeParams.from_config or .with_mrope(...)")
+    if tuple(ours) != tuple(int(x) for x in theirs) or params.mrope_interleaved != (kind == "interleaved"):
+        got = "interleaved" if params.mrope_interleaved else "sectioned"
+        raise ValueError(f"the params' M-RoPE ({list(ours)}, {got}) does not match the model's "
+                         f"({list(theirs)}, {kind}); refusing to change the model's rope")
 
 
 def _label_config(config, label: str) -> Dict[str, Any]:
@@ -923,6 +1049,7 @@ def _site_params(model, parent, rotary, params, support, memo: Dict[Tuple[int, O
         raise TypeError(f"params must be a yarn_triton.RopeParams, got {type(p).__name__}")
     tracker = _make_tracker(p, rotary)
     _check_params(p, tracker, rotary)
+    _check_mrope(p, rotary, support)
     freq_scale = None
     if support is not None and support.freq_scale_param is not None:
         learned = getattr(rotary, support.freq_scale_param, None)
@@ -1029,8 +1156,8 @@ def enable_fused_rope(
             parent.rotary_emb = FusedRotaryEmbedding(
                 rotary, p, keys, tracker, by_label=by_label, q_scale=q_scale, freq_scale=freq_scale
             )
-        for attn in norm_sites:
-            _defer_qk_norm(attn)
+        for attn, unit_offset in norm_sites:
+            _defer_qk_norm(attn, unit_offset)
     return model
 
 
