@@ -56,8 +56,7 @@ attention code rotates with a module-level function of its modeling file:
    mode) that the q and k it receives are views of the deferred norms' inputs; anything
    else raises rather than skip a norm. The norm class is probed when switching: it must
    scale by ``weight`` or by ``1 + weight`` (Qwen3.5, passed on as ``unit_offset=True``).
-   Qwen3-VL's and Qwen3.5's attention fit this path (their table rows leave it off for
-   now);
+   Qwen3-VL and Qwen3.5 (dense and MoE) take this path too;
 5. for multimodal rope (M-RoPE: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5), whose text model
    hands its rotary ``position_ids`` of shape ``[3, B, S]`` (time, height, width; the
    rope delta of decode steps already added) and whose rotary recomposes cos/sin per
@@ -194,9 +193,8 @@ class ModelSupport:
 
 _QK = "q, k"
 _QK_NORM_FUSED = "q, k, with their per-head RMSNorm (`q_norm`, `k_norm`) in the same pass"
-_QK_HYBRID = "q, k; linear-attention (Gated DeltaNet) layers have no rope and are untouched"
-_NORM_KEPT = "the per-head q/k RMSNorm (`q_norm`, `k_norm`), right before the rope call"
-_NORM1_KEPT = "the per-head `(1 + weight)` q/k RMSNorm (`q_norm`, `k_norm`), right before the rope call"
+_QK_NORM1_FUSED = ("q, k, with their per-head `(1 + weight)` RMSNorm (`q_norm`, `k_norm`) in the same pass; "
+                   "linear-attention (Gated DeltaNet) layers have no rope and are untouched")
 _MLA = "q_rot, k_rot (MLA)"
 _MROPE_S = "M-RoPE, sectioned (t, h, w); default or yarn"
 _MROPE_I = "M-RoPE, interleaved (t, h, w); default or yarn"
@@ -251,16 +249,14 @@ MODEL_SUPPORT: Dict[str, ModelSupport] = {
         # `...ForConditionalGeneration` / `...Model` wrappers are found through them).
         ModelSupport("qwen2_vl_text", "dense", _MROPE_S, "neox", "no", _QK, mrope="sectioned"),
         ModelSupport("qwen2_5_vl_text", "dense", _MROPE_S, "neox", "no", _QK, mrope="sectioned"),
-        # Their q/k norms fit fuse_qk_norm (Qwen3.5's `(1 + weight)` form is detected and
-        # passed as unit_offset; tests/test_models_mrope.py runs it end to end), but it stays
-        # off in this table for now: tests/test_models_qwen3_norm.py pins the fused rows to
-        # Qwen3 and Qwen3-MoE.
-        ModelSupport("qwen3_vl_text", "dense", _MROPE_I, "neox", "no", _QK, _NORM_KEPT, mrope="interleaved"),
-        ModelSupport("qwen3_vl_moe_text", "moe", _MROPE_I, "neox", "no", _QK, _NORM_KEPT, mrope="interleaved"),
-        ModelSupport("qwen3_5_text", "dense", _MROPE_35, "neox", _PARTIAL_35, _QK_HYBRID, _NORM1_KEPT,
-                     mrope="interleaved"),
-        ModelSupport("qwen3_5_moe_text", "moe", _MROPE_35, "neox", _PARTIAL_35, _QK_HYBRID, _NORM1_KEPT,
-                     mrope="interleaved"),
+        ModelSupport("qwen3_vl_text", "dense", _MROPE_I, "neox", "no", _QK_NORM_FUSED,
+                     fuse_qk_norm=True, mrope="interleaved"),
+        ModelSupport("qwen3_vl_moe_text", "moe", _MROPE_I, "neox", "no", _QK_NORM_FUSED,
+                     fuse_qk_norm=True, mrope="interleaved"),
+        ModelSupport("qwen3_5_text", "dense", _MROPE_35, "neox", _PARTIAL_35, _QK_NORM1_FUSED,
+                     fuse_qk_norm=True, mrope="interleaved"),
+        ModelSupport("qwen3_5_moe_text", "moe", _MROPE_35, "neox", _PARTIAL_35, _QK_NORM1_FUSED,
+                     fuse_qk_norm=True, mrope="interleaved"),
     )
 }
 
