@@ -508,32 +508,34 @@ class PreparedLaunch:
         self._by_align = {}
         self._aligned = None  # the common case: every pointer 16-byte aligned, 32-bit pos_base
 
+    def _args(self, pointers: Sequence, pos_base: int) -> list:
+        """The runtime arguments: ``pointers`` (tensors or their data pointers) first, then
+        the fixed ones with this call's ``pos_base``."""
+        args = [*pointers, *self.args[_N_PTRS:]]
+        args[_N_PTRS + 1] = pos_base
+        return args
+
     def __call__(self, ptrs: Sequence[int], pos_base: int, tensors: Sequence[torch.Tensor]) -> None:
         """Launch on the current stream of the tensors' device. ``ptrs``: data pointers of
         the 9 pointer arguments; ``tensors``: the same as tensors, used only when a new
         specialization must be compiled."""
         if INTERPRETED or not FAST_LAUNCH:  # Triton's own launcher (the interpreter's too)
-            args = list(tensors) + self.args[_N_PTRS:]
-            args[_N_PTRS + 1] = pos_base
-            rope_kernel[self.grid](*args, **self.switches, **_meta(self.cfg), num_warps=self.cfg.num_warps,
-                                   num_stages=self.cfg.num_stages)
+            rope_kernel[self.grid](*self._args(tensors, pos_base), **self.switches, **_meta(self.cfg),
+                                   num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
             return
         p0, p1, p2, p3, p4, p5, p6, p7, p8 = ptrs
-        common = not (p0 | p1 | p2 | p3 | p4 | p5 | p6 | p7 | p8) & 15 and -(1 << 31) <= pos_base < (1 << 31)
+        narrow = -(1 << 31) <= pos_base < (1 << 31)
+        common = not (p0 | p1 | p2 | p3 | p4 | p5 | p6 | p7 | p8) & 15 and narrow
         compiled = self._aligned if common else None
         if compiled is None:
-            align = tuple(p & 15 == 0 for p in ptrs)
-            wide = not -(1 << 31) <= pos_base < (1 << 31)
-            compiled = self._by_align.get((align, wide))
+            key = (tuple(p & 15 == 0 for p in ptrs), not narrow)
+            compiled = self._by_align.get(key)
             if compiled is None:
-                args = list(tensors) + self.args[_N_PTRS:]
-                args[_N_PTRS + 1] = pos_base
-                compiled = _compile(args, self.switches, self.cfg, self.grid)
-                self._by_align[(align, wide)] = compiled
+                compiled = _compile(self._args(tensors, pos_base), self.switches, self.cfg, self.grid)
+                self._by_align[key] = compiled
                 if common:
                     self._aligned = compiled
-        args = [*ptrs, *self.args[_N_PTRS:], *self._constexprs]
-        args[_N_PTRS + 1] = pos_base
+        args = self._args(ptrs, pos_base) + self._constexprs
         g0, g1, g2 = self.grid
         if _HOOKED():
             compiled[self.grid](*args)  # profilers' hooks want Triton's full path

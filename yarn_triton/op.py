@@ -15,8 +15,8 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .reference import (LAYOUTS, StreamParams, apply_rope_reference_, packed_token_mask,
-                        positions_from_offsets, rms_norm_reference)
+from .reference import (LAYOUTS, apply_rope_reference_, packed_token_mask, positions_from_offsets,
+                        rms_norm_reference)
 from .rope import RopeParams
 from .kernels.rope_kernel import INTERPRETED, LaunchConfig, Operand, launch_rope
 
@@ -146,10 +146,9 @@ def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 def mrope_spec(params: RopeParams) -> Tuple[int, int, int, int]:
     """``(kind, s_t, s_h, s_w)`` of the kernel's M-RoPE switch for ``params``: kind 0 when
     they carry no sections, 1 sectioned, 2 interleaved."""
-    section = getattr(params, "mrope_section", None)
-    if section is None:
+    if params.mrope_section is None:
         return (0, 0, 0, 0)
-    return (2 if getattr(params, "mrope_interleaved", False) else 1, *section)
+    return (2 if params.mrope_interleaved else 1, *params.mrope_section)
 
 
 def check_rope_args(
@@ -393,9 +392,9 @@ def _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_
             positions = positions + pos_base
         if cu_seqlens is not None:
             mask = packed_token_mask(q, cu_seqlens)
-    params = RopeParams(inv_freq.cpu(), rot, scale)
-    if mrope is not None and mrope[0]:
-        params = StreamParams(params.inv_freq, rot, scale, tuple(mrope[1:]), mrope[0] == 2)
+    has_mrope = mrope is not None and mrope[0]
+    params = RopeParams(inv_freq.cpu(), rot, scale, mrope_section=tuple(mrope[1:]) if has_mrope else None,
+                        mrope_interleaved=bool(has_mrope and mrope[0] == 2))
     src_q, src_k = q, k
     if norm is not None:
         unit = norm.kind == 2

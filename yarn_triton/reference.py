@@ -9,7 +9,7 @@ it into the float64 truth for the same float32 ``inv_freq``.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -47,17 +47,6 @@ def cos_sin_cache(
     sin = emb.sin() * params.cos_sin_scale
     shape = tuple(positions.shape) + (params.rope_dim,)
     return cos[inverse].reshape(shape), sin[inverse].reshape(shape)
-
-
-class StreamParams(NamedTuple):
-    """What the reference reads of :class:`RopeParams`, with M-RoPE sections: lets the op
-    layer run the reference from the kernel's arguments."""
-
-    inv_freq: torch.Tensor
-    rope_dim: int
-    cos_sin_scale: float
-    mrope_section: Optional[Tuple[int, int, int]]
-    mrope_interleaved: bool
 
 
 def mrope_stream_of_pairs(half: int, section: Tuple[int, int, int], interleaved: bool) -> torch.Tensor:
@@ -150,10 +139,9 @@ def rope_reference(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     rot = params.rope_dim if rotary_dim is None else rotary_dim
-    section = getattr(params, "mrope_section", None)
+    section = params.mrope_section
     if section is not None and positions.dim() == q.dim() - 1:  # [3, *T]: t, h, w streams
-        cos, sin = mrope_cos_sin_cache(params, positions, section, getattr(params, "mrope_interleaved", False),
-                                       compute_dtype)
+        cos, sin = mrope_cos_sin_cache(params, positions, section, params.mrope_interleaved, compute_dtype)
     else:
         cos, sin = cos_sin_cache(params, positions, compute_dtype)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
