@@ -1,8 +1,8 @@
 """The one Triton kernel of yarn-triton: rotary embedding of q and k in one launch.
 
-Each program owns ``BLOCK_T`` tokens x ``BLOCK_H`` heads of either q or k (grid axis 1 runs
-over q's head blocks, then k's), so q and k are rotated together whatever their head
-counts. Per token it finds the position, forms ``angle = position * inv_freq`` and takes
+Each program owns ``BLOCK_T`` tokens and one of ``HEAD_GROUPS`` slices of q's heads and of
+k's heads, which it walks ``BLOCK_H`` at a time, so q and k are rotated together whatever
+their head counts. Per token it finds the position, forms ``angle = position * inv_freq`` and takes
 cos/sin in registers: nothing is read but q, k, the positions and ``inv_freq``, and no
 cos/sin cache exists anywhere.
 
@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "rope_kernel", "rope_kernel_autotuned", "launch_rope", "LaunchConfig", "Operand", "PreparedLaunch",
+    "rope_kernel", "launch_rope", "candidate_configs", "LaunchConfig", "Operand", "PreparedLaunch",
     "heuristic_config", "compiled_cache_size", "INTERPRETED",
 ]
 
@@ -271,9 +271,9 @@ def rope_kernel(
     MROPE: tl.constexpr, SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_GROUPS: tl.constexpr,
 ):
-    """Grid: ``(cdiv(n_tokens, BLOCK_T), HEAD_GROUPS)``.
+    """Grid: ``cdiv(n_tokens, BLOCK_T) * HEAD_GROUPS`` programs.
 
-    Program ``(i, g)`` owns tokens ``i*BLOCK_T ..`` and the g-th of ``HEAD_GROUPS`` equal
+    Program ``i * HEAD_GROUPS + g`` owns tokens ``i*BLOCK_T ..`` and the g-th of ``HEAD_GROUPS`` equal
     slices of q's heads and of k's heads: it computes the angles of its tokens once and
     walks its heads ``BLOCK_H`` at a time. One group (prefill) makes each angle serve every
     head; more groups (decode) spread few tokens over more programs.
@@ -281,10 +281,13 @@ def rope_kernel(
     Tokens are indexed ``t = b * seq_len + s``; every tensor is addressed through its own
     (batch, seq, head, dim) strides, so views of fused projections and transposed
     ``[B, H, S, D]`` tensors need no copy. All offsets are int64. ``tok_class`` is unused
-    by the body: it is the autotuner's bucket of ``n_tokens``.
+    by the body: it is the tuner's bucket of ``n_tokens``.
     """
-    pid_t = tl.program_id(0)
-    pid_g = tl.program_id(1)
+    # Head group fastest: the programs resident at one time then cover consecutive tokens'
+    # whole rows of q and k (contiguous memory), not one group's slice of many tokens.
+    pid = tl.program_id(0)
+    pid_t = pid // HEAD_GROUPS
+    pid_g = pid % HEAD_GROUPS
 
     tok = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_mask = tok < n_tokens
@@ -350,7 +353,7 @@ INTERPRETED = not isinstance(rope_kernel, triton.runtime.JITFunction)
 
 
 # --------------------------------------------------------------------------------------
-# Launch shapes: a heuristic default, or the autotuner over the same kernel
+# Launch shapes: a heuristic default, or the tuner's pick among candidates
 # --------------------------------------------------------------------------------------
 def _tok_class(n_tokens: int) -> int:
     """Autotune bucket: powers of two up to 64K tokens (beyond, the best shape is stable)."""
@@ -358,71 +361,87 @@ def _tok_class(n_tokens: int) -> int:
 
 
 # (tokens per program, heads per step, head groups, warps). A short list, so a new shape
-# class tunes in about a second. Up to AUTOTUNE_GRAPH_TOKENS tokens a launch takes a few
-# microseconds and host noise would decide an eager timing: those shapes are timed as
-# CUDA-graph replays.
+# class tunes in a few seconds (most of it compiling). One token and several heads per
+# step streams whole rows of q and k (the best prefill shapes on an H100); wide head steps
+# with few programs serve decode, where one round trip to memory is the whole cost.
 _CANDIDATES = [
     # many tokens: one or a few groups, so each angle serves many heads
-    (16, 1, 1, 4), (16, 2, 1, 4), (32, 1, 1, 4), (8, 1, 1, 2), (4, 1, 4, 1), (4, 2, 2, 1),
-    (32, 1, 4, 4), (32, 1, 8, 4), (16, 1, 8, 2), (8, 1, 8, 1), (16, 1, 2, 4),
-    # few tokens (decode): many small programs
-    (1, 1, 32, 1), (1, 1, 8, 1), (2, 1, 16, 1), (4, 1, 8, 1), (4, 1, 32, 1), (8, 1, 4, 1),
+    (1, 4, 8, 1), (1, 2, 16, 1), (1, 8, 4, 2), (2, 4, 8, 1), (4, 1, 8, 1), (4, 2, 2, 1), (8, 1, 8, 2),
+    (8, 4, 1, 4), (16, 1, 8, 2), (16, 2, 1, 4), (16, 4, 1, 8), (32, 1, 8, 4), (4, 1, 16, 1),
+    # few tokens (decode): many small programs, or one wide program per token
+    (1, 1, 32, 1), (1, 1, 16, 1), (2, 1, 16, 1), (4, 1, 32, 1), (1, 8, 4, 1), (1, 16, 2, 2), (1, 32, 1, 4),
+    (2, 16, 1, 4),
 ]
+# Up to this many tokens a launch takes a few microseconds and each timing is a CUDA-graph
+# replay of many launches; larger shapes are timed as single launches.
 AUTOTUNE_GRAPH_TOKENS = 256
+# Tuning times candidates on scratch copies of q and k (the user's tensors are never
+# touched, and no restore copy pollutes the timing); past this size it is not worth it.
+_TUNE_SCRATCH_MAX_BYTES = 1 << 30
 
 
-def _candidate_configs():
-    return [triton.Config({"BLOCK_T": bt, "BLOCK_H": bh, "HEAD_GROUPS": g}, num_warps=w, num_stages=1)
-            for bt, bh, g, w in _CANDIDATES]
+def candidate_configs(n_tokens: int, n_q_heads: int, n_k_heads: int, half_pad: int) -> list:
+    """The launch shapes worth timing for a shape: no more tokens per program or head
+    groups than there are tokens or heads, and at most 64 fp32 values per thread per step
+    (more spill)."""
+    heads = _next_pow2(max(n_q_heads, n_k_heads, 1))
+    toks = _tok_class(n_tokens)
+    keep = [LaunchConfig(bt, bh, w, 1, g) for bt, bh, g, w in _CANDIDATES
+            if g <= heads and bh <= heads and bt <= toks and bt * bh * 2 * half_pad <= 64 * 32 * w]
+    return keep or [LaunchConfig(1, 1, 1, 1, 1)]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop shapes with more tokens or head groups than there are tokens or heads, or with
-    more than 64 fp32 values per thread per step (they spill)."""
-    half_pad = kwargs.get("HALF_PAD", named_args.get("HALF_PAD"))
-    heads = _next_pow2(max(named_args["n_q_heads"], named_args["n_k_heads"], 1))
-    toks = named_args["tok_class"]
-    keep = [
-        c for c in configs
-        if c.kwargs["HEAD_GROUPS"] <= heads and c.kwargs["BLOCK_T"] <= toks
-        and c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_H"] * 2 * half_pad <= 64 * 32 * c.num_warps
-    ]
-    return keep or [triton.Config({"BLOCK_T": 1, "BLOCK_H": 1, "HEAD_GROUPS": 1}, num_warps=1, num_stages=1)]
+def _scratch(t: torch.Tensor) -> torch.Tensor:
+    """Random data in a tensor of ``t``'s sizes and strides: the same access pattern."""
+    return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device).normal_()
 
 
-_TUNING_SMALL = [False]  # set around a tuning run of a small (decode) shape
+def _grid(n_tokens: int, cfg: "LaunchConfig") -> Tuple[int, int, int]:
+    return (_cdiv(n_tokens, cfg.block_t) * cfg.head_groups, 1, 1)
 
 
-def _quick_bench(fn, quantiles=None, **kwargs):
-    # Tuning runs once per shape class; short timings keep that to about a second.
-    if _TUNING_SMALL[0]:
-        return triton.testing.do_bench_cudagraph(fn, rep=10, quantiles=quantiles)
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+def _tune(args: tuple, switches: dict, n_tokens: int, configs: list) -> Optional["LaunchConfig"]:
+    """The fastest of ``configs`` for this launch, timed on scratch copies of the q/k
+    operands (positions, weights and ``inv_freq`` are only read, so the real ones serve).
+    Small launches are timed as CUDA-graph replays (host noise would decide an eager
+    timing of a few microseconds). None when the scratch would be too large."""
+    operands = args[:4]
+    if sum(t.numel() * t.element_size() for t in operands) > _TUNE_SCRATCH_MAX_BYTES:
+        return None
+    copies: dict = {}
+    scratch = [copies.setdefault(id(t), _scratch(t)) if t.numel() else t for t in operands]
+    targs = (*scratch, *args[4:])
+    small = n_tokens <= AUTOTUNE_GRAPH_TOKENS
+    best, best_ms = None, float("inf")
+    for cfg in configs:
+        def run(cfg=cfg):
+            rope_kernel[_grid(n_tokens, cfg)](*targs, **switches, **_meta(cfg), num_warps=cfg.num_warps,
+                                              num_stages=cfg.num_stages)
+        try:
+            run()  # compiles
+            ms = (triton.testing.do_bench_cudagraph(run, rep=10) if small
+                  else triton.testing.do_bench(run, warmup=5, rep=25))
+        except Exception:  # noqa: BLE001  (a shape the compiler rejects, e.g. out of resources)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    return best
 
 
-# shape class -> LaunchConfig picked by the autotuner. Bounded: the key is a shape class
+# shape class -> LaunchConfig picked by the tuner. Bounded: the key is a shape class
 # (token bucket, head counts, head stride, layout switches, dtypes), a handful per model.
 _TUNED: "collections.OrderedDict" = collections.OrderedDict()
 _TUNED_MAX = 256
 
 
 def tuned_configs() -> dict:
-    """The autotuner's picks so far, by shape class (for reports)."""
+    """The tuner's picks so far, by shape class (for reports)."""
     return dict(_TUNED)
 
 
 # YARN_TRITON_AUTOTUNE=0 uses the heuristic shape everywhere (e.g. test suites that would
 # otherwise tune every shape they touch).
 AUTOTUNE = os.environ.get("YARN_TRITON_AUTOTUNE", "1") != "0"
-
-rope_kernel_autotuned = rope_kernel if INTERPRETED else triton.autotune(
-    configs=_candidate_configs(),
-    key=["tok_class", "n_q_heads", "n_k_heads", "q_sh", "k_sh",
-         "HALF", "IN_PAIRS", "OUT_PAIRS", "INPLACE", "VARLEN", "NORM"],
-    prune_configs_by={"early_config_prune": _prune},
-    restore_value=["q_ptr", "k_ptr"],
-    do_bench=_quick_bench,
-)(rope_kernel)
 
 
 def _next_pow2(n: int) -> int:
@@ -452,15 +471,20 @@ _PROGRAMS_WANTED = 512
 
 @functools.lru_cache(maxsize=1024)
 def heuristic_config(n_tokens: int, n_q_heads: int, n_k_heads: int, half: int) -> LaunchConfig:
-    """A launch shape that needs no tuning. Many tokens: 16 tokens x all heads per program
-    (32 when the rope part is 64 wide or less), so each angle serves every head. Few
-    tokens (decode): one warp per program, up to 4 tokens each, and the heads split into
-    groups until there are enough programs: latency, not bandwidth, decides there."""
+    """A launch shape that needs no tuning. Many tokens on a GPU: one token and 4 heads per
+    step in one-warp programs, the heads split over up to 8 groups, which streams whole
+    rows of q and k (the tuner's usual pick on an H100). Under the interpreter, whose cost
+    grows with the number of programs: 16 tokens x all heads per program (32 when the rope
+    part is 64 wide or less). Few tokens (decode): one warp per program, up to 4 tokens
+    each, and the heads split into groups until there are enough programs: latency, not
+    bandwidth, decides there."""
     half_pad = _next_pow2(half)
     heads = _next_pow2(max(n_q_heads, n_k_heads, 1))
     block_t = 16 if half_pad >= 64 else 32
     if n_tokens >= block_t * _PROGRAMS_WANTED // 4:
-        return LaunchConfig(block_t, 1, 4, 1, 1)
+        if INTERPRETED:
+            return LaunchConfig(block_t, 1, 4, 1, 1)
+        return LaunchConfig(1, min(4, heads), 1, 1, max(1, min(8, heads // 4)))
     block_t = min(_next_pow2(max(n_tokens, 1)), 4)
     groups = min(heads, _next_pow2(max(1, _PROGRAMS_WANTED // _cdiv(max(n_tokens, 1), block_t))))
     return LaunchConfig(block_t, 1, 1, 1, groups)
@@ -580,9 +604,10 @@ def launch_rope(
     plus ``offsets[seq]`` when ``offsets`` is given; sequences are the batch rows, or the
     ``cu_seqlens`` ranges of a packed batch (then ``seq_len`` is unused).
 
-    The launch shape is ``config`` if given, else the autotuner's pick for this shape
-    class (tuned on first sight, then cached; the first call must not be inside a CUDA
-    graph capture), else (``autotune=False`` or the interpreter) :func:`heuristic_config`.
+    The launch shape is ``config`` if given, else the tuner's pick for this shape class
+    (timed on scratch copies on first sight, then cached; never inside a CUDA graph
+    capture), else (``autotune=False``, the interpreter, or a capture before any eager
+    call of the class) :func:`heuristic_config`.
 
     ``traced``: the call runs inside a ``torch.library.triton_op`` that torch.compile
     traces; the kernel goes through ``wrap_triton`` with a fixed launch shape (the tuned
@@ -597,7 +622,7 @@ def launch_rope(
     ``i`` at ``per_token_positions + i * pos_stream_stride``.
 
     Returns the :class:`PreparedLaunch` of this call for the caller to replay, or None
-    when the launch cannot be replayed that way (autotuning, tracing, nothing to do).
+    when the launch cannot be replayed that way (tracing, nothing to do).
     """
     n_q_heads = q.src.shape[-2]
     n_k_heads = 0 if k is None else k.src.shape[-2]
@@ -614,8 +639,7 @@ def launch_rope(
         k = Operand(dummy if traced else q.src, (0, 0, 0, 0), dummy if traced else q.dst, (0, 0, 0, 0))
     tune = config is None and autotune and AUTOTUNE and not INTERPRETED
     if tune or traced:
-        # The autotuner's own per-call bookkeeping costs more host time than the launch;
-        # it runs once per shape class, later calls launch its pick directly.
+        # Tuning runs once per shape class; later calls launch its pick directly.
         tune_key = (_tok_class(n_tokens), n_q_heads, n_k_heads, q.src_strides[2], k.src_strides[2],
                     half, in_pairs, out_pairs, inplace, cu_seqlens is not None, norm, mrope[0],
                     q.src.dtype, q.dst.dtype, k.src.dtype)
@@ -651,27 +675,17 @@ def launch_rope(
         MROPE=mrope[0], SEC_T=mrope[1], SEC_H=mrope[2], SEC_W=mrope[3],
     )
 
-    def grid(meta):
-        return (_cdiv(n_tokens, meta["BLOCK_T"]), meta["HEAD_GROUPS"])
-
     if traced:
-        g = grid(_meta(cfg))
-        torch.library.wrap_triton(rope_kernel)[g](*args, **switches, **_meta(cfg), num_warps=cfg.num_warps,
-                                                  num_stages=cfg.num_stages)
+        torch.library.wrap_triton(rope_kernel)[_grid(n_tokens, cfg)](
+            *args, **switches, **_meta(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return None
     if tune:
-        _TUNING_SMALL[0] = n_tokens <= AUTOTUNE_GRAPH_TOKENS
-        try:
-            rope_kernel_autotuned[grid](*args, **switches)
-        finally:
-            _TUNING_SMALL[0] = False
-        best = rope_kernel_autotuned.best_config
-        _TUNED[tune_key] = LaunchConfig(best.kwargs["BLOCK_T"], best.kwargs["BLOCK_H"], best.num_warps,
-                                        best.num_stages, best.kwargs["HEAD_GROUPS"])
+        pick = _tune(args, switches, n_tokens, candidate_configs(n_tokens, n_q_heads, n_k_heads, _next_pow2(half)))
+        cfg = pick or cfg
+        _TUNED[tune_key] = cfg
         while len(_TUNED) > _TUNED_MAX:
             _TUNED.popitem(last=False)
-        return None
-    plan = PreparedLaunch(args, switches, cfg, (_cdiv(n_tokens, cfg.block_t), cfg.head_groups, 1))
+    plan = PreparedLaunch(args, switches, cfg, _grid(n_tokens, cfg))
     plan([t.data_ptr() for t in args[:_N_PTRS]], int(pos_base), args[:_N_PTRS])
     return plan
 

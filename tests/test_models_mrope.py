@@ -153,7 +153,7 @@ def _randomise_norms(model, seed=3):
             n = m._modules.get(name)
             if n is not None:
                 with torch.no_grad():
-                    n.weight.add_(0.3 * torch.randn(n.weight.shape, generator=g))
+                    n.weight.add_(0.3 * torch.randn(n.weight.shape, generator=g).to(n.weight.device))
 
 
 def _eager(config):

@@ -285,26 +285,29 @@ def test_more_than_2pow31_elements():
 
 @requires_cuda
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_autotuned_launch_is_correct(layout, monkeypatch, gen):
-    """The autotuner benchmarks candidate shapes on the live tensors: with restore_value
-    the in-place result is still one rotation, and every candidate config is right."""
+@pytest.mark.parametrize("n", [3000, 37])  # timed as single launches / as CUDA-graph replays
+def test_autotuned_launch_is_correct(layout, n, monkeypatch, gen):
+    """The tuner times candidate shapes on scratch copies: the user's tensors see exactly
+    one rotation (in place) or none (out of place), and every candidate config is right."""
     from yarn_triton.kernels import rope_kernel as rk
 
     monkeypatch.setattr(rk, "AUTOTUNE", True)
+    monkeypatch.setattr(rk, "_TUNED", type(rk._TUNED)())  # tune afresh
     p = _params()
-    q = torch.randn(1, 3000, 16, 40, generator=gen).to("cuda", torch.bfloat16)
-    k = torch.randn(1, 3000, 4, 40, generator=gen).to("cuda", torch.bfloat16)
-    pos = torch.randint(0, 1 << 20, (1, 3000), generator=gen).to("cuda")
+    q = torch.randn(1, n, 16, 40, generator=gen).to("cuda", torch.bfloat16)
+    k = torch.randn(1, n, 4, 40, generator=gen).to("cuda", torch.bfloat16)
+    pos = torch.randint(0, 1 << 20, (1, n), generator=gen).to("cuda")
     q0, k0 = q.clone(), k.clone()
-    yt.apply_rope_(q, k, pos, p, layout=layout)
     rq, rk_ = rope_reference(q0.cpu(), k0.cpu(), pos.cpu(), p, layout=layout, compute_dtype=torch.float64)
+    oq, ok = yt.apply_rope(q, k, pos, p, layout=layout)  # tunes the out-of-place class
+    assert torch.equal(q, q0) and torch.equal(k, k0)
+    assert rel_err(oq, rq) < TOL[torch.bfloat16] and rel_err(ok, rk_) < TOL[torch.bfloat16]
+    yt.apply_rope_(q, k, pos, p, layout=layout)  # tunes the in-place class
+    assert len(rk.tuned_configs()) == 2
     assert rel_err(q, rq) < TOL[torch.bfloat16] and rel_err(k, rk_) < TOL[torch.bfloat16]
-    for cfg in rk._prune(rk._candidate_configs(), {"n_q_heads": 16, "n_k_heads": 4, "tok_class": 4096},
-                         HALF_PAD=16):
+    for cfg in rk.candidate_configs(n, 16, 4, 16):
         qq, kk = q0.clone(), k0.clone()
-        yt.apply_rope_(qq, kk, pos, p, layout=layout,
-                       config=rk.LaunchConfig(cfg.kwargs["BLOCK_T"], cfg.kwargs["BLOCK_H"], cfg.num_warps, 1,
-                                              cfg.kwargs["HEAD_GROUPS"]))
+        yt.apply_rope_(qq, kk, pos, p, layout=layout, config=cfg)
         assert rel_err(qq, rq) < TOL[torch.bfloat16], str(cfg)
 
 

@@ -1,0 +1,111 @@
+"""Every launch shape of the rope kernel on the benchmark's shapes, beside what bounds them.
+
+    python bench/explore_configs.py [--shapes decode-1,llama3-8b-prefill] [--json out.json]
+
+For each shape: the device time (CUDA-graph replay) of every candidate launch shape, the
+autotuner's own pick, Liger's kernel on its users' layout, an empty Triton kernel, and
+two in-place references that move exactly the rope bytes and compute nothing: torch's
+``mul_`` on the same views, and a minimal Triton kernel that loads the rope part of every
+head and stores it back. The last one is what a Triton kernel with this access pattern
+reaches on this GPU: the gap between it and the copy-bandwidth floor is the memory
+system's, not the rotation's. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_rope import SHAPES, copy_bandwidth, empty_kernel_us, graph_us, hf_cos_sin, make_inputs  # noqa: E402
+
+import yarn_triton as yt  # noqa: E402
+from yarn_triton.kernels import rope_kernel as rk  # noqa: E402
+
+EXTRA = [(64, 1, 1, 8), (32, 2, 1, 8), (32, 1, 1, 8), (16, 4, 1, 8), (16, 2, 1, 8), (8, 2, 1, 4), (8, 4, 1, 4),
+         (2, 1, 32, 1), (1, 2, 16, 1), (1, 4, 8, 1), (1, 1, 16, 1), (8, 1, 8, 2), (16, 1, 4, 4), (4, 1, 16, 1)]
+
+
+@triton.jit
+def _touch(x_ptr, n_tokens, n_heads, s_t, s_h, ROT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Load the first ROT channels of every head of BLOCK_T tokens and store them back."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, ROT)
+    for h0 in range(0, n_heads, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        off = t.to(tl.int64)[None, :, None] * s_t + h[:, None, None] * s_h + d[None, None, :]
+        m = (t < n_tokens)[None, :, None] & (h < n_heads)[:, None, None]
+        x = tl.load(x_ptr + off, mask=m)
+        tl.store(x_ptr + off, x * 1.0, mask=m)
+
+
+def touch(x: torch.Tensor, block_t: int, block_h: int, warps: int) -> None:
+    """``x``: ``[1, T, H, R]`` view with unit channel stride."""
+    T, H, R = x.shape[1], x.shape[2], x.shape[3]
+    _touch[(triton.cdiv(T, block_t),)](x, T, H, x.stride(1), x.stride(2), R, block_t, block_h, num_warps=warps)
+
+
+def best(fn, reps: int = 3):
+    """Fastest of ``reps`` graph timings, or the error's text (one failure must not end the run)."""
+    try:
+        return min(graph_us(fn) for _ in range(reps))
+    except Exception as e:  # noqa: BLE001
+        return repr(e)[:100]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="decode-1,decode-64,decode-256,llama3-8b-prefill,mla-8k-deepseek,mla-8k-neox")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    try:
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb as liger
+    except ImportError:
+        liger = None
+    bw = copy_bandwidth()
+    empty = empty_kernel_us()
+    out = {"copy_tbps": bw / 1e12, "empty_us": empty, "shapes": {}}
+    print(f"copy {bw / 1e12:.2f} TB/s, empty kernel {empty:.2f} us")
+    for name in args.shapes.split(","):
+        shape = SHAPES[name]
+        T, hq, hk, D, rot, kind, layout, _ = shape
+        q, k, pos, nbytes = make_inputs(shape, torch.bfloat16, torch.Generator(device="cuda").manual_seed(0))
+        base = yt.RopeParams.yarn(rot, 500000.0, 4.0, 8192)
+        p = yt.RopeParams(base.inv_freq, rot, 1.0, 1.0, "yarn")
+        res = {"floor_us": nbytes / bw * 1e6}
+        yt.apply_rope_(q, k, pos, p, layout=layout)  # the autotuner's pick
+        res["tuned"] = best(lambda: yt.apply_rope_(q, k, pos, p, layout=layout))
+        res["tuned_cfg"] = [str(c) for c in rk.tuned_configs().values()][-1:]
+        res["torch mul_"] = best(lambda: (q.mul_(1.0), k.mul_(1.0)))
+        for bt, bh, w in [(16, 1, 4), (32, 1, 4), (8, 4, 4), (64, 1, 8), (4, 8, 4), (1, 1, 1), (1, 8, 1)]:
+            if bt <= max(T, 1) * 2:
+                res[f"touch {bt}x{bh} w{w}"] = best(lambda: (touch(q, bt, bh, w), touch(k, bt, bh, w)))
+        if liger is not None and layout == "neox" and kind != "mla":
+            qv, kv = q.transpose(1, 2), k.transpose(1, 2)  # the [B, H, S, D] views transformers passes
+            cos, sin = hf_cos_sin(pos, p.inv_freq_on("cuda"), 1.0, q.dtype)
+            res["liger"] = best(lambda: liger(qv, kv, cos, sin))
+        for bt, bh, g, w in list(dict.fromkeys(rk._CANDIDATES + EXTRA)):
+            if bt > 2 * max(T, 1) or g > max(hq, hk):
+                continue
+            cfg = rk.LaunchConfig(bt, bh, w, 1, g)
+            res[f"cfg {bt},{bh},{g},w{w}"] = best(lambda: yt.apply_rope_(q, k, pos, p, layout=layout, config=cfg))
+        out["shapes"][name] = res
+        nums = sorted((v, key) for key, v in res.items() if isinstance(v, float) and key.startswith("cfg"))
+        print(f"\n== {name}: floor {res['floor_us']:.2f}  tuned {res['tuned']} {res['tuned_cfg']}")
+        for key in [kk for kk in res if not kk.startswith("cfg") and kk != "tuned_cfg"]:
+            print(f"   {key:22s} {res[key]}")
+        for v, key in nums[:6]:
+            print(f"   {key:22s} {v:8.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
