@@ -75,6 +75,7 @@ def main(argv=None):
     ap.add_argument("--half", type=int, default=64)
     ap.add_argument("--block-t", type=int, default=16)
     ap.add_argument("--block-h", type=int, default=2)
+    ap.add_argument("--k-block-h", type=int, default=0, help="k's heads per step (default: --block-h)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--groups", type=int, default=1)
     ap.add_argument("--norm", type=int, default=0, help="0 none, 1 RMSNorm, 2 (1 + weight)")
@@ -86,7 +87,8 @@ def main(argv=None):
     c = dict(HALF=a.half, HALF_PAD=triton.next_power_of_2(a.half), Q_TAIL_PAD=0, K_TAIL_PAD=0,
              IN_PAIRS=in_pairs, OUT_PAIRS=out_pairs, INVERSE=0, PRECISE=int(not a.imprecise), INPLACE=1,
              POS_MODE=0, HAS_OFFSETS=0, VARLEN=0, NORM=a.norm, MROPE=a.mrope, SEC_T=a.half // 3, SEC_H=a.half // 3,
-             SEC_W=a.half - 2 * (a.half // 3), BLOCK_T=a.block_t, BLOCK_H=a.block_h, HEAD_GROUPS=a.groups)
+             SEC_W=a.half - 2 * (a.half // 3), BLOCK_T=a.block_t, Q_BLOCK_H=a.block_h,
+             K_BLOCK_H=a.k_block_h or a.block_h, HEAD_GROUPS=a.groups)
     c.update({n: 1 for n in ("q_sd", "qo_sd", "k_sd", "ko_sd", "pos_ss")})
     # pointers and the token/head strides of q, k and their outputs 16-aligned, as for
     # contiguous or fused-projection tensors of a real model

@@ -1,7 +1,7 @@
 """The one Triton kernel of yarn-triton: rotary embedding of q and k in one launch.
 
 Each program owns ``BLOCK_T`` tokens and one of ``HEAD_GROUPS`` slices of q's heads and of
-k's heads, which it walks ``BLOCK_H`` at a time, so q and k are rotated together whatever
+k's heads, which it walks a few heads at a time, so q and k are rotated together whatever
 their head counts. Per token it finds the position, forms ``angle = position * inv_freq`` and takes
 cos/sin in registers: nothing is read but q, k, the positions and ``inv_freq``, and no
 cos/sin cache exists anywhere.
@@ -269,13 +269,14 @@ def rope_kernel(
     INVERSE: tl.constexpr, PRECISE: tl.constexpr, INPLACE: tl.constexpr,
     POS_MODE: tl.constexpr, HAS_OFFSETS: tl.constexpr, VARLEN: tl.constexpr, NORM: tl.constexpr,
     MROPE: tl.constexpr, SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_GROUPS: tl.constexpr,
+    BLOCK_T: tl.constexpr, Q_BLOCK_H: tl.constexpr, K_BLOCK_H: tl.constexpr, HEAD_GROUPS: tl.constexpr,
 ):
     """Grid: ``cdiv(n_tokens, BLOCK_T) * HEAD_GROUPS`` programs.
 
     Program ``i * HEAD_GROUPS + g`` owns tokens ``i*BLOCK_T ..`` and the g-th of ``HEAD_GROUPS`` equal
     slices of q's heads and of k's heads: it computes the angles of its tokens once and
-    walks its heads ``BLOCK_H`` at a time. One group (prefill) makes each angle serve every
+    walks them ``Q_BLOCK_H`` / ``K_BLOCK_H`` at a time (the launch shape's heads per step,
+    capped at the operand's heads per group, so GQA's few k heads waste no masked lanes). One group (prefill) makes each angle serve every
     head; more groups (decode) spread few tokens over more programs.
 
     Tokens are indexed ``t = b * seq_len + s``; every tensor is addressed through its own
@@ -325,13 +326,13 @@ def rope_kernel(
     q_hi = tl.minimum(q_lo + q_per, n_q_heads)
     q_row = b * q_sb + s * q_ss
     qx1, qx2 = _load_heads(q_ptr + q_row[None, :, None], q_lo, q_hi, tok_mask, q_sh, q_sd,
-                           HALF, HALF_PAD, IN_PAIRS, BLOCK_T, BLOCK_H)
+                           HALF, HALF_PAD, IN_PAIRS, BLOCK_T, Q_BLOCK_H)
     k_per = tl.cdiv(n_k_heads, HEAD_GROUPS)
     k_lo = pid_g * k_per
     k_hi = tl.minimum(k_lo + k_per, n_k_heads)
     k_row = b * k_sb + s * k_ss
     kx1, kx2 = _load_heads(k_ptr + k_row[None, :, None], k_lo, k_hi, tok_mask, k_sh, k_sd,
-                           HALF, HALF_PAD, IN_PAIRS, BLOCK_T, BLOCK_H)
+                           HALF, HALF_PAD, IN_PAIRS, BLOCK_T, K_BLOCK_H)
 
     jf = tl.arange(0, HALF_PAD)
     inv_freq = tl.load(inv_freq_ptr + jf, mask=jf < HALF, other=0.0)
@@ -343,10 +344,10 @@ def rope_kernel(
 
     _rotate_heads(q_ptr, qo_ptr, q_row, b * qo_sb + s * qo_ss, tok_mask, q_lo, q_hi, qx1, qx2,
                   q_sh, q_sd, qo_sh, qo_sd, cos, sin, q_tail, qw_ptr, eps,
-                  HALF, HALF_PAD, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, BLOCK_H)
+                  HALF, HALF_PAD, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, Q_BLOCK_H)
     _rotate_heads(k_ptr, ko_ptr, k_row, b * ko_sb + s * ko_ss, tok_mask, k_lo, k_hi, kx1, kx2,
                   k_sh, k_sd, ko_sh, ko_sd, cos, sin, k_tail, kw_ptr, eps,
-                  HALF, HALF_PAD, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, BLOCK_H)
+                  HALF, HALF_PAD, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, K_BLOCK_H)
 
 
 INTERPRETED = not isinstance(rope_kernel, triton.runtime.JITFunction)
@@ -370,7 +371,7 @@ _CANDIDATES = [
     (8, 4, 1, 4), (16, 1, 8, 2), (16, 2, 1, 4), (16, 4, 1, 8), (32, 1, 8, 4), (4, 1, 16, 1),
     # few tokens (decode): many small programs, or one wide program per token
     (1, 1, 32, 1), (1, 1, 16, 1), (2, 1, 16, 1), (4, 1, 32, 1), (1, 8, 4, 1), (1, 16, 2, 2), (1, 32, 1, 4),
-    (2, 16, 1, 4),
+    (2, 16, 1, 4), (2, 8, 4, 1), (2, 16, 2, 2), (4, 8, 4, 2),
 ]
 # Up to this many tokens a launch takes a few microseconds and each timing is a CUDA-graph
 # replay of many launches; larger shapes are timed as single launches.
@@ -415,7 +416,7 @@ def _tune(args: tuple, switches: dict, n_tokens: int, configs: list) -> Optional
     best, best_ms = None, float("inf")
     for cfg in configs:
         def run(cfg=cfg):
-            rope_kernel[_grid(n_tokens, cfg)](*targs, **switches, **_meta(cfg), num_warps=cfg.num_warps,
+            rope_kernel[_grid(n_tokens, cfg)](*targs, **switches, **_meta(cfg, targs), num_warps=cfg.num_warps,
                                               num_stages=cfg.num_stages)
         try:
             run()  # compiles
@@ -527,7 +528,7 @@ class PreparedLaunch:
         self.grid = grid
         self.device = args[0].device.index
         # the compiled kernel's launcher takes the constexprs too (and skips them)
-        meta = {**switches, **_meta(cfg)}
+        meta = {**switches, **_meta(cfg, self.args)}
         self._constexprs = [meta[name] for name in rope_kernel.arg_names[len(args):]]
         self._by_align = {}
         self._aligned = None  # the common case: every pointer 16-byte aligned, 32-bit pos_base
@@ -544,7 +545,7 @@ class PreparedLaunch:
         the 9 pointer arguments; ``tensors``: the same as tensors, used only when a new
         specialization must be compiled."""
         if INTERPRETED or not FAST_LAUNCH:  # Triton's own launcher (the interpreter's too)
-            rope_kernel[self.grid](*self._args(tensors, pos_base), **self.switches, **_meta(self.cfg),
+            rope_kernel[self.grid](*self._args(tensors, pos_base), **self.switches, **_meta(self.cfg, self.args),
                                    num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
             return
         p0, p1, p2, p3, p4, p5, p6, p7, p8 = ptrs
@@ -677,7 +678,7 @@ def launch_rope(
 
     if traced:
         torch.library.wrap_triton(rope_kernel)[_grid(n_tokens, cfg)](
-            *args, **switches, **_meta(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            *args, **switches, **_meta(cfg, args), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return None
     if tune:
         pick = _tune(args, switches, n_tokens, candidate_configs(n_tokens, n_q_heads, n_k_heads, _next_pow2(half)))
@@ -690,8 +691,17 @@ def launch_rope(
     return plan
 
 
-def _meta(cfg: LaunchConfig) -> dict:
-    return {"BLOCK_T": cfg.block_t, "BLOCK_H": cfg.block_h, "HEAD_GROUPS": cfg.head_groups}
+_NQ = rope_kernel.arg_names.index("n_q_heads")
+_NK = rope_kernel.arg_names.index("n_k_heads")
+
+
+def _meta(cfg: LaunchConfig, args: Sequence) -> dict:
+    """The launch shape's constexprs for the kernel arguments ``args``: each operand's heads
+    per step is the shape's, capped at its heads per group (power of two)."""
+    def step(n_heads):
+        return min(cfg.block_h, _next_pow2(_cdiv(max(n_heads, 1), cfg.head_groups)))
+    return {"BLOCK_T": cfg.block_t, "Q_BLOCK_H": step(args[_NQ]), "K_BLOCK_H": step(args[_NK]),
+            "HEAD_GROUPS": cfg.head_groups}
 
 
 # --------------------------------------------------------------------------------------
@@ -730,6 +740,7 @@ def _specialization_key(args, switches, cfg):
         tuple(_int_class(i, v) for i, v in enumerate(args) if i >= _N_PTRS),
         tuple(switches.values()),
         cfg,
+        tuple(_meta(cfg, args).values()),  # heads per step follow the head counts
     )
 
 
@@ -746,7 +757,7 @@ def _compile(args, switches, cfg: LaunchConfig, grid):
     if compiled is not None:
         _COMPILED.move_to_end(key)
         return compiled
-    compiled = rope_kernel.warmup(*args, **switches, **_meta(cfg), num_warps=cfg.num_warps,
+    compiled = rope_kernel.warmup(*args, **switches, **_meta(cfg, args), num_warps=cfg.num_warps,
                                   num_stages=cfg.num_stages, grid=grid)
     compiled._init_handles()
     _COMPILED[key] = compiled

@@ -335,3 +335,21 @@ def test_fast_launch_matches_triton_launch(monkeypatch, gen):
             outs.append((qq, kk))
         for qq, kk in outs[1:]:
             assert torch.equal(qq, outs[0][0]) and torch.equal(kk, outs[0][1])
+
+
+@requires_cuda
+def test_heads_per_step_follow_head_counts(gen):
+    """One launch shape, two GQA head counts of the same integer class: each operand's
+    heads per step is capped by its heads per group, so the compiled kernels differ and
+    the fast path must not hand one's kernel to the other."""
+    from yarn_triton.kernels import rope_kernel as rk
+
+    p = _params()
+    cfg = rk.LaunchConfig(2, 8, 1, 1, 2)
+    for hk in (6, 2, 6):
+        q = torch.randn(1, 33, 12, 40, generator=gen).to("cuda", torch.bfloat16)
+        k = torch.randn(1, 33, hk, 40, generator=gen).to("cuda", torch.bfloat16)
+        pos = torch.randint(0, 1 << 20, (1, 33), generator=gen).to("cuda")
+        rq, rk_ = rope_reference(q.cpu(), k.cpu(), pos.cpu(), p, compute_dtype=torch.float64)
+        yt.apply_rope_(q, k, pos, p, config=cfg)
+        assert rel_err(q, rq) < TOL[torch.bfloat16] and rel_err(k, rk_) < TOL[torch.bfloat16], hk
