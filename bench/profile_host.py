@@ -161,7 +161,8 @@ def main() -> None:
         "apply_rope (autograd, q/k require grad)": calls["apply_rope"],
         "  signature lookup (out of place)": lambda: op._PLANS.get(
             op._signature(qg, kg, pos, p, "neox", None, None, None, True, False, None, False)),
-        "  plan replay out of place (no alloc)": lambda: plan_copy.run(q, k, pos, None, None, 0, qo, ko),
+        "  plan replay out of place (no alloc; GPU: launch too)":
+            lambda: plan_copy.run(q, k, pos, None, None, 0, qo, ko),
         "  autograd.Function shell, 2 outputs": lambda: shell_apply(shell_meta, qg, kg),
         "  empty autograd.Function (1 in/out)": lambda: _Nothing.apply(qg),
         "  two empty_like": lambda: (torch.empty_like(q), torch.empty_like(k)),
