@@ -11,7 +11,7 @@ import torch
 import yarn_triton as yt
 from yarn_triton import op
 from yarn_triton.kernels import rope_kernel as rk
-from yarn_triton.reference import rope_reference
+from yarn_triton.reference import qk_norm_rope_reference, rope_reference
 
 from conftest import TOL, rel_err, requires_cuda
 
@@ -161,3 +161,192 @@ def test_compiled_graph_launches_the_kernel_itself(gen):
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-6
     assert rel_err(q, q_eager) < 1e-6 and rel_err(k, k_eager) < 1e-6  # in place under compile too
+
+
+# --------------------------------------------------------------------------------------
+# The out-of-place, differentiable calls (apply_rope, apply_qk_norm_rope) on a known
+# signature: checks skipped, plans replayed in both directions; nothing else may change.
+# --------------------------------------------------------------------------------------
+def _count_calls(monkeypatch, name):
+    """Wrap ``op.<name>`` to count its calls."""
+    calls = [0]
+    real = getattr(op, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(op, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["neox", "deepseek"])
+@pytest.mark.parametrize("norm", [False, True], ids=["rope", "qk_norm"])
+@pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
+def test_replayed_autograd_call_matches_reference_with_fresh_data(kdev, gen, monkeypatch, layout, norm, inverse):
+    """Same signature, new values every call: outputs and every gradient (norm weights
+    too) match autograd of the float64 reference, inputs stay untouched, and from the
+    second call on neither direction re-validates or takes the full launch path."""
+    if norm and inverse:
+        pytest.skip("the norm calls have no inverse")
+    p = _params()
+    op._PLANS.clear()
+    checks = _count_calls(monkeypatch, "check_rope_args")
+    full = _count_calls(monkeypatch, "_execute")
+    for i in range(3):
+        q0 = torch.randn(2, 5, 4, 96, generator=gen) * 3  # partial rotary: 64 of 96
+        k0 = torch.randn(2, 5, 2, 96, generator=gen)
+        w0 = [torch.rand(96, generator=gen) + 0.5 for _ in range(2)]
+        pos = torch.randint(0, 1 << 20, (2, 5), generator=gen)
+        gq, gk = torch.randn_like(q0), torch.randn_like(k0)
+        leaves = [t.to(kdev, copy=True).requires_grad_() for t in [q0, k0] + (w0 if norm else [])]
+        before = [t.detach().clone() for t in leaves]
+        if norm:
+            qo, ko = yt.apply_qk_norm_rope(*leaves[:2], pos.to(kdev), p, *leaves[2:], layout=layout)
+        else:
+            qo, ko = yt.apply_rope(*leaves, pos.to(kdev), p, layout=layout, inverse=inverse)
+        torch.autograd.backward((qo, ko), (gq.to(kdev), gk.to(kdev)))
+        for t, b in zip(leaves, before):
+            assert torch.equal(t.detach(), b)  # inputs not modified
+        ref = [t.double().requires_grad_() for t in [q0, k0] + (w0 if norm else [])]
+        if norm:
+            rq, rk = qk_norm_rope_reference(*ref[:2], pos, p, *ref[2:], layout=layout, compute_dtype=torch.float64)
+        else:
+            rq, rk = rope_reference(*ref, pos, p, layout=layout, inverse=inverse, compute_dtype=torch.float64)
+        torch.autograd.backward((rq, rk), (gq.double(), gk.double()))
+        assert rel_err(qo.detach(), rq.detach()) < 1e-5 and rel_err(ko.detach(), rk.detach()) < 1e-5, i
+        for got, want in zip(leaves, ref):
+            assert rel_err(got.grad, want.grad) < 1e-5, i
+        if i == 0:
+            assert checks[0] == 1 and full[0] == 2  # first call: validated, forward and backward launched
+    assert checks[0] == 1 and full[0] == 2  # later calls: plan replays only
+
+
+def _bad_variants(kdev):
+    """(description, call overrides, exception, message) for calls whose signature differs
+    from the good one of ``test_bad_input_on_a_cached_signature_family_still_raises`` by
+    one argument."""
+    return [
+        ("float positions", dict(positions=torch.zeros(2, 5, device=kdev)), TypeError, "positions must be int32"),
+        ("positions shape", dict(positions=torch.zeros(2, 4, dtype=torch.long, device=kdev)), ValueError,
+         "do not broadcast"),
+        ("k token dims", dict(k=torch.randn(2, 4, 2, 64, device=kdev)), ValueError, "token dims"),
+        ("rotary_dim", dict(rotary_dim=32), ValueError, "rotary_dim=32"),
+        ("layout", dict(layout="gptj"), ValueError, "layout must be one of"),
+        ("int q", dict(q=torch.ones(2, 5, 4, 64, dtype=torch.int32, device=kdev)), TypeError, "q must be float"),
+        ("offsets and positions", dict(offsets=3), ValueError, "not both"),
+        ("bool offsets", dict(positions=None, offsets=True), TypeError, "offsets must be a torch.Tensor"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_variants("cpu"))), ids=[c[0] for c in _bad_variants("cpu")])
+def test_bad_input_on_a_cached_signature_family_still_raises(kdev, gen, case):
+    """After good calls cached a signature, a call differing in one bad argument is
+    refused before anything runs, on the first and the second try alike."""
+    _, over, exc, match = _bad_variants(kdev)[case]
+    p = _params()
+    good = dict(q=torch.randn(2, 5, 4, 64, generator=gen).to(kdev).requires_grad_(),
+                k=torch.randn(2, 5, 2, 64, generator=gen).to(kdev).requires_grad_(),
+                positions=torch.randint(0, 100, (2, 5), generator=gen).to(kdev))
+    for _ in range(2):
+        yt.apply_rope(good["q"], good["k"], good["positions"], p)
+    call = {**good, **over}
+    rest = {n: v for n, v in call.items() if n not in ("q", "k", "positions")}
+    before = [t.detach().clone() for t in (good["q"], good["k"])]
+    for _ in range(2):
+        with pytest.raises(exc, match=match):
+            yt.apply_rope(call["q"], call["k"], call["positions"], p, **rest)
+    assert all(torch.equal(t.detach(), b) for t, b in zip((good["q"], good["k"]), before))
+
+
+def test_bad_values_on_a_cached_signature_still_raise(kdev, gen):
+    """cu_seqlens values are not part of a signature: with the check on, a replay of a
+    cached signature still reads and refuses them, for both out-of-place calls."""
+    p = _params()
+    q = torch.randn(8, 2, 64, generator=gen).to(kdev).requires_grad_()
+    qw = torch.ones(64, device=kdev)
+    good = torch.tensor([0, 3, 8], dtype=torch.int32).to(kdev)
+    bad = torch.tensor([0, 5, 2], dtype=torch.int32).to(kdev)
+    for _ in range(2):
+        yt.apply_rope(q, None, None, p, cu_seqlens=good, check_cu_seqlens=True)
+        yt.apply_qk_norm_rope(q, None, None, p, qw, None, cu_seqlens=good, check_cu_seqlens=True)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="not decrease"):
+            yt.apply_rope(q, None, None, p, cu_seqlens=bad, check_cu_seqlens=True)
+        with pytest.raises(ValueError, match="not decrease"):
+            yt.apply_qk_norm_rope(q, None, None, p, qw, None, cu_seqlens=bad, check_cu_seqlens=True)
+
+
+def test_positions_changed_before_backward_is_an_error(kdev, gen):
+    """The backward recomputes angles from the saved positions: changing them in place
+    after the forward must raise, as autograd does for any saved tensor."""
+    p = _params()
+    q = torch.randn(1, 4, 2, 64, generator=gen).to(kdev).requires_grad_()
+    pos = torch.randint(0, 100, (1, 4), generator=gen).to(kdev)
+    for _ in range(2):  # the second forward replays the plan
+        qo, _ = yt.apply_rope(q, None, pos, p)
+    pos.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        qo.sum().backward()
+
+
+def test_call_needing_no_gradient_matches_and_records_nothing(kdev, gen):
+    """Inputs that need no gradient (or grad mode off) give the autograd call's values and
+    outputs without a graph; forward-mode AD is still refused, not silently dropped."""
+    p = _params()
+    q = torch.randn(2, 3, 4, 64, generator=gen).to(kdev)
+    k = torch.randn(2, 3, 2, 64, generator=gen).to(kdev)
+    pos = torch.randint(0, 1000, (2, 3), generator=gen).to(kdev)
+    qw = torch.rand(64, generator=gen).to(kdev) + 0.5
+    want = yt.apply_rope(q.clone().requires_grad_(), k, pos, p)
+    want_n = yt.apply_qk_norm_rope(q, k, pos, p, qw.clone().requires_grad_(), qw)
+    for _ in range(2):
+        for got in (yt.apply_rope(q, k, pos, p), yt.apply_qk_norm_rope(q, k, pos, p, qw, qw)):
+            assert all(t.grad_fn is None and not t.requires_grad for t in got)
+        with torch.no_grad():
+            got = yt.apply_rope(q.clone().requires_grad_(), k, pos, p)
+        assert got[0].grad_fn is None and torch.equal(got[0], want[0].detach()) and torch.equal(got[1], want[1])
+        got = yt.apply_qk_norm_rope(q, k, pos, p, qw, qw)
+        assert torch.equal(got[0], want_n[0].detach()) and torch.equal(got[1], want_n[1].detach())
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(q, torch.randn_like(q))
+        with pytest.raises(NotImplementedError, match="jvp"):
+            yt.apply_rope(dual, k, pos, p)
+
+
+def test_functorch_transforms_are_refused_as_before(kdev, gen):
+    """Under torch.func transforms the Function takes autograd.Function.apply's own path,
+    which refuses it (no setup_context), whatever the plan cache holds."""
+    p = _params()
+    q = torch.randn(1, 3, 2, 64, generator=gen).to(kdev)
+    pos = torch.randint(0, 100, (1, 3), generator=gen).to(kdev)
+    yt.apply_rope(q, None, pos, p)
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(lambda x: yt.apply_rope(x, None, pos, p)[0].sum())(q)
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.vmap(lambda x: yt.apply_rope(x, None, pos, p)[0])(q[None].repeat(2, 1, 1, 1, 1))
+
+
+def test_backward_after_the_plan_cache_was_emptied(kdev, gen, monkeypatch):
+    """A forward's plan evicted (or the cache cleared) before its backward: the backward
+    still gives the right gradients, and the bounded cache stays bounded."""
+    monkeypatch.setattr(op, "_PLANS_MAX", 4)
+    p = _params()
+    pos = torch.randint(0, 1000, (1, 6), generator=gen).to(kdev)
+    q0 = torch.randn(1, 6, 2, 64, generator=gen)
+    outs = []
+    for _ in range(2):
+        q = q0.to(kdev, copy=True).requires_grad_()
+        outs.append((q, yt.apply_rope(q, None, pos, p)[0]))
+    for t in range(1, 8):  # other signatures push the first out
+        yt.apply_rope(torch.randn(t, 1, 64).to(kdev).requires_grad_(), None, None, p, offsets=t)
+    assert op.plan_cache_size() <= 4
+    qr = q0.double().requires_grad_()
+    g = torch.randn(1, 6, 2, 64, generator=gen)
+    rope_reference(qr, None, pos.cpu(), p, compute_dtype=torch.float64)[0].backward(g.double())
+    for i, (q, qo) in enumerate(outs):
+        if i:
+            op._PLANS.clear()
+        qo.backward(g.to(kdev))
+        assert rel_err(q.grad, qr.grad) < 1e-5

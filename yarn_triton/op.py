@@ -14,6 +14,7 @@ from collections import OrderedDict
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .reference import (LAYOUTS, apply_rope_reference_, packed_token_mask, positions_from_offsets,
                         rms_norm_reference)
@@ -659,46 +660,58 @@ class _EagerRope(torch.autograd.Function):
     """The same forward/backward as the ``yarn_triton::rope`` op, without the dispatcher
     round trips, which cost several times the kernel's own host time in eager mode. Both
     directions replay a launch plan when the signature repeats. ``torch.compile`` uses
-    the op."""
+    the op.
 
-    # Tensors are separate arguments (autograd tracks them); everything else travels as one
-    # tuple, since apply() inspects each argument and that costs about 1 us per 10.
+    Arguments: ``meta = (args, plan, key, norm, has_k)`` (``args`` as for
+    :func:`_eager_copy`; ``plan`` the forward's launch plan or None, then remembered under
+    ``key``), then the tensors autograd tracks: q, k and, with the norm, its weights.
+    Everything else travels inside ``meta``, since ``apply`` inspects each argument it
+    is given (about 1 us per 10); positions and inv_freq take no gradient."""
+
     @staticmethod
-    def forward(ctx, q, k, positions, offsets, cu_seqlens, inv_freq, q_weight, k_weight, meta):
-        scale, pos_base, rot, layout, inverse, precise, params, key, eps, norm_kind = meta
-        norm = _norm_of(q_weight, k_weight, eps, norm_kind)
-        qo, ko = _eager_copy(key, params, q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-                             rot, layout, inverse, precise, norm)
-        if norm_kind:
-            ctx.save_for_backward(positions, offsets, cu_seqlens, inv_freq, q, k, q_weight, k_weight)
+    def forward(ctx, meta, q, k, *weights):
+        args, plan, key, norm, _ = meta
+        qo, ko = _eager_copy(q, k, args, args[8], plan, key, norm)
+        # Saved so that an in-place change of the positions (all the backward needs) before
+        # the backward is an error, as for any autograd op, not wrong gradients.
+        if weights:
+            ctx.save_for_backward(args[0], args[1], args[2], q, k, *weights)
         else:
-            ctx.save_for_backward(positions, offsets, cu_seqlens, inv_freq)
+            ctx.save_for_backward(args[0], args[1], args[2])
         ctx.meta = meta
-        ctx.has_k = k is not None
         return qo, ko
 
     @staticmethod
     def backward(ctx, gq, gk):
-        positions, offsets, cu_seqlens, inv_freq, *saved = ctx.saved_tensors
-        scale, pos_base, rot, layout, inverse, precise, params, _, eps, norm_kind = ctx.meta
-        gk = gk if ctx.has_k else None
+        positions, offsets, cu_seqlens, *saved = ctx.saved_tensors
+        args, _, _, norm, has_k = ctx.meta
+        _, _, _, _, _, _, rot, layout, inverse, precise, params = args
+        gk = gk if has_k else None
         key = _signature(gq, gk, positions, params, layout, rot, offsets, cu_seqlens, precise, not inverse, None,
                          False)
-        dq, dk = _eager_copy(key, params, gq, gk, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-                             rot, layout, not inverse, precise)
-        dqw = dkw = None
-        if norm_kind:
-            q, k, q_weight, k_weight = saved
-            dq, dk, dqw, dkw = _norm_rope_backward(q, k, q_weight, k_weight, eps, norm_kind, dq, dk)
-        return dq, dk, None, None, None, None, dqw, dkw, None
+        dq, dk = _eager_copy(gq, gk, args, not inverse, _PLANS.get(key), key)
+        if norm is None:
+            return None, dq, dk
+        q, k, q_weight, k_weight = saved
+        dq, dk, dqw, dkw = _norm_rope_backward(q, k, q_weight, k_weight, norm.eps, norm.kind, dq, dk)
+        return None, dq, dk, dqw, dkw
 
 
-def _eager_copy(key, params, q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout,
-                inverse, precise, norm=None):
-    """Out-of-place rotation for eager autograd, through the plan of ``key`` when known."""
+# The C++ apply under Function.apply's Python wrapper, which (with no functorch transform
+# active) only passes each tensor argument through functorch's unwrap_if_dead, at about
+# 1.5 us a call: a tensor that escaped a functorch transform fails in the forward's first
+# op with or without it.
+_EAGER_ROPE_APPLY = super(torch.autograd.Function, _EagerRope).apply
+
+
+def _eager_copy(q, k, args, inverse, plan, key, norm=None):
+    """Rotate ``q``/``k`` into fresh tensors, replaying ``plan`` when given, else by the full
+    launch path, remembering its plan under ``key``. ``args = (positions, offsets,
+    cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse, precise, params)``, the
+    forward's; ``inverse`` is the direction of this call."""
     qo = torch.empty_like(q)
     ko = None if k is None else torch.empty_like(k)
-    plan = _PLANS.get(key) if key is not None else None
+    positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, _, precise, params = args
     if plan is not None:
         plan.run(q, k, positions, offsets, cu_seqlens, pos_base, qo, ko, norm)
     else:
@@ -797,29 +810,45 @@ def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqle
 
 
 def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, check_cu, norm):
-    """Out-of-place, differentiable rope (and norm)."""
-    compiling = torch.compiler.is_compiling()
-    key = None
-    if not compiling:
-        key = _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise,
-                         inverse, None, False, norm)
-    if key is None or key not in _PLANS:
+    """Out-of-place, differentiable rope (and norm). Eager: a known signature skips the
+    checks (they passed for it) and replays its plan inside :class:`_EagerRope`, or
+    without autograd when nothing needs a gradient; torch.compile: the custom op."""
+    if torch.compiler.is_compiling():
         rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace=False)
         if norm is not None:
             check_norm_args(q, k, norm)
-    else:
+        off_t, pos_base = _split_offsets(offsets)
+        nargs = (None, None, 0.0, 0) if norm is None else (norm.q_weight, norm.k_weight, float(norm.eps), norm.kind)
+        out = torch.ops.yarn_triton.rope(q, k, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
+                                         params.cos_sin_scale, pos_base, rot, layout, bool(inverse), precise, *nargs,
+                                         _mrope_arg(params))
+        return out[0], (out[1] if k is not None else None)
+    key = _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, None,
+                     False, norm)
+    plan = _PLANS.get(key)  # (None when key is None)
+    if plan is None:
+        rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace=False)
+        if norm is not None:
+            check_norm_args(q, k, norm)
+        inv_freq = params.inv_freq_on(q.device)
+    else:  # the signature passed these checks before; the plan holds params' inv_freq on q's device
         rot = params.rope_dim
-    _check_cu(cu_seqlens, check_cu, q)
-    off_t, pos_base = _split_offsets(offsets)
-    inv_freq = params.inv_freq_on(q.device)
-    nargs = (None, None, 0.0, 0) if norm is None else (norm.q_weight, norm.k_weight, float(norm.eps), norm.kind)
-    if not compiling:
-        return _EagerRope.apply(q, k, positions, off_t, cu_seqlens, inv_freq, nargs[0], nargs[1],
-                                (params.cos_sin_scale, pos_base, rot, layout, bool(inverse), precise, params, key,
-                                 nargs[2], nargs[3]))
-    out = torch.ops.yarn_triton.rope(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale,
-                                     pos_base, rot, layout, bool(inverse), precise, *nargs, _mrope_arg(params))
-    return out[0], (out[1] if k is not None else None)
+        inv_freq = plan.inv_freq
+    if cu_seqlens is not None:
+        _check_cu(cu_seqlens, check_cu, q)
+    off_t, pos_base = (None, 0) if offsets is None else _split_offsets(offsets)
+    args = (positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base, rot, layout, bool(inverse),
+            precise, params)
+    # Outside functorch transforms and forward-mode AD (which the Function refuses, and
+    # must keep refusing), Function.apply's Python wrapper adds nothing, and a call where
+    # nothing needs a gradient gets the same result without the Function.
+    plain = not torch._C._are_functorch_transforms_active() and _forward_ad._current_level < 0
+    if plain and not _needs_grad(q, k, norm):
+        return _eager_copy(q, k, args, args[8], plan, key, norm)
+    apply = _EAGER_ROPE_APPLY if plain else _EagerRope.apply
+    if norm is None:
+        return apply((args, plan, key, None, k is not None), q, k)
+    return apply((args, plan, key, norm, k is not None), q, k, norm.q_weight, norm.k_weight)
 
 
 def apply_rope_(
