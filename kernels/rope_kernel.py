@@ -522,7 +522,9 @@ class PreparedLaunch:
     __slots__ = ("args", "switches", "cfg", "grid", "device", "_constexprs", "_by_align", "_aligned")
 
     def __init__(self, args, switches, cfg, grid):
-        self.args = list(args)
+        # the pointer slots are left empty: a cached plan must not keep the first call's
+        # tensors (and their GPU memory) alive; each call brings its own
+        self.args = [None] * _N_PTRS + list(args[_N_PTRS:])
         self.switches = switches
         self.cfg = cfg
         self.grid = grid

@@ -350,3 +350,22 @@ def test_backward_after_the_plan_cache_was_emptied(kdev, gen, monkeypatch):
             op._PLANS.clear()
         qo.backward(g.to(kdev))
         assert rel_err(q.grad, qr.grad) < 1e-5
+
+
+def test_cached_plan_does_not_keep_tensors_alive(kdev, gen):
+    """A plan is kept per signature for later calls; it must not hold the first call's
+    q, k or positions (a prefill plan would pin hundreds of MB of GPU memory)."""
+    import gc
+    import weakref
+
+    p = _params()
+    q = torch.randn(1, 7, 4, 64, generator=gen).to(kdev)
+    k = torch.randn(1, 7, 2, 64, generator=gen).to(kdev)
+    pos = torch.randint(0, 1000, (1, 7), generator=gen).to(kdev)
+    yt.apply_rope_(q, k, pos, p)
+    out_q, out_k = yt.apply_rope(q, k, pos, p)  # an out-of-place plan too
+    refs = [weakref.ref(t) for t in (q, k, pos, out_q, out_k)]
+    del q, k, pos, out_q, out_k
+    gc.collect()
+    assert op.plan_cache_size() >= 2
+    assert all(r() is None for r in refs)
