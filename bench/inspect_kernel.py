@@ -81,6 +81,8 @@ def main(argv=None):
     ap.add_argument("--norm", type=int, default=0, help="0 none, 1 RMSNorm, 2 (1 + weight)")
     ap.add_argument("--mrope", type=int, default=0, help="0 none, 1 sectioned, 2 interleaved")
     ap.add_argument("--imprecise", action="store_true")
+    ap.add_argument("--wide", action="store_true", help="64-bit offsets (tensors of 2**31+ elements)")
+    ap.add_argument("--rows", type=int, default=1, help="0 batched rows, 1 one row, 2 one token per row")
     ap.add_argument("--dump", default="", help="write SASS here")
     a = ap.parse_args(argv)
     in_pairs, out_pairs = {"neox": (0, 0), "interleaved": (1, 1), "deepseek": (1, 0)}[a.layout]
@@ -88,7 +90,8 @@ def main(argv=None):
              IN_PAIRS=in_pairs, OUT_PAIRS=out_pairs, INVERSE=0, PRECISE=int(not a.imprecise), INPLACE=1,
              POS_MODE=0, HAS_OFFSETS=0, VARLEN=0, NORM=a.norm, MROPE=a.mrope, SEC_T=a.half // 3, SEC_H=a.half // 3,
              SEC_W=a.half - 2 * (a.half // 3), BLOCK_T=a.block_t, Q_BLOCK_H=a.block_h,
-             K_BLOCK_H=a.k_block_h or a.block_h, HEAD_GROUPS=a.groups)
+             K_BLOCK_H=a.k_block_h or a.block_h, HEAD_GROUPS=a.groups, WIDE=int(a.wide),
+             ROWS=a.rows)
     c.update({n: 1 for n in ("q_sd", "qo_sd", "k_sd", "ko_sd", "pos_ss")})
     # pointers and the token/head strides of q, k and their outputs 16-aligned, as for
     # contiguous or fused-projection tensors of a real model

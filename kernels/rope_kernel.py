@@ -86,6 +86,17 @@ def _cos_sin(pos, inv_freq, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _idx(x, WIDE: tl.constexpr):
+    """Element offsets in 64 bits only when a tensor spans 2**31 elements or more: 32-bit
+    address arithmetic takes half the instructions, and decode launches are bound by the
+    instructions that come before their first load."""
+    if WIDE:
+        return x.to(tl.int64)
+    else:
+        return x.to(tl.int32)
+
+
+@triton.jit
 def _mrope_positions(pos_ptr, row, stream_stride, tok_mask, HALF_PAD: tl.constexpr, MROPE: tl.constexpr,
                      SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr):
     """M-RoPE: ``[BLOCK_T, HALF_PAD]`` int64 positions, each frequency pair taking the
@@ -136,22 +147,22 @@ def _round_to(x, out_ty: tl.constexpr):
 @triton.jit
 def _load_heads(src_row, h0, h_hi, tok_mask, in_sh, in_sd,
                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, IN_PAIRS: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr):
     """``(x1, x2)`` ``[BLOCK_H, BLOCK_T, HALF_PAD]`` in the storage dtype (converted only
     when used, so prefetched heads hold half the registers): the rotation pairs of heads
     ``h0 .. h0+BLOCK_H`` (masked past ``h_hi``). ``src_row``: ``[1, BLOCK_T, 1]`` pointers
     to each token's first head."""
-    h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)[:, None, None]
+    h = _idx(h0 + tl.arange(0, BLOCK_H), WIDE)[:, None, None]
     th_mask = tok_mask[None, :, None] & (h < h_hi)
     src = src_row + h * in_sh
-    # int64 channel indices: a head-dim stride can be large (e.g. a [D, T, H] tensor viewed
-    # as [T, H, D]), and index * stride must not wrap
+    # WIDE channel indices too: a head-dim stride can be large (e.g. a [D, T, H] tensor
+    # viewed as [T, H, D]), and index * stride must not wrap
     if IN_PAIRS:
-        d = tl.arange(0, 2 * HALF_PAD).to(tl.int64)[None, None, :]
+        d = _idx(tl.arange(0, 2 * HALF_PAD), WIDE)[None, None, :]
         x = tl.load(src + d * in_sd, mask=th_mask & (d < 2 * HALF), other=0.0)
         x1, x2 = tl.split(tl.reshape(x, [BLOCK_H, BLOCK_T, HALF_PAD, 2]))
     else:
-        j = tl.arange(0, HALF_PAD).to(tl.int64)[None, None, :]
+        j = _idx(tl.arange(0, HALF_PAD), WIDE)[None, None, :]
         half_mask = th_mask & (j < HALF)
         x1 = tl.load(src + j * in_sd, mask=half_mask, other=0.0)
         x2 = tl.load(src + (j + HALF) * in_sd, mask=half_mask, other=0.0)
@@ -187,7 +198,7 @@ def _rotate_heads(
     in_sh, in_sd, out_sh, out_sd, cos, sin, tail, w_ptr, eps,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
     IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr, INPLACE: tl.constexpr, NORM: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Rotate heads ``h_lo .. h_hi`` of ``BLOCK_T`` tokens, ``BLOCK_H`` at a time.
 
@@ -199,7 +210,7 @@ def _rotate_heads(
     the channel and token axes first, so each thread keeps the same (token, channel) slots
     for every head it visits and reuses their cos/sin. Angles are therefore computed once
     per token and frequency in a program, not once per head. ``in_row`` / ``out_row`` are
-    int64 element offsets of each token's first head. A head's whole rope part is loaded
+    element offsets of each token's first head. A head's whole rope part is loaded
     before any of it is stored, which keeps the in-place permutation of the deepseek
     layout safe (the prefetched next heads are other heads).
 
@@ -212,22 +223,22 @@ def _rotate_heads(
     src_row = in_ptr + in_row[None, :, None]
     dst_row = out_ptr + out_row[None, :, None]
     tmask = tok_mask[None, :, None]
-    j = tl.arange(0, HALF_PAD).to(tl.int64)[None, None, :]
-    d = tl.arange(0, 2 * HALF_PAD).to(tl.int64)[None, None, :]
+    j = _idx(tl.arange(0, HALF_PAD), WIDE)[None, None, :]
+    d = _idx(tl.arange(0, 2 * HALF_PAD), WIDE)[None, None, :]
     out_ty = out_ptr.dtype.element_ty
     if NORM:
         w1, w2, wt = _norm_weights(w_ptr, tail, HALF, HALF_PAD, TAIL_PAD, IN_PAIRS, NORM)
         inv_dim = 1.0 / (2 * HALF + tail)
     for h0 in range(h_lo, h_hi, BLOCK_H):
         n1, n2 = _load_heads(src_row, h0 + BLOCK_H, h_hi, tok_mask, in_sh, in_sd,
-                             HALF, HALF_PAD, IN_PAIRS, BLOCK_T, BLOCK_H)
-        h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)[:, None, None]
+                             HALF, HALF_PAD, IN_PAIRS, BLOCK_T, BLOCK_H, WIDE)
+        h = _idx(h0 + tl.arange(0, BLOCK_H), WIDE)[:, None, None]
         th_mask = tmask & (h < h_hi)
         dst = dst_row + h * out_sh
         a1 = x1.to(tl.float32)
         a2 = x2.to(tl.float32)
         if TAIL_PAD > 0 and (NORM or not INPLACE):  # pass-through channels of a partial rotary
-            t = tl.arange(0, TAIL_PAD).to(tl.int64)[None, None, :]
+            t = _idx(tl.arange(0, TAIL_PAD), WIDE)[None, None, :]
             tail_mask = th_mask & (t < tail)
             tail_x = tl.load(src_row + h * in_sh + (2 * HALF + t) * in_sd, mask=tail_mask, other=0.0)
             if NORM:
@@ -269,6 +280,7 @@ def rope_kernel(
     INVERSE: tl.constexpr, PRECISE: tl.constexpr, INPLACE: tl.constexpr,
     POS_MODE: tl.constexpr, HAS_OFFSETS: tl.constexpr, VARLEN: tl.constexpr, NORM: tl.constexpr,
     MROPE: tl.constexpr, SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr,
+    WIDE: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_T: tl.constexpr, Q_BLOCK_H: tl.constexpr, K_BLOCK_H: tl.constexpr, HEAD_GROUPS: tl.constexpr,
 ):
     """Grid: ``cdiv(n_tokens, BLOCK_T) * HEAD_GROUPS`` programs.
@@ -281,7 +293,8 @@ def rope_kernel(
 
     Tokens are indexed ``t = b * seq_len + s``; every tensor is addressed through its own
     (batch, seq, head, dim) strides, so views of fused projections and transposed
-    ``[B, H, S, D]`` tensors need no copy. All offsets are int64. ``tok_class`` is unused
+    ``[B, H, S, D]`` tensors need no copy. Offsets are 32-bit unless WIDE (some tensor spans
+    2**31 elements or more). ``tok_class`` is unused
     by the body: it is the tuner's bucket of ``n_tokens``.
     """
     # Head group fastest: the programs resident at one time then cover consecutive tokens'
@@ -290,7 +303,7 @@ def rope_kernel(
     pid_t = pid // HEAD_GROUPS
     pid_g = pid % HEAD_GROUPS
 
-    tok = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok = _idx(pid_t * BLOCK_T + tl.arange(0, BLOCK_T), WIDE)
     tok_mask = tok < n_tokens
     if VARLEN:
         # packed [T, H, D]: address by the flat token index, position within its sequence
@@ -302,9 +315,16 @@ def rope_kernel(
         tok_mask = tok_mask & (tok >= start) & (tok < end)  # padding past cu[-1] is left alone
         local = tok - start
     else:
-        # token counts fit 32 bits: a 32-bit division (64-bit division is a library call)
-        b = (tok.to(tl.int32) // seq_len).to(tl.int64)
-        s = tok - b * seq_len
+        if ROWS == 1:  # one row (batch 1): no division on the way to the first load
+            b = tl.zeros_like(tok)
+            s = tok
+        elif ROWS == 2:  # one token per row (batched decode)
+            b = tok
+            s = tl.zeros_like(tok)
+        else:
+            # token counts fit 32 bits: a 32-bit division (64-bit division is a library call)
+            b = _idx(tok.to(tl.int32) // seq_len, WIDE)
+            s = tok - b * seq_len
         seq = b
         local = s
 
@@ -314,7 +334,7 @@ def rope_kernel(
     elif POS_MODE == 0:
         pos = tl.load(pos_ptr + b * pos_sb + s * pos_ss, mask=tok_mask, other=0).to(tl.int64)[:, None]
     else:
-        pos = local + pos_base
+        pos = local.to(tl.int64) + pos_base
         if HAS_OFFSETS:
             pos += tl.load(pos_ptr + seq * pos_sb, mask=tok_mask, other=0).to(tl.int64)
         pos = pos[:, None]
@@ -326,13 +346,13 @@ def rope_kernel(
     q_hi = tl.minimum(q_lo + q_per, n_q_heads)
     q_row = b * q_sb + s * q_ss
     qx1, qx2 = _load_heads(q_ptr + q_row[None, :, None], q_lo, q_hi, tok_mask, q_sh, q_sd,
-                           HALF, HALF_PAD, IN_PAIRS, BLOCK_T, Q_BLOCK_H)
+                           HALF, HALF_PAD, IN_PAIRS, BLOCK_T, Q_BLOCK_H, WIDE)
     k_per = tl.cdiv(n_k_heads, HEAD_GROUPS)
     k_lo = pid_g * k_per
     k_hi = tl.minimum(k_lo + k_per, n_k_heads)
     k_row = b * k_sb + s * k_ss
     kx1, kx2 = _load_heads(k_ptr + k_row[None, :, None], k_lo, k_hi, tok_mask, k_sh, k_sd,
-                           HALF, HALF_PAD, IN_PAIRS, BLOCK_T, K_BLOCK_H)
+                           HALF, HALF_PAD, IN_PAIRS, BLOCK_T, K_BLOCK_H, WIDE)
 
     jf = tl.arange(0, HALF_PAD)
     inv_freq = tl.load(inv_freq_ptr + jf, mask=jf < HALF, other=0.0)
@@ -344,10 +364,10 @@ def rope_kernel(
 
     _rotate_heads(q_ptr, qo_ptr, q_row, b * qo_sb + s * qo_ss, tok_mask, q_lo, q_hi, qx1, qx2,
                   q_sh, q_sd, qo_sh, qo_sd, cos, sin, q_tail, qw_ptr, eps,
-                  HALF, HALF_PAD, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, Q_BLOCK_H)
+                  HALF, HALF_PAD, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, Q_BLOCK_H, WIDE)
     _rotate_heads(k_ptr, ko_ptr, k_row, b * ko_sb + s * ko_ss, tok_mask, k_lo, k_hi, kx1, kx2,
                   k_sh, k_sd, ko_sh, ko_sd, cos, sin, k_tail, kw_ptr, eps,
-                  HALF, HALF_PAD, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, K_BLOCK_H)
+                  HALF, HALF_PAD, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, K_BLOCK_H, WIDE)
 
 
 INTERPRETED = not isinstance(rope_kernel, triton.runtime.JITFunction)
@@ -498,6 +518,15 @@ class Operand(NamedTuple):
     src_strides: Sequence[int]
     dst: torch.Tensor
     dst_strides: Sequence[int]
+
+
+_INT32_SPAN = 1 << 31
+
+
+def _extent(t: torch.Tensor) -> int:
+    """The largest element offset from ``t``'s data pointer to one of its elements: the
+    kernel only ever addresses elements of the tensors it is given."""
+    return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n > 1)
 
 
 def _tail(op: Optional[Operand], rot: int, touched: bool):
@@ -676,6 +705,8 @@ def launch_rope(
         INVERSE=inverse, PRECISE=precise, INPLACE=inplace,
         POS_MODE=0 if per_token else 1, HAS_OFFSETS=offsets is not None, VARLEN=varlen, NORM=norm,
         MROPE=mrope[0], SEC_T=mrope[1], SEC_H=mrope[2], SEC_W=mrope[3],
+        WIDE=max(_extent(t) for t in args[:_N_PTRS]) >= _INT32_SPAN,
+        ROWS=0 if varlen else (1 if seq_len == n_tokens else (2 if seq_len == 1 else 0)),
     )
 
     if traced:

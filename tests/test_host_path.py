@@ -369,3 +369,25 @@ def test_cached_plan_does_not_keep_tensors_alive(kdev, gen):
     gc.collect()
     assert op.plan_cache_size() >= 2
     assert all(r() is None for r in refs)
+
+
+@pytest.mark.parametrize("layout", ["neox", "interleaved", "deepseek"])
+def test_64bit_offsets_switch(kdev, gen, monkeypatch, layout):
+    """The kernel addresses in 32 bits unless some tensor spans 2**31 elements; the 64-bit
+    variant (tested at full size on the GPU in test_training) runs here on small tensors
+    by lowering the threshold, over strided views, partial rotary and packed sequences."""
+    monkeypatch.setattr(rk, "_INT32_SPAN", 16)
+    op._PLANS.clear()
+    p = _params(32)
+    base = torch.randn(2, 9, 7, 48, generator=gen).to(kdev)
+    q, k = base[:, :, :5], base[:, :, 5:]  # heads of one fused projection
+    pos = torch.randint(0, 1 << 30, (2, 9), generator=gen).to(kdev)
+    rq, rk_ = rope_reference(q.cpu(), k.cpu(), pos.cpu(), p, layout=layout, compute_dtype=torch.float64)
+    yt.apply_rope_(q, k, pos, p, layout=layout)
+    assert rel_err(q, rq) < TOL[torch.float32] and rel_err(k, rk_) < TOL[torch.float32]
+    qp = torch.randn(11, 3, 32, generator=gen).to(kdev)
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32).to(kdev)
+    out, _ = yt.apply_rope(qp, None, None, p, cu_seqlens=cu, layout=layout)
+    local = torch.cat([torch.arange(4), torch.arange(7)])
+    ref, _ = rope_reference(qp.cpu(), None, local, p, layout=layout, compute_dtype=torch.float64)
+    assert rel_err(out, ref) < TOL[torch.float32]
