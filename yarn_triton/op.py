@@ -321,9 +321,9 @@ class QueryScale(NamedTuple):
 
 def check_q_scale(q_scale, params: RopeParams) -> QueryScale:
     """The :class:`QueryScale` of a ``q_scale`` argument (a QueryScale or a ``(beta,
-    original_max)`` pair), or ValueError/TypeError naming what is wrong."""
+    original_max)`` tuple), or ValueError/TypeError naming what is wrong."""
     if not isinstance(q_scale, tuple) or len(q_scale) != 2:
-        raise TypeError(f"q_scale must be a QueryScale(beta, original_max) or a (beta, original_max) pair, "
+        raise TypeError(f"q_scale must be a QueryScale(beta, original_max) or a (beta, original_max) tuple, "
                         f"got {q_scale!r}")
     beta, omax = q_scale
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
