@@ -319,9 +319,10 @@ class QueryScale(NamedTuple):
     original_max: int
 
 
-def check_q_scale(q_scale, params: RopeParams) -> QueryScale:
+def check_q_scale(q_scale, params: Optional[RopeParams] = None) -> QueryScale:
     """The :class:`QueryScale` of a ``q_scale`` argument (a QueryScale or a ``(beta,
-    original_max)`` tuple), or ValueError/TypeError naming what is wrong."""
+    original_max)`` tuple), or ValueError/TypeError naming what is wrong (also when
+    ``params`` carry M-RoPE sections)."""
     if not isinstance(q_scale, tuple) or len(q_scale) != 2:
         raise TypeError(f"q_scale must be a QueryScale(beta, original_max) or a (beta, original_max) tuple, "
                         f"got {q_scale!r}")
@@ -331,7 +332,7 @@ def check_q_scale(q_scale, params: RopeParams) -> QueryScale:
     if isinstance(omax, bool) or not isinstance(omax, int) or not 0 < omax < (1 << 63):
         raise ValueError(f"q_scale.original_max must be a positive int (original_max_position_embeddings), "
                          f"got {omax!r}")
-    if mrope_spec(params)[0]:
+    if params is not None and mrope_spec(params)[0]:
         raise ValueError("q_scale is not supported with M-RoPE params (mrope_section): which position stream "
                          "would scale q is not defined")
     return QueryScale(float(beta), int(omax))
