@@ -21,6 +21,9 @@ Compile-time switches select the variant, not copies of the kernel:
 * ``POS_MODE``: 0 reads a position per token; 1 derives it as ``pos_base + index in the
   sequence (+ offsets[seq] when HAS_OFFSETS)``. ``VARLEN`` finds each token's sequence in
   ``cu_seqlens`` (packed ``[T, H, D]`` batches) by binary search.
+* ``Q_SCALE``: multiply every channel of q's heads (the pass-through ones too) by the
+  Llama-4 query scale of the token's position, ``1 + qs_beta * log(1 + floor(pos /
+  qs_omax))`` (``_query_scale``); k is not scaled.
 
 This module only launches; argument checking lives in ``yarn_triton.op``.
 """
@@ -145,6 +148,28 @@ def _round_to(x, out_ty: tl.constexpr):
 
 
 @triton.jit
+def _query_scale(pos, beta, omax, out_ty: tl.constexpr):
+    """Llama-4 query scale ``1 + beta * log(1 + floor(pos / omax))`` of int64 positions
+    ``pos`` ``[BLOCK_T, 1]``, float32. The floor is an exact integer division at any
+    position (on non-negative operands: Triton's integer division truncates); the rest
+    is float32, as transformers' ``get_llama_4_attn_scale`` computes it, and the factor is
+    rounded (to nearest even) to the storage dtype ``out_ty`` as transformers'
+    ``.to(q.dtype)`` does."""
+    n = tl.where(pos >= 0, pos, -1 - pos) // omax
+    n = tl.where(pos >= 0, n, -1 - n)  # floor(p / m) = -1 - floor((-1 - p) / m) for p < 0
+    f = 1.0 + beta * tl.log(1.0 + n.to(tl.float32))
+    if out_ty == tl.float32:
+        return f
+    else:
+        # round to nearest even on the float32 bits (the interpreter's .to() truncates), to
+        # 7 (bf16) or 10 (fp16) mantissa bits; the cast after it is then exact
+        DROP: tl.constexpr = 16 if out_ty == tl.bfloat16 else 13
+        bits = f.to(tl.uint32, bitcast=True)
+        bits = (bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) & (0xFFFFFFFF - ((1 << DROP) - 1))
+        return bits.to(tl.float32, bitcast=True).to(out_ty).to(tl.float32)
+
+
+@triton.jit
 def _load_heads(src_row, h0, h_hi, tok_mask, in_sh, in_sd,
                 HALF: tl.constexpr, HALF_PAD: tl.constexpr, IN_PAIRS: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr):
@@ -195,10 +220,10 @@ def _norm_weights(w_ptr, tail, HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_
 @triton.jit
 def _rotate_heads(
     in_ptr, out_ptr, in_row, out_row, tok_mask, h_lo, h_hi, x1, x2,
-    in_sh, in_sd, out_sh, out_sd, cos, sin, tail, w_ptr, eps,
+    in_sh, in_sd, out_sh, out_sd, cos, sin, tail, w_ptr, eps, row_scale,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
     IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr, INPLACE: tl.constexpr, NORM: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr, SCALED: tl.constexpr,
 ):
     """Rotate heads ``h_lo .. h_hi`` of ``BLOCK_T`` tokens, ``BLOCK_H`` at a time.
 
@@ -217,6 +242,10 @@ def _rotate_heads(
     NORM: each head is first RMS-normalised over all its channels (rope part and the
     ``tail`` pass-through ones) in float32 and scaled by its weight, then rotated; the
     pass-through channels are written normalised, in place too.
+
+    SCALED: every channel of each head (the pass-through ones too, in place as well) is
+    multiplied by ``row_scale`` (float32 ``[BLOCK_T, 1]``, one factor per token) before it
+    is rounded to the storage dtype: one rounding.
     """
     c = cos[None, :, :]
     s = sin[None, :, :]
@@ -237,17 +266,21 @@ def _rotate_heads(
         dst = dst_row + h * out_sh
         a1 = x1.to(tl.float32)
         a2 = x2.to(tl.float32)
-        if TAIL_PAD > 0 and (NORM or not INPLACE):  # pass-through channels of a partial rotary
+        if TAIL_PAD > 0 and (NORM or SCALED or not INPLACE):  # pass-through channels of a partial rotary
             t = _idx(tl.arange(0, TAIL_PAD), WIDE)[None, None, :]
             tail_mask = th_mask & (t < tail)
             tail_x = tl.load(src_row + h * in_sh + (2 * HALF + t) * in_sd, mask=tail_mask, other=0.0)
-            if NORM:
+            if NORM or SCALED:
                 tail_f = tail_x.to(tl.float32)
-                sq = tl.sum(a1 * a1 + a2 * a2, axis=2) + tl.sum(tail_f * tail_f, axis=2)
-                r = tl.rsqrt(sq * inv_dim + eps)[:, :, None]
-                tail_x = _round_to(tail_f * r * wt, out_ty)
-                a1 = a1 * r * w1
-                a2 = a2 * r * w2
+                if NORM:
+                    sq = tl.sum(a1 * a1 + a2 * a2, axis=2) + tl.sum(tail_f * tail_f, axis=2)
+                    r = tl.rsqrt(sq * inv_dim + eps)[:, :, None]
+                    tail_f = tail_f * r * wt
+                    a1 = a1 * r * w1
+                    a2 = a2 * r * w2
+                if SCALED:
+                    tail_f = tail_f * row_scale[None, :, :]
+                tail_x = _round_to(tail_f, out_ty)
             tl.store(dst + (2 * HALF + t) * out_sd, tail_x, mask=tail_mask)
         elif NORM:
             r = tl.rsqrt(tl.sum(a1 * a1 + a2 * a2, axis=2) * inv_dim + eps)[:, :, None]
@@ -255,6 +288,9 @@ def _rotate_heads(
             a2 = a2 * r * w2
         y1 = a1 * c - a2 * s
         y2 = a2 * c + a1 * s
+        if SCALED:
+            y1 = y1 * row_scale[None, :, :]
+            y2 = y2 * row_scale[None, :, :]
         if OUT_PAIRS:
             y = tl.reshape(tl.join(y1, y2), [BLOCK_H, BLOCK_T, 2 * HALF_PAD])
             tl.store(dst + d * out_sd, _round_to(y, out_ty), mask=th_mask & (d < 2 * HALF))
@@ -265,7 +301,7 @@ def _rotate_heads(
         x1, x2 = n1, n2
 
 
-@triton.jit(do_not_specialize=["pos_base", "n_tokens", "seq_len", "n_seqs", "tok_class"])
+@triton.jit(do_not_specialize=["pos_base", "n_tokens", "seq_len", "n_seqs", "tok_class", "qs_omax"])
 def rope_kernel(
     q_ptr, qo_ptr, k_ptr, ko_ptr, pos_ptr, cu_ptr, inv_freq_ptr, qw_ptr, kw_ptr,
     scale, pos_base, eps,
@@ -273,7 +309,7 @@ def rope_kernel(
     n_q_heads, n_k_heads, q_tail, k_tail,
     q_sb, q_ss, q_sh, q_sd, qo_sb, qo_ss, qo_sh, qo_sd,
     k_sb, k_ss, k_sh, k_sd, ko_sb, ko_ss, ko_sh, ko_sd,
-    pos_sb, pos_ss, pos_s3,
+    pos_sb, pos_ss, pos_s3, qs_beta, qs_omax,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr,
     Q_TAIL_PAD: tl.constexpr, K_TAIL_PAD: tl.constexpr,
     IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr,
@@ -282,6 +318,7 @@ def rope_kernel(
     MROPE: tl.constexpr, SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr,
     WIDE: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_T: tl.constexpr, Q_BLOCK_H: tl.constexpr, K_BLOCK_H: tl.constexpr, HEAD_GROUPS: tl.constexpr,
+    Q_SCALE: tl.constexpr,
 ):
     """Grid: ``cdiv(n_tokens, BLOCK_T) * HEAD_GROUPS`` programs.
 
@@ -361,13 +398,18 @@ def rope_kernel(
     sin = sin * scale
     if INVERSE:
         sin = -sin
+    # Q_SCALE (never with MROPE: the op refuses it): q's factor from the token's position
+    if Q_SCALE:
+        q_scale = _query_scale(pos, qs_beta, qs_omax, qo_ptr.dtype.element_ty)
+    else:
+        q_scale = scale
 
     _rotate_heads(q_ptr, qo_ptr, q_row, b * qo_sb + s * qo_ss, tok_mask, q_lo, q_hi, qx1, qx2,
-                  q_sh, q_sd, qo_sh, qo_sd, cos, sin, q_tail, qw_ptr, eps,
-                  HALF, HALF_PAD, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, Q_BLOCK_H, WIDE)
+                  q_sh, q_sd, qo_sh, qo_sd, cos, sin, q_tail, qw_ptr, eps, q_scale,
+                  HALF, HALF_PAD, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, Q_BLOCK_H, WIDE, Q_SCALE)
     _rotate_heads(k_ptr, ko_ptr, k_row, b * ko_sb + s * ko_ss, tok_mask, k_lo, k_hi, kx1, kx2,
-                  k_sh, k_sd, ko_sh, ko_sd, cos, sin, k_tail, kw_ptr, eps,
-                  HALF, HALF_PAD, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, K_BLOCK_H, WIDE)
+                  k_sh, k_sd, ko_sh, ko_sd, cos, sin, k_tail, kw_ptr, eps, scale,
+                  HALF, HALF_PAD, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, K_BLOCK_H, WIDE, False)
 
 
 INTERPRETED = not isinstance(rope_kernel, triton.runtime.JITFunction)
@@ -628,6 +670,7 @@ def launch_rope(
     eps: float = 0.0,
     mrope: Tuple[int, int, int, int] = (0, 0, 0, 0),
     pos_stream_stride: int = 0,
+    q_scale: Optional[Tuple[float, int]] = None,
 ) -> Optional[PreparedLaunch]:
     """Launch :func:`rope_kernel` on already-validated arguments.
 
@@ -653,6 +696,9 @@ def launch_rope(
     sectioned/interleaved M-RoPE with per-token positions of three streams, the stream
     ``i`` at ``per_token_positions + i * pos_stream_stride``.
 
+    ``q_scale``: ``(beta, original_max)``: multiply q (all its channels) by the Llama-4
+    query scale of each token's position (not with M-RoPE); None for none.
+
     Returns the :class:`PreparedLaunch` of this call for the caller to replay, or None
     when the launch cannot be replayed that way (tracing, nothing to do).
     """
@@ -662,7 +708,7 @@ def launch_rope(
         return None
     inplace = q.dst is q.src
     rot = 2 * half
-    q_tail, q_tail_pad = _tail(q, rot, norm or not inplace)
+    q_tail, q_tail_pad = _tail(q, rot, norm or q_scale is not None or not inplace)
     k_tail, k_tail_pad = _tail(k, rot, norm or not inplace)
     if k is None:
         # no k heads: nothing of k is read or written. Traced for torch.compile, k must not
@@ -674,7 +720,7 @@ def launch_rope(
         # Tuning runs once per shape class; later calls launch its pick directly.
         tune_key = (_tok_class(n_tokens), n_q_heads, n_k_heads, q.src_strides[2], k.src_strides[2],
                     half, in_pairs, out_pairs, inplace, cu_seqlens is not None, norm, mrope[0],
-                    q.src.dtype, q.dst.dtype, k.src.dtype)
+                    q.src.dtype, q.dst.dtype, k.src.dtype, q_scale is not None)
         config = config or _TUNED.get(tune_key)
         # never tune while tracing or inside a CUDA graph capture (the timing runs would be
         # captured): the heuristic's shape then
@@ -697,6 +743,7 @@ def launch_rope(
         n_q_heads, n_k_heads, q_tail, k_tail,
         *q.src_strides, *q.dst_strides, *k.src_strides, *k.dst_strides,
         pos_sb, pos_ss, pos_stream_stride,
+        *((0.0, 1) if q_scale is None else (float(q_scale[0]), int(q_scale[1]))),
     )
     switches = dict(
         HALF=half, HALF_PAD=_next_pow2(half),
@@ -704,7 +751,7 @@ def launch_rope(
         IN_PAIRS=in_pairs, OUT_PAIRS=out_pairs,
         INVERSE=inverse, PRECISE=precise, INPLACE=inplace,
         POS_MODE=0 if per_token else 1, HAS_OFFSETS=offsets is not None, VARLEN=varlen, NORM=norm,
-        MROPE=mrope[0], SEC_T=mrope[1], SEC_H=mrope[2], SEC_W=mrope[3],
+        MROPE=mrope[0], SEC_T=mrope[1], SEC_H=mrope[2], SEC_W=mrope[3], Q_SCALE=q_scale is not None,
         WIDE=max(_extent(t) for t in args[:_N_PTRS]) >= _INT32_SPAN,
         ROWS=0 if varlen else (1 if seq_len == n_tokens else (2 if seq_len == 1 else 0)),
     )
@@ -750,7 +797,7 @@ FAST_LAUNCH = os.environ.get("YARN_TRITON_FAST_LAUNCH", "1") != "0"
 _N_PTRS = 9  # q, qo, k, ko, pos, cu, inv_freq, qw, kw come first in rope_kernel's signature
 # integer arguments Triton does not specialize on value (only on 32/64-bit width)
 _UNSPECIALIZED = frozenset(rope_kernel.arg_names.index(n) for n in
-                           ("scale", "pos_base", "eps", "n_tokens", "seq_len", "n_seqs", "tok_class"))
+                           ("scale", "pos_base", "eps", "n_tokens", "seq_len", "n_seqs", "tok_class", "qs_omax"))
 _COMPILED: "collections.OrderedDict" = collections.OrderedDict()
 _COMPILED_MAX = 128
 

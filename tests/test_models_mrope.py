@@ -262,9 +262,9 @@ def recorded_rope_calls(monkeypatch):
     calls = []
     real = yti._rope
 
-    def spy(q, k, positions, params, layout, inverse, norm=None):
+    def spy(q, k, positions, params, layout, inverse, norm=None, q_scale=None):
         calls.append((positions, params, norm))
-        return real(q, k, positions, params, layout, inverse, norm)
+        return real(q, k, positions, params, layout, inverse, norm, q_scale)
 
     monkeypatch.setattr(yti, "_rope", spy)
     yield calls

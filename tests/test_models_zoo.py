@@ -515,42 +515,110 @@ def test_learned_alpha_is_followed():
 
 
 # ------------------------------------------------------------------------------------
-# Llama-4 query scaling (Ministral-3)
+# Llama-4 query scaling (Ministral-3): fused into the rope pass
 # ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_query_scale_helper_is_transformers_bit_for_bit(dtype):
+def test_fused_query_scale_matches_transformers_rope_then_multiply(dtype):
+    """The op's q_scale on transformers' [B, H, S, D] views against Ministral-3's
+    apply_rotary_pos_emb followed by ``q * get_llama_4_attn_scale(...).to(q.dtype)``.
+
+    Whole path: within the rope's own float32/bf16 differences (transformers forms float32
+    angles and, in bf16, bf16 cos/sin and products). The scale alone, against our rotation
+    followed by transformers' multiply: the factor is the same (rounded to q's dtype in
+    both), but transformers rounds the rotated q and then the product, we round once, so
+    the two are at most an ulp or two apart per element, not bit for bit."""
     from transformers.models.ministral3 import modeling_ministral3 as mm
 
-    from yarn_triton.integrations.transformers import _llama4_query_factor, _scale_q_after_rope
+    from yarn_triton import QueryScale, RopeParams, apply_rope_
 
+    model = make_model("ministral3")
     g = torch.Generator().manual_seed(5)
-    q = torch.randn(2, 3, 7, 8, generator=g).to(DEVICE, dtype)  # [B, H, S, D]
+    q = torch.randn(2, 4, 7, 16, generator=g).to(DEVICE, dtype)  # [B, H, S, D]
+    k = torch.randn(2, 2, 7, 16, generator=g).to(DEVICE, dtype)
     pos = (torch.tensor([[0, 1, 63, 64, 65, 127, 128]]) + torch.tensor([[0], [5000]])).to(DEVICE)
-    want = q * mm.get_llama_4_attn_scale(pos, 0.1, OMAX).to(dtype)
-    factor = _llama4_query_factor(pos, 0.1, OMAX)
-    assert torch.equal(_scale_q_after_rope(q.clone(), factor, 1), want)
-    # heads at axis 2 ([B, S, H, D])
-    got = _scale_q_after_rope(q.transpose(1, 2).clone(), factor, 2)
-    assert torch.equal(got.transpose(1, 2), want)
+    factor = mm.get_llama_4_attn_scale(pos, 0.1, OMAX).to(dtype)
+    with torch.no_grad():
+        cos, sin = model.model.rotary_emb(q, pos)
+        want_q, want_k = mm.apply_rotary_pos_emb(q, k, cos, sin)
+        want_q = want_q * factor
+    p = RopeParams.from_config(model.config)
+    got_q, got_k = q.clone(), k.clone()
+    apply_rope_(got_q.transpose(1, 2), got_k.transpose(1, 2), pos, p, q_scale=QueryScale(0.1, OMAX))
+    tol = 5e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(got_q, want_q) < tol and rel_err(got_k, want_k) < tol, (rel_err(got_q, want_q),
+                                                                          rel_err(got_k, want_k))
+    # the scale alone: one rounding of the product instead of two
+    rot_q = q.clone()
+    apply_rope_(rot_q.transpose(1, 2), None, pos, p)
+    two_roundings = rot_q * factor
+    ulps = 2.0 ** (-22 if dtype == torch.float32 else -6)  # 2 ulp (the interpreter truncates bf16)
+    assert ((got_q.float() - two_roundings.float()).abs() <= ulps * two_roundings.float().abs()).all()
+    assert not torch.equal(factor, torch.ones_like(factor))  # positions past OMAX: the scale is not 1
 
 
-def test_query_scale_moves_into_the_rope_call(monkeypatch):
-    """Switched: the rope dispatcher scales q and the modeling file's multiply gets the
-    neutral factor; an unswitched Ministral-3 beside it still scales by itself."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_query_scale_moves_into_the_rope_call(monkeypatch, dtype):
+    """Switched: the rope call carries the query scale (one kernel pass scales q), the
+    separate multiply helper is gone, transformers' ``get_llama_4_attn_scale`` never runs
+    (the modeling file's multiply gets the neutral factor); an unswitched Ministral-3
+    beside it still scales by itself. Logits match: float32 to 1e-5; bf16 no further from
+    the float32 model than transformers' own bf16 path (one rounding instead of two)."""
     import yarn_triton.integrations.transformers as yt
+    from yarn_triton import QueryScale
 
-    switched, plain = make_model("ministral3"), make_model("ministral3")
+    assert not hasattr(yt, "_scale_q_after_rope") and not hasattr(yt, "_llama4_query_factor")
+    switched, plain = make_model("ministral3", dtype), make_model("ministral3", dtype)
     ids, pos = inputs("ministral3")
     ref = forward(plain, ids, pos)[0]
     calls = []
-    real = yt._scale_q_after_rope
-    monkeypatch.setattr(yt, "_scale_q_after_rope", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = yt._rope
+    monkeypatch.setattr(yt, "_rope", lambda *a: calls.append(a[7]) or real(*a))
+    with transformers_rope_forbidden(switched, _support("ministral3")):
+        enable_fused_rope(switched)
+        try:
+            out = forward(switched, ids, pos)[0]
+            assert calls == [QueryScale(0.1, OMAX)] * 2  # once per layer, in the rope call
+            assert yt._HANDOVER.positions is None  # handed over and consumed
+        finally:
+            disable_fused_rope(switched)
+    assert torch.equal(forward(plain, ids, pos)[0], ref)
+    if dtype == torch.float32:
+        assert rel_err(out, ref) < 1e-5
+    else:
+        truth = forward(make_model("ministral3"), ids, pos)[0]
+        e_ref, e_out = rel_err(ref, truth), rel_err(out, truth)
+        assert e_out < 1.5 * e_ref + 1e-3, (e_out, e_ref)
+        assert rel_err(out, ref) < 5e-2
+
+
+def test_query_scale_under_autograd():
+    """Training through the switch: the out-of-place op scales q and its gradient; the
+    gradients of the projections match the unswitched model's."""
+    switched, plain = make_model("ministral3"), make_model("ministral3")
+    switched.train(), plain.train()
+    ids, pos = inputs("ministral3")
+    plain(ids, position_ids=pos).logits.float().pow(2).mean().backward()
     enable_fused_rope(switched)
     try:
-        out = forward(switched, ids, pos)[0]
-        assert len(calls) == 2  # once per layer
-        assert torch.equal(forward(plain, ids, pos)[0], ref)
-        assert yt._HANDOVER.positions is None  # handed over and consumed
+        switched(ids, position_ids=pos).logits.float().pow(2).mean().backward()
     finally:
         disable_fused_rope(switched)
-    assert rel_err(out, ref) < 1e-5
+    for (name, a), (_, b) in zip(switched.named_parameters(), plain.named_parameters()):
+        if b.grad is not None:
+            assert rel_err(a.grad, b.grad) < 1e-4, name
+
+
+def test_query_scale_config_the_op_cannot_take_stays_transformers():
+    """A config whose scale the fused op does not take (original max not an integer) is
+    switched without moving the scale: transformers' own multiply runs, results match."""
+    from yarn_triton.integrations.transformers import _q_scale_of
+
+    model = make_model("ministral3")
+    rp = dict(model.config.rope_parameters)
+    assert _q_scale_of(model.config) == (0.1, OMAX)
+    for omax, want in ((float(OMAX), (0.1, OMAX)), (64.5, None), (0, None)):
+        model.config.rope_parameters = dict(rp, original_max_position_embeddings=omax)
+        assert _q_scale_of(model.config) == want
+    model.config.rope_parameters = dict(rp, llama_4_scaling_beta=float("nan"))
+    assert _q_scale_of(model.config) is None
+    model.config.rope_parameters = rp

@@ -9,6 +9,7 @@ under ``TRITON_INTERPRET=1``), the PyTorch reference for other CPU tensors.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -21,7 +22,7 @@ from .reference import (LAYOUTS, apply_rope_reference_, packed_token_mask, posit
 from .rope import RopeParams
 from .kernels.rope_kernel import INTERPRETED, LaunchConfig, Operand, launch_rope
 
-__all__ = ["apply_rope_", "apply_rope", "apply_qk_norm_rope_", "apply_qk_norm_rope", "LAYOUTS"]
+__all__ = ["apply_rope_", "apply_rope", "apply_qk_norm_rope_", "apply_qk_norm_rope", "QueryScale", "LAYOUTS"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -298,6 +299,45 @@ def check_norm_args(q: torch.Tensor, k: Optional[torch.Tensor], norm: Norm) -> N
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
 
 
+class QueryScale(NamedTuple):
+    """Llama-4 style query scaling (Ministral-3, Mistral-4's ``llama_4_scaling_beta``),
+    fused into the rope pass: every channel of q (the pass-through channels of a partial
+    rotary too; k is not scaled) is multiplied by
+
+        ``1 + beta * log(1 + floor(position / original_max))``
+
+    of its token's position, after the rotation. The floor is an exact integer division;
+    the factor is computed in float32 and rounded to q's dtype, as transformers'
+    ``get_llama_4_attn_scale(...).to(q.dtype)``; the product is rounded once.
+
+    Attributes:
+        beta: ``llama_4_scaling_beta``, a finite number.
+        original_max: ``original_max_position_embeddings``, a positive int.
+    """
+
+    beta: float
+    original_max: int
+
+
+def check_q_scale(q_scale, params: Optional[RopeParams] = None) -> QueryScale:
+    """The :class:`QueryScale` of a ``q_scale`` argument (a QueryScale or a ``(beta,
+    original_max)`` tuple), or ValueError/TypeError naming what is wrong (also when
+    ``params`` carry M-RoPE sections)."""
+    if not isinstance(q_scale, tuple) or len(q_scale) != 2:
+        raise TypeError(f"q_scale must be a QueryScale(beta, original_max) or a (beta, original_max) tuple, "
+                        f"got {q_scale!r}")
+    beta, omax = q_scale
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+        raise ValueError(f"q_scale.beta must be a finite number, got {beta!r}")
+    if isinstance(omax, bool) or not isinstance(omax, int) or not 0 < omax < (1 << 63):
+        raise ValueError(f"q_scale.original_max must be a positive int (original_max_position_embeddings), "
+                         f"got {omax!r}")
+    if params is not None and mrope_spec(params)[0]:
+        raise ValueError("q_scale is not supported with M-RoPE params (mrope_section): which position stream "
+                         "would scale q is not defined")
+    return QueryScale(float(beta), int(omax))
+
+
 # --------------------------------------------------------------------------------------
 # Geometry: fold the token dims of all tensors into (batch, seq)
 # --------------------------------------------------------------------------------------
@@ -325,14 +365,14 @@ def _operand(src, dst, token_strides):
 
 
 def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_freq, scale,
-                   rot, layout, inverse, precise, config, traced=False, norm=None, mrope=None):
+                   rot, layout, inverse, precise, config, traced=False, norm=None, mrope=None, q_scale=None):
     """Fold the token dims and launch; returns the kernel's :class:`PreparedLaunch` (None
     when the call took several launches or cannot be replayed)."""
     in_pairs, out_pairs = layout_switches(layout, inverse)
     common = dict(half=rot // 2, in_pairs=in_pairs, out_pairs=out_pairs, inverse=inverse,
                   precise=precise, pos_base=pos_base, cu_seqlens=cu_seqlens, config=config,
                   offsets=offsets, offsets_stride=0 if offsets is None else offsets.stride(0),
-                  traced=traced)
+                  traced=traced, q_scale=q_scale)
     if norm is not None:
         common.update(norm=norm.kind, q_weight=norm.q_weight, k_weight=norm.k_weight, eps=norm.eps)
     if positions is None:
@@ -361,7 +401,7 @@ def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_f
             pos_i = pos[i].movedim(-1, 0) if pos is not first else pos[i]
             _launch_kernel(q[i], qo[i], None if k is None else k[i], None if k is None else ko[i],
                            pos_i, offsets, pos_base, cu_seqlens, inv_freq, scale,
-                           rot, layout, inverse, precise, config, traced, norm, mrope)
+                           rot, layout, inverse, precise, config, traced, norm, mrope, q_scale)
         return None
     while len(sizes) < 2:
         sizes.insert(0, 1)
@@ -378,14 +418,14 @@ def uses_kernel(t: torch.Tensor) -> bool:
 
 
 def _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-             rot, layout, inverse, precise, config=None, traced=False, norm=None, mrope=None):
-    """Rotate ``q``/``k`` (RMS-normalised first when ``norm``) into ``qo``/``ko`` (the same
-    tensors for in place). Returns the launch's :class:`PreparedLaunch` when it can be
-    replayed."""
+             rot, layout, inverse, precise, config=None, traced=False, norm=None, mrope=None, q_scale=None):
+    """Rotate ``q``/``k`` (RMS-normalised first when ``norm``; q scaled after when
+    ``q_scale``) into ``qo``/``ko`` (the same tensors for in place). Returns the launch's
+    :class:`PreparedLaunch` when it can be replayed."""
     if uses_kernel(q):
         return _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_freq, scale,
                               rot, layout, inverse, precise, config, traced, norm,
-                              mrope if mrope is not None and mrope[0] else None)
+                              mrope if mrope is not None and mrope[0] else None, q_scale)
     mask = None
     if positions is None:
         positions = positions_from_offsets(q, offsets if offsets is not None else pos_base, cu_seqlens)
@@ -406,7 +446,8 @@ def _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_
             src_q = torch.where(m, src_q, q.float())
             src_k = None if k is None else torch.where(m, src_k, k.float())
     new_q, new_k = apply_rope_reference_(src_q.clone(), None if src_k is None else src_k.clone(), positions,
-                                         params, layout=layout, rotary_dim=rot, inverse=inverse, token_mask=mask)
+                                         params, layout=layout, rotary_dim=rot, inverse=inverse, token_mask=mask,
+                                         q_scale=q_scale, q_scale_dtype=q.dtype)
     qo.copy_(new_q)
     if ko is not None:
         ko.copy_(new_k)
@@ -491,7 +532,7 @@ def _tsig(t):
 
 
 def _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, config,
-               inplace, norm=None):
+               inplace, norm=None, q_scale=None):
     """Everything validation and the launch geometry depend on, or None when a call is not
     eligible for the fast path (then it takes the full path, which raises on bad input)."""
     if type(q) is not torch.Tensor or (k is not None and type(k) is not torch.Tensor):
@@ -510,8 +551,14 @@ def _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
                 norm.k_weight is not None and type(norm.k_weight) is not torch.Tensor) or type(norm.eps) is not float:
             return None
         norm = (norm.kind, norm.eps, _tsig(norm.q_weight), _tsig(norm.k_weight))
+    if q_scale is not None:
+        # only exact (float, int) pairs key a plan: a plan exists only for checked values
+        if type(q_scale) not in (tuple, QueryScale) or len(q_scale) != 2 or type(q_scale[0]) is not float \
+                or type(q_scale[1]) is not int:
+            return None
+        q_scale = (q_scale[0], q_scale[1])
     return (id(params), layout, rotary_dim, precise, inverse, config, inplace, _tsig(q), _tsig(k),
-            _tsig(positions), off, _tsig(cu_seqlens), norm)
+            _tsig(positions), off, _tsig(cu_seqlens), norm, q_scale)
 
 
 def _remember(key, plan_launch, params, inv_freq, q, k) -> None:
@@ -529,6 +576,7 @@ def _remember(key, plan_launch, params, inv_freq, q, k) -> None:
 # generated code launches rope_kernel itself; CPU tensors inside it go through an opaque
 # custom op (the reference, or the kernel under the interpreter). Older torch: the same
 # bodies behind plain custom ops. ``norm`` 0 is plain rope; 1/2 fuse the RMSNorm.
+# ``qs_omax`` 0 is no query scale; else ``(qs_beta, qs_omax)`` is the QueryScale.
 # --------------------------------------------------------------------------------------
 _triton_op = getattr(torch.library, "triton_op", None)
 _wrap_triton = getattr(torch.library, "wrap_triton", None)
@@ -539,29 +587,38 @@ def _norm_of(q_weight, k_weight, eps, norm) -> Optional[Norm]:
     return None if not norm else Norm(q_weight, k_weight, eps, norm)
 
 
+def _q_scale_of(qs_beta, qs_omax) -> Optional[QueryScale]:
+    return None if not qs_omax else QueryScale(qs_beta, qs_omax)
+
+
+def _q_scale_args(q_scale: Optional[QueryScale]) -> Tuple[float, int]:
+    return (0.0, 0) if q_scale is None else (q_scale.beta, q_scale.original_max)
+
+
 @torch.library.custom_op("yarn_triton::rope_host_", mutates_args=("qo", "ko"))
 def _rope_host_op(
     q: torch.Tensor, qo: torch.Tensor, k: Optional[torch.Tensor], ko: Optional[torch.Tensor],
     positions: Optional[torch.Tensor], offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
     inv_freq: torch.Tensor, scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool,
     precise: bool, q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], eps: float, norm: int,
-    mrope: Optional[List[int]],
+    mrope: Optional[List[int]], qs_beta: float, qs_omax: int,
 ) -> None:
     """Rotate q/k into qo/ko outside the compiler's view (CPU tensors, old torch)."""
     _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-             rotary_dim, layout, inverse, precise, norm=_norm_of(q_weight, k_weight, eps, norm), mrope=mrope)
+             rotary_dim, layout, inverse, precise, norm=_norm_of(q_weight, k_weight, eps, norm), mrope=mrope,
+             q_scale=_q_scale_of(qs_beta, qs_omax))
 
 
 def _dispatch(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse,
-              precise, q_weight, k_weight, eps, norm, mrope) -> None:
+              precise, q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax) -> None:
     if COMPILER_SEES_KERNEL and q.device.type == "cuda":
         _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
                  rot, layout, inverse, precise, traced=True, norm=_norm_of(q_weight, k_weight, eps, norm),
-                 mrope=mrope)
+                 mrope=mrope, q_scale=_q_scale_of(qs_beta, qs_omax))
     else:
         torch.ops.yarn_triton.rope_host_(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale,
                                          pos_base, rot, layout, inverse, precise, q_weight, k_weight, eps, norm,
-                                         mrope)
+                                         mrope, qs_beta, qs_omax)
 
 
 def _define(name: str, mutates_args, fn):
@@ -575,10 +632,10 @@ def _rope_inplace_impl(
     offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor,
     scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool, precise: bool,
     q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], eps: float, norm: int,
-    mrope: Optional[List[int]],
+    mrope: Optional[List[int]], qs_beta: float, qs_omax: int,
 ) -> None:
     _dispatch(q, q, k, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm, mrope)
+              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax)
 
 
 def _rope_impl(
@@ -586,12 +643,12 @@ def _rope_impl(
     offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor,
     scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool, precise: bool,
     q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], eps: float, norm: int,
-    mrope: Optional[List[int]],
+    mrope: Optional[List[int]], qs_beta: float, qs_omax: int,
 ) -> List[torch.Tensor]:
     qo = torch.empty_like(q)
     ko = None if k is None else torch.empty_like(k)
     _dispatch(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm, mrope)
+              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax)
     return [qo] if ko is None else [qo, ko]
 
 
@@ -630,27 +687,29 @@ def _norm_rope_backward(q, k, q_weight, k_weight, eps, kind, gq_normed, gk_norme
 
 def _rope_setup_context(ctx, inputs, output) -> None:
     q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse, precise, \
-        q_weight, k_weight, eps, norm, mrope = inputs
+        q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax = inputs
     ctx.save_for_backward(positions, offsets, cu_seqlens, inv_freq, *((q, k, q_weight, k_weight) if norm else ()))
-    ctx.scalars = (scale, pos_base, rot, layout, inverse, precise, eps, norm, mrope)
+    ctx.scalars = (scale, pos_base, rot, layout, inverse, precise, eps, norm, mrope, qs_beta, qs_omax)
     ctx.has_k = k is not None
 
 
 def _rope_backward(ctx, grads):
     """The inverse rotation of the incoming gradients (same kernel, INVERSE flipped),
-    angles recomputed from the saved positions; then, with the norm, its backward."""
+    angles recomputed from the saved positions, scaled by the same query scale (a per-token
+    factor commutes with the rotation); then, with the norm, its backward."""
     positions, offsets, cu_seqlens, inv_freq, *saved = ctx.saved_tensors
-    scale, pos_base, rot, layout, inverse, precise, eps, norm, mrope = ctx.scalars
+    scale, pos_base, rot, layout, inverse, precise, eps, norm, mrope, qs_beta, qs_omax = ctx.scalars
     gq = grads[0]
     gk = grads[1] if ctx.has_k else None
     outs = torch.ops.yarn_triton.rope(gq, gk, positions, offsets, cu_seqlens, inv_freq, scale,
-                                      pos_base, rot, layout, not inverse, precise, None, None, 0.0, 0, mrope)
+                                      pos_base, rot, layout, not inverse, precise, None, None, 0.0, 0, mrope,
+                                      qs_beta, qs_omax)
     dq, dk = outs[0], (outs[1] if ctx.has_k else None)
     dqw = dkw = None
     if norm:
         q, k, q_weight, k_weight = saved
         dq, dk, dqw, dkw = _norm_rope_backward(q, k, q_weight, k_weight, eps, norm, dq, dk)
-    return (dq, dk) + (None,) * 10 + (dqw, dkw, None, None, None)
+    return (dq, dk) + (None,) * 10 + (dqw, dkw, None, None, None, None, None)
 
 
 _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup_context)
@@ -685,10 +744,11 @@ class _EagerRope(torch.autograd.Function):
     def backward(ctx, gq, gk):
         positions, offsets, cu_seqlens, *saved = ctx.saved_tensors
         args, _, _, norm, has_k = ctx.meta
-        _, _, _, _, _, _, rot, layout, inverse, precise, params = args
+        _, _, _, _, _, _, rot, layout, inverse, precise, params, q_scale = args
         gk = gk if has_k else None
         key = _signature(gq, gk, positions, params, layout, rot, offsets, cu_seqlens, precise, not inverse, None,
-                         False)
+                         False, None, q_scale)
+        # q_out = s * R(x) per token: dx = R^T(s * g), the same kernel inverted, same scale
         dq, dk = _eager_copy(gq, gk, args, not inverse, _PLANS.get(key), key)
         if norm is None:
             return None, dq, dk
@@ -707,16 +767,16 @@ _EAGER_ROPE_APPLY = super(torch.autograd.Function, _EagerRope).apply
 def _eager_copy(q, k, args, inverse, plan, key, norm=None):
     """Rotate ``q``/``k`` into fresh tensors, replaying ``plan`` when given, else by the full
     launch path, remembering its plan under ``key``. ``args = (positions, offsets,
-    cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse, precise, params)``, the
-    forward's; ``inverse`` is the direction of this call."""
+    cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse, precise, params,
+    q_scale)``, the forward's; ``inverse`` is the direction of this call."""
     qo = torch.empty_like(q)
     ko = None if k is None else torch.empty_like(k)
-    positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, _, precise, params = args
+    positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, _, precise, params, q_scale = args
     if plan is not None:
         plan.run(q, k, positions, offsets, cu_seqlens, pos_base, qo, ko, norm)
     else:
         launch = _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-                          rot, layout, inverse, precise, norm=norm, mrope=mrope_spec(params))
+                          rot, layout, inverse, precise, norm=norm, mrope=mrope_spec(params), q_scale=q_scale)
         _remember(key, launch, params, inv_freq, q, k)
     return qo, ko
 
@@ -770,13 +830,14 @@ def _mrope_arg(params) -> Optional[List[int]]:
 
 
 def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse,
-                  check_cu, config, norm):
-    """In-place rope (and norm): the fast path for a known signature, else the full one."""
+                  check_cu, config, norm, q_scale=None):
+    """In-place rope (and norm, and query scale): the fast path for a known signature, else
+    the full one."""
     compiling = torch.compiler.is_compiling()
     key = None
     if not compiling:
         key = _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise,
-                         inverse, config, True, norm)
+                         inverse, config, True, norm, q_scale)
         plan = _PLANS.get(key) if key is not None else None
         if plan is not None and not _needs_grad(q, k, norm):
             _check_cu(cu_seqlens, check_cu, q)
@@ -787,11 +848,14 @@ def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqle
     rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens)
     if norm is not None:
         check_norm_args(q, k, norm)
+    if q_scale is not None:
+        q_scale = check_q_scale(q_scale, params)
     if config is not None:
         _check_config(config)
     _check_cu(cu_seqlens, check_cu, q)
     if _needs_grad(q, k, norm):
-        out = _rope_copy(q, k, positions, params, layout, rot, offsets, cu_seqlens, precise, inverse, False, norm)
+        out = _rope_copy(q, k, positions, params, layout, rot, offsets, cu_seqlens, precise, inverse, False, norm,
+                         q_scale)
         q.copy_(out[0])
         if k is not None:
             k.copy_(out[1])
@@ -801,35 +865,42 @@ def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqle
     if compiling:
         args = (None, None, 0.0, 0) if norm is None else (norm.q_weight, norm.k_weight, float(norm.eps), norm.kind)
         torch.ops.yarn_triton.rope_(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale,
-                                    pos_base, rot, layout, inverse, precise, *args, _mrope_arg(params))
+                                    pos_base, rot, layout, inverse, precise, *args, _mrope_arg(params),
+                                    *_q_scale_args(q_scale))
     else:  # eager: straight to the launch, no dispatcher round trip
         launch = _execute(q, q, k, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base,
-                          rot, layout, inverse, precise, config, norm=norm, mrope=mrope_spec(params))
+                          rot, layout, inverse, precise, config, norm=norm, mrope=mrope_spec(params),
+                          q_scale=q_scale)
         _remember(key, launch, params, inv_freq, q, k)
     return q, k
 
 
-def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, check_cu, norm):
-    """Out-of-place, differentiable rope (and norm). Eager: a known signature skips the
+def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, check_cu, norm,
+               q_scale=None):
+    """Out-of-place, differentiable rope (and norm, and query scale). Eager: a known signature skips the
     checks (they passed for it) and replays its plan inside :class:`_EagerRope`, or
     without autograd when nothing needs a gradient; torch.compile: the custom op."""
     if torch.compiler.is_compiling():
         rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace=False)
         if norm is not None:
             check_norm_args(q, k, norm)
+        if q_scale is not None:
+            q_scale = check_q_scale(q_scale, params)
         off_t, pos_base = _split_offsets(offsets)
         nargs = (None, None, 0.0, 0) if norm is None else (norm.q_weight, norm.k_weight, float(norm.eps), norm.kind)
         out = torch.ops.yarn_triton.rope(q, k, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
                                          params.cos_sin_scale, pos_base, rot, layout, bool(inverse), precise, *nargs,
-                                         _mrope_arg(params))
+                                         _mrope_arg(params), *_q_scale_args(q_scale))
         return out[0], (out[1] if k is not None else None)
     key = _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, None,
-                     False, norm)
+                     False, norm, q_scale)
     plan = _PLANS.get(key)  # (None when key is None)
     if plan is None:
         rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace=False)
         if norm is not None:
             check_norm_args(q, k, norm)
+        if q_scale is not None:
+            q_scale = check_q_scale(q_scale, params)
         inv_freq = params.inv_freq_on(q.device)
     else:  # the signature passed these checks before; the plan holds params' inv_freq on q's device
         rot = params.rope_dim
@@ -838,7 +909,7 @@ def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
         _check_cu(cu_seqlens, check_cu, q)
     off_t, pos_base = (None, 0) if offsets is None else _split_offsets(offsets)
     args = (positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base, rot, layout, bool(inverse),
-            precise, params)
+            precise, params, q_scale)
     # Outside functorch transforms and forward-mode AD (which the Function refuses, and
     # must keep refusing), Function.apply's Python wrapper adds nothing, and a call where
     # nothing needs a gradient gets the same result without the Function.
@@ -865,6 +936,7 @@ def apply_rope_(
     inverse: bool = False,
     check_cu_seqlens: Optional[bool] = None,
     config: Optional[LaunchConfig] = None,
+    q_scale: Optional[QueryScale] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Rotate q and k in place with rotary position embeddings (one kernel launch).
 
@@ -897,6 +969,13 @@ def apply_rope_(
             bounds, but the result is wrong); ``YARN_TRITON_CHECK_CU_SEQLENS=1`` turns it
             on for every call.
         config: explicit launch shape (benchmarks); default picks one.
+        q_scale: :class:`QueryScale` ``(beta, original_max)`` (or that pair): after the
+            rotation, multiply every channel of q's heads (``[*T, Hq, Dq]``, the channels
+            past ``rotary_dim`` too; k is untouched by it) by the Llama-4 query scale
+            ``1 + beta * log(1 + floor(position / original_max))`` of its token's position
+            (Ministral-3, Mistral-4), in the same pass. The factor is float32, rounded to
+            q's dtype as transformers rounds it; the product is rounded once. Works with
+            every position form (the position the rotation uses); not with M-RoPE params.
 
     Returns:
         ``(q, k)``, the same tensors, rotated. Under autograd the rotation is recorded (as
@@ -909,7 +988,7 @@ def apply_rope_(
     such calls (q and k disjoint in memory; data alignment) run again.
     """
     return _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles,
-                         inverse, check_cu_seqlens, config, None)
+                         inverse, check_cu_seqlens, config, None, q_scale)
 
 
 def apply_rope(
@@ -925,16 +1004,18 @@ def apply_rope(
     precise_angles: bool = True,
     inverse: bool = False,
     check_cu_seqlens: Optional[bool] = None,
+    q_scale: Optional[QueryScale] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Out-of-place, differentiable :func:`apply_rope_`: returns new rotated ``(q, k)``
     (``k`` None when not given), in one pass over the inputs (channels past the rotary
     dim are copied by the same kernel). Arguments as in :func:`apply_rope_`.
 
     The backward pass is the inverse rotation, by the same kernel, recomputing angles from
-    the positions; nothing else is saved.
+    the positions (and, with ``q_scale``, scaling q's gradient by the same factor); nothing
+    else is saved.
     """
     return _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles, inverse,
-                      check_cu_seqlens, None)
+                      check_cu_seqlens, None, q_scale)
 
 
 def _make_norm(q_weight, k_weight, eps, unit_offset) -> Norm:
@@ -960,6 +1041,7 @@ def apply_qk_norm_rope_(
     precise_angles: bool = True,
     check_cu_seqlens: Optional[bool] = None,
     config: Optional[LaunchConfig] = None,
+    q_scale: Optional[QueryScale] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-head RMSNorm of q and k, then rope, in place and in one pass (Qwen3 attention).
 
@@ -975,6 +1057,7 @@ def apply_qk_norm_rope_(
         k_weight: ``[Dk]`` norm weight of k; None only when ``k`` is None.
         eps: added to the mean square; a finite number > 0.
         unit_offset: scale by ``1 + weight`` (Gemma, Qwen3.5 norms) instead of ``weight``.
+        q_scale: as in :func:`apply_rope_`, applied after norm and rotation.
         Everything else: as in :func:`apply_rope_` (strides, fused-projection views, head
         counts, dtypes, layouts, partial rotary and the three position forms).
 
@@ -982,7 +1065,7 @@ def apply_qk_norm_rope_(
         ``(q, k)``, the same tensors, normalised and rotated.
     """
     return _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles,
-                         False, check_cu_seqlens, config, _make_norm(q_weight, k_weight, eps, unit_offset))
+                         False, check_cu_seqlens, config, _make_norm(q_weight, k_weight, eps, unit_offset), q_scale)
 
 
 def apply_qk_norm_rope(
@@ -1001,6 +1084,7 @@ def apply_qk_norm_rope(
     cu_seqlens: Optional[torch.Tensor] = None,
     precise_angles: bool = True,
     check_cu_seqlens: Optional[bool] = None,
+    q_scale: Optional[QueryScale] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Out-of-place, differentiable :func:`apply_qk_norm_rope_`: returns new ``(q, k)``.
 
@@ -1009,4 +1093,4 @@ def apply_qk_norm_rope(
     Arguments as in :func:`apply_qk_norm_rope_`.
     """
     return _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles, False,
-                      check_cu_seqlens, _make_norm(q_weight, k_weight, eps, unit_offset))
+                      check_cu_seqlens, _make_norm(q_weight, k_weight, eps, unit_offset), q_scale)

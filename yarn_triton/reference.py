@@ -4,12 +4,13 @@ This is the oracle of the tests and the path taken for CPU tensors. It builds th
 cache (``emb = cat(freqs, freqs)``, times ``cos_sin_scale``) for the positions it is given,
 indexes it by position id, and applies ``x * cos + rotate_half(x) * sin`` -- after the
 DeepSeek pair permutation for ``layout="deepseek"``. ``compute_dtype=torch.float64`` turns
-it into the float64 truth for the same float32 ``inv_freq``.
+it into the float64 truth for the same float32 ``inv_freq``. ``q_scale`` multiplies q by
+the Llama-4 query scale of its positions (:func:`llama4_query_scale`) after the rotation.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -18,6 +19,7 @@ from .rope import RopeParams
 __all__ = [
     "rope_reference", "apply_rope_reference_", "positions_from_offsets", "rotate_half", "cos_sin_cache", "LAYOUTS",
     "rms_norm_reference", "qk_norm_rope_reference", "mrope_stream_of_pairs", "mrope_cos_sin_cache",
+    "llama4_query_scale",
 ]
 
 LAYOUTS = ("neox", "interleaved", "deepseek")
@@ -77,6 +79,18 @@ def mrope_cos_sin_cache(
     return emb.cos() * params.cos_sin_scale, emb.sin() * params.cos_sin_scale
 
 
+def llama4_query_scale(
+    positions: torch.Tensor, beta: float, original_max: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``1 + beta * log(1 + floor(positions / original_max))`` of integer ``positions``, in
+    ``dtype`` (float32 as transformers' ``get_llama_4_attn_scale`` computes it; float64 for
+    the truth), same shape. The floor is an exact integer division at any position (where
+    transformers' float32 division rounds past 2**24); negative positions give
+    ``log(<= 0)`` (-inf or NaN), as in transformers."""
+    n = torch.div(positions.to(torch.int64), int(original_max), rounding_mode="floor")
+    return 1 + beta * torch.log(1 + n.to(dtype))
+
+
 def _deinterleave(x: torch.Tensor) -> torch.Tensor:
     """DeepSeek's ``[x0, x1, x2, x3, ...] -> [x0, x2, ..., x1, x3, ...]`` on the last dim."""
     *lead, d = x.shape
@@ -118,6 +132,8 @@ def rope_reference(
     rotary_dim: Optional[int] = None,
     compute_dtype: torch.dtype = torch.float32,
     inverse: bool = False,
+    q_scale: Optional[Sequence] = None,
+    q_scale_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Out-of-place reference rope; same conventions as :func:`yarn_triton.apply_rope_`.
 
@@ -132,6 +148,12 @@ def rope_reference(
         compute_dtype: dtype of the cache and of the arithmetic (float32 like the source
             models; float64 for the truth).
         inverse: apply the inverse rotation (the backward of the forward map).
+        q_scale: ``(beta, original_max)``: after the rotation, every channel of q (not k)
+            is multiplied by :func:`llama4_query_scale` of its token's position, computed
+            in ``compute_dtype`` and rounded to ``q_scale_dtype`` (default q's dtype, as
+            transformers rounds it); one rounding of the product at the end. Not with
+            M-RoPE positions.
+        q_scale_dtype: see ``q_scale``.
 
     Returns:
         New ``(q_out, k_out)`` in the input dtypes (``k_out`` is None when ``k`` is).
@@ -140,20 +162,29 @@ def rope_reference(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     rot = params.rope_dim if rotary_dim is None else rotary_dim
     section = params.mrope_section
-    if section is not None and positions.dim() == q.dim() - 1:  # [3, *T]: t, h, w streams
+    mrope = section is not None and positions.dim() == q.dim() - 1  # [3, *T]: t, h, w streams
+    if mrope:
         cos, sin = mrope_cos_sin_cache(params, positions, section, params.mrope_interleaved, compute_dtype)
     else:
         cos, sin = cos_sin_cache(params, positions, compute_dtype)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    factor = None
+    if q_scale is not None:
+        if mrope:
+            raise ValueError("q_scale with M-RoPE [3, *T] positions is not defined")
+        beta, original_max = q_scale
+        factor = llama4_query_scale(positions, beta, original_max, compute_dtype)
+        factor = factor.to(q_scale_dtype or q.dtype).to(compute_dtype)[..., None, None]
 
-    def one(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def one(x: Optional[torch.Tensor], f: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         if x is None:
             return None
         xc = x.to(compute_dtype)
         rotated = _rotate(xc[..., :rot], cos, sin, layout, inverse)
-        return torch.cat((rotated, xc[..., rot:]), dim=-1).to(x.dtype)
+        out = torch.cat((rotated, xc[..., rot:]), dim=-1)
+        return (out if f is None else out * f).to(x.dtype)
 
-    return one(q), one(k)
+    return one(q, factor), one(k)
 
 
 def rms_norm_reference(
@@ -188,15 +219,17 @@ def qk_norm_rope_reference(
     layout: str = "neox",
     rotary_dim: Optional[int] = None,
     compute_dtype: torch.dtype = torch.float32,
+    q_scale: Optional[Sequence] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Out-of-place reference of :func:`yarn_triton.apply_qk_norm_rope_`: per-head RMSNorm
-    of q and k (:func:`rms_norm_reference`), then the rotation of the rope part, all in
+    of q and k (:func:`rms_norm_reference`), then the rotation of the rope part (and
+    ``q_scale``, as in :func:`rope_reference`, its factor rounded to q's dtype), all in
     ``compute_dtype``. Returns new ``(q_out, k_out)`` in the input dtypes."""
     qn = rms_norm_reference(q, q_weight, eps, unit_offset=unit_offset, compute_dtype=compute_dtype)
     kn = None if k is None else rms_norm_reference(k, k_weight, eps, unit_offset=unit_offset,
                                                    compute_dtype=compute_dtype)
     qo, ko = rope_reference(qn, kn, positions, params, layout=layout, rotary_dim=rotary_dim,
-                            compute_dtype=compute_dtype)
+                            compute_dtype=compute_dtype, q_scale=q_scale, q_scale_dtype=q.dtype)
     return qo.to(q.dtype), (None if k is None else ko.to(k.dtype))
 
 
@@ -253,11 +286,13 @@ def apply_rope_reference_(
     inverse: bool = False,
     token_mask: Optional[torch.Tensor] = None,
     out: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
+    q_scale: Optional[Sequence] = None,
+    q_scale_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """In-place (or into ``out``) form of :func:`rope_reference` with float32 math, used
     for CPU tensors. Tokens where ``token_mask`` is False are copied unchanged."""
     q_new, k_new = rope_reference(q, k, positions, params, layout=layout, rotary_dim=rotary_dim,
-                                  inverse=inverse)
+                                  inverse=inverse, q_scale=q_scale, q_scale_dtype=q_scale_dtype)
     dst_q, dst_k = (q, k) if out is None else out
     for dst, src, new in ((dst_q, q, q_new), (dst_k, k, k_new)):
         if dst is None:

@@ -44,9 +44,10 @@ attention code rotates with a module-level function of its modeling file:
    attention code passes, or out of place and differentiable when autograd records --
    and otherwise calls the original function unchanged;
 3. for models that scale the query after rope by a per-position factor (Ministral-3's
-   ``llama_4_scaling_beta``), the dispatcher applies that factor right after the rotation
-   and the modeling file's ``get_llama_4_attn_scale`` hands the attention code a neutral
-   factor for that call;
+   ``llama_4_scaling_beta``), the dispatcher hands that scale to the fused op
+   (``q_scale=QueryScale(beta, original_max_position_embeddings)``), which applies it to q
+   in the same pass as the rotation, and the modeling file's ``get_llama_4_attn_scale``
+   hands the attention code a neutral factor for that call;
 4. for models whose attention normalises every head of q and k right before rope (Qwen3,
    Qwen3-MoE: ``q_norm``/``k_norm``, per-head RMSNorm), it replaces those two modules by
    :class:`_DeferredQKNorm`, which hands its input back unchanged and leaves the norm to
@@ -159,8 +160,8 @@ class ModelSupport:
         fused: the rope sites that run in the fused op.
         not_fused: what stays transformers' own, and why ("" for nothing).
         functions: rope functions whose mapping differs from :data:`ROPE_FUNCTIONS`.
-        fuse_q_scale: the Llama-4 query scale (``llama_4_scaling_beta``) is applied right
-            after the fused rotation, and transformers' multiply is skipped.
+        fuse_q_scale: the Llama-4 query scale (``llama_4_scaling_beta``) is applied to q in
+            the rope pass (the op's ``q_scale``), and transformers' multiply is skipped.
         freq_scale_param: name of a learned parameter ``a`` of the rotary embedding whose
             frequencies are ``inv_freq * exp(a)`` (Mistral-Large-4's ``alpha``).
         rope_labels: the rotary takes ``layer_type=<label>`` and keeps one set of params
@@ -212,7 +213,7 @@ MODEL_SUPPORT: Dict[str, ModelSupport] = {
         ModelSupport("qwen2", "dense", "any (yarn)", "neox", "no", _QK),
         ModelSupport("qwen3", "dense", "any (yarn)", "neox", "no", _QK_NORM_FUSED, fuse_qk_norm=True),
         ModelSupport("ministral3", "dense", "yarn + llama-4 query scale", "neox", "no",
-                     _QK + "; query scale (`llama_4_scaling_beta`) right after the rotation",
+                     _QK + "; query scale (`llama_4_scaling_beta`) in the same pass",
                      fuse_q_scale=True),
         ModelSupport("phi3", "dense", "longrope (short/long factors)", "neox",
                      "`partial_rotary_factor` (leading channels)", _QK),
@@ -287,8 +288,9 @@ class FusedRopePositions:
     Holds the position ids and the params; unpacks as ``cos, sin`` (both itself),
     ``.to(...)`` returns itself, and ``-handle`` is the same handle marked for the inverse
     rotation (what ``cos, -sin`` means), so attention code passes it to its rope function
-    untouched. ``q_scale`` is ``(beta, original_max_position_embeddings)`` of a Llama-4
-    query scale to apply after the rotation, or None.
+    untouched. ``q_scale`` is the :class:`~yarn_triton.op.QueryScale` ``(beta,
+    original_max_position_embeddings)`` of a Llama-4 query scale that the rope call applies
+    to q in the same pass, or None.
     """
 
     __slots__ = ("positions", "params", "inverse", "q_scale")
@@ -298,7 +300,7 @@ class FusedRopePositions:
         positions: torch.Tensor,
         params: RopeParams,
         inverse: bool = False,
-        q_scale: Optional[Tuple[float, int]] = None,
+        q_scale: Optional[_op.QueryScale] = None,
     ) -> None:
         self.positions = positions
         self.params = params
@@ -328,11 +330,13 @@ class FusedRopePositions:
         head_axis: int = 1,
         inverse: bool = False,
         norm: Optional[Tuple[torch.Tensor, torch.Tensor, float, bool]] = None,
+        q_scale: Optional[_op.QueryScale] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Rotate ``q`` (and ``k`` unless None) whose heads are at ``head_axis``
         (``[B, H, S, D]`` for 1), on their first ``params.rope_dim`` channels; with
         ``norm = (q_weight, k_weight, eps, unit_offset)``, RMSNorm every head first (same
-        pass).
+        pass); with ``q_scale``, scale every channel of q by its Llama-4 query scale after
+        (same pass).
 
         In place on the given views under no-grad (returns the same tensors), out of place
         when autograd records."""
@@ -341,7 +345,7 @@ class FusedRopePositions:
             pos = pos.to(q.device)
         qv = q.movedim(head_axis, -2)
         kv = None if k is None else k.movedim(head_axis, -2)
-        qo, ko = _rope(qv, kv, pos, self.params, layout, inverse, norm)
+        qo, ko = _rope(qv, kv, pos, self.params, layout, inverse, norm, q_scale)
         if qo is qv and ko is kv:
             return q, k
         return qo.movedim(-2, head_axis), (None if ko is None else ko.movedim(-2, head_axis))
@@ -351,26 +355,27 @@ class FusedRopePositions:
         return f"FusedRopePositions(positions={tuple(self.positions.shape)}, {self.params!r}{inv})"
 
 
-def _rope(q, k, positions, params, layout, inverse, norm=None):
+def _rope(q, k, positions, params, layout, inverse, norm=None, q_scale=None):
     """The fused op on ``[*T, H, D]`` views: in place (:func:`yarn_triton.apply_rope_`,
     the same tensors come back) unless autograd records for q or k, then the
     differentiable out-of-place :func:`yarn_triton.apply_rope`. With ``norm``, the same
     through :func:`yarn_triton.apply_qk_norm_rope_` / :func:`yarn_triton.apply_qk_norm_rope`
     (autograd also records for the norm weights); ``norm = (q_weight, k_weight, eps,
-    unit_offset)``."""
+    unit_offset)``. ``q_scale`` goes to the op as is (the Llama-4 query scale, same pass)."""
     if norm is not None:
         qw, kw, eps, unit = norm
         if inverse:
             raise NotImplementedError("a deferred q/k norm before an inverse rotation")
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, qw, kw)):
             return _op.apply_qk_norm_rope(q, k, positions, params, qw, kw, eps=eps, unit_offset=unit,
-                                          layout=layout)
+                                          layout=layout, q_scale=q_scale)
         _op.apply_qk_norm_rope_(q, _unit_strides_like(k, q), positions, params, qw, kw, eps=eps, unit_offset=unit,
-                                layout=layout)
+                                layout=layout, q_scale=q_scale)
         return q, k
     if torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)):
-        return _op.apply_rope(q, k, positions, params, layout=layout, inverse=inverse)
-    _op.apply_rope_(q, _unit_strides_like(k, q), positions, params, layout=layout, inverse=inverse)
+        return _op.apply_rope(q, k, positions, params, layout=layout, inverse=inverse, q_scale=q_scale)
+    _op.apply_rope_(q, _unit_strides_like(k, q), positions, params, layout=layout, inverse=inverse,
+                    q_scale=q_scale)
     return q, k
 
 
@@ -389,27 +394,8 @@ def _unit_strides_like(k: Optional[torch.Tensor], q: torch.Tensor) -> Optional[t
 
 
 # --------------------------------------------------------------------------------------
-# Query scaling after rope (Llama-4 style, Ministral-3)
+# Query scaling (Llama-4 style, Ministral-3): applied by the rope call itself (q_scale)
 # --------------------------------------------------------------------------------------
-def _llama4_query_factor(positions: torch.Tensor, beta: float, original_max: int) -> torch.Tensor:
-    """float32 ``[*positions.shape]``: ``1 + beta * log(1 + floor(pos / original_max))``,
-    in the same float32 operations as transformers' ``get_llama_4_attn_scale``."""
-    return 1 + beta * torch.log(1 + torch.floor(positions / original_max))
-
-
-def _scale_q_after_rope(q: torch.Tensor, factor: torch.Tensor, head_axis: int) -> torch.Tensor:
-    """``q * factor`` per token, right after the rotation: the one place the query scale
-    is applied (a per-token q scale that a later kernel version takes over).
-
-    ``q`` has heads at ``head_axis`` and the head dim last; ``factor`` holds one value per
-    token (the token dims of ``q`` without the head axis). Rounded to ``q.dtype`` first and
-    multiplied in ``q.dtype``, as transformers does. In place unless autograd records."""
-    f = factor.to(device=q.device, dtype=q.dtype).unsqueeze(head_axis).unsqueeze(-1)
-    if torch.is_grad_enabled() and q.requires_grad:
-        return q * f
-    return q.mul_(f)
-
-
 class _Unit:
     """The neutral factor handed to attention code whose query was already scaled:
     ``.to()`` returns itself and ``q * unit`` is ``q`` (no pass over q)."""
@@ -430,13 +416,14 @@ class _Unit:
 
 _UNIT = _Unit()
 # One-shot hand-over from the rope dispatcher to the query-scale dispatcher of the same
-# attention call: the positions tensor whose query was just scaled. Per thread.
+# attention call: the positions tensor whose query the rope call just scaled. Per thread.
 _HANDOVER = threading.local()
 
 
 class _QScaleDispatch:
-    """Stands in for ``get_llama_4_attn_scale``: neutral right after the rope dispatcher
-    scaled the query of the same call (same positions object), else the original."""
+    """Stands in for ``get_llama_4_attn_scale``: neutral right after the rope call of the
+    same attention call scaled the query in its pass (same positions object), else the
+    original."""
 
     def __init__(self, original) -> None:
         functools.update_wrapper(self, original)
@@ -677,10 +664,9 @@ class _RopeDispatch:
         if not self.spec.pair:
             return self._rotate_one(q, first, axis, inverse)
         k = a[self._k]
-        q, k = first.rotate(q, k, self.layout, axis, inverse, _take_qk_norm(q, k))
+        # the query scale (Ministral-3) is applied by the same kernel pass
+        q, k = first.rotate(q, k, self.layout, axis, inverse, _take_qk_norm(q, k), first.q_scale)
         if first.q_scale is not None:
-            beta, original_max = first.q_scale
-            q = _scale_q_after_rope(q, _llama4_query_factor(first.positions, beta, original_max), axis)
             _HANDOVER.positions = first.positions
         return q, k
 
@@ -797,7 +783,7 @@ class FusedRotaryEmbedding(nn.Module):
         tracker: Optional[RopeTracker] = None,
         *,
         by_label: Optional[Mapping[str, Tuple[RopeParams, Optional[RopeTracker]]]] = None,
-        q_scale: Optional[Tuple[float, int]] = None,
+        q_scale: Optional[_op.QueryScale] = None,
         freq_scale: Optional[_LearnedFreqScale] = None,
     ) -> None:
         super().__init__()
@@ -1057,15 +1043,22 @@ def _site_params(model, parent, rotary, params, support, memo: Dict[Tuple[int, O
     return p, tracker, None, freq_scale
 
 
-def _q_scale_of(config) -> Optional[Tuple[float, int]]:
-    """``(beta, original_max_position_embeddings)`` of a Llama-4 query scale, read where
-    the attention code reads them, or None when the config lacks one of them (then the
-    modeling file's own code runs, and fails as it would)."""
+def _q_scale_of(config) -> Optional[_op.QueryScale]:
+    """The :class:`~yarn_triton.op.QueryScale` ``(beta, original_max_position_embeddings)``
+    of a Llama-4 query scale, read where the attention code reads them; None when the
+    config lacks one of them or holds values the fused op does not take (a non-finite
+    beta, an original max that is not a positive integer): then the modeling file's own
+    code runs, and does what it does."""
     rp = getattr(config, "rope_parameters", None) or {}
     beta, omax = rp.get("llama_4_scaling_beta"), rp.get("original_max_position_embeddings")
     if beta is None or omax is None:
         return None
-    return beta, omax
+    if isinstance(omax, float) and omax.is_integer():
+        omax = int(omax)
+    try:
+        return _op.check_q_scale((beta, omax))
+    except (TypeError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------------------
