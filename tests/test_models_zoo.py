@@ -552,7 +552,13 @@ def test_fused_query_scale_matches_transformers_rope_then_multiply(dtype):
     apply_rope_(rot_q.transpose(1, 2), None, pos, p)
     two_roundings = rot_q * factor
     ulps = 2.0 ** (-22 if dtype == torch.float32 else -6)  # 2 ulp (the interpreter truncates bf16)
-    assert ((got_q.float() - two_roundings.float()).abs() <= ulps * two_roundings.float().abs()).all()
+    size = two_roundings.float().abs()
+    if dtype == torch.float32:
+        # in fp32 the rotation's own rounding shows: on the GPU the scale is fused into the
+        # rotation's products, and where a1*cos - a2*sin cancels, the two results differ by
+        # ulps of the head's magnitude, not of the (small) element
+        size = size.amax(-1, keepdim=True)
+    assert ((got_q.float() - two_roundings.float()).abs() <= ulps * size).all()
     assert not torch.equal(factor, torch.ones_like(factor))  # positions past OMAX: the scale is not 1
 
 

@@ -370,6 +370,10 @@ class RopeParams:
             device = torch.device("cuda", torch.cuda.current_device())
         key = str(device)
         cached = self._device_cache.get(key)
+        if cached is None and torch.compiler.is_compiling():
+            # traced by torch.compile before any eager call on this device: the copy goes
+            # into the graph (Dynamo cannot enter the lock, and the cache is not written)
+            return self.inv_freq.to(device)
         if cached is None:
             with self._lock:
                 cached = self._device_cache.get(key)
