@@ -25,7 +25,7 @@ echo "pytest exit $?" >> "$OUT/pytest.log"
 SWEEP=--no-sweep; [ "$MODE" = full ] && SWEEP=""
 timeout ${BENCH_TIMEOUT:-330} python3 bench/bench_rope.py --out "$OUT/bench.json" --plot "$OUT/gbps.png" $SWEEP \
   > "$OUT/bench.log" 2> "$OUT/bench.err"
-timeout 20 python3 bench/profile_host.py > "$OUT/host.txt" 2>&1
+timeout 90 python3 bench/profile_host.py > "$OUT/host.txt" 2>&1
 for s in ${NCU_SHAPES:-llama3-8b-prefill mla-8k-deepseek decode-64}; do
   echo "=== $s" >> "$OUT/ncu.txt"
   timeout ${NCU_TIMEOUT:-90} ncu --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \
