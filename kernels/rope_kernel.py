@@ -24,8 +24,15 @@ Compile-time switches select the variant, not copies of the kernel:
 * ``Q_SCALE``: multiply every channel of q's heads (the pass-through ones too) by the
   Llama-4 query scale of the token's position, ``1 + qs_beta * log(1 + floor(pos /
   qs_omax))`` (``_query_scale``); k is not scaled.
+* ``NORM`` (per-head RMSNorm first: weight, or ``1 + weight``) and ``MROPE`` (none,
+  sectioned, interleaved: which t/h/w position stream each frequency pair takes).
+* ``WIDE``: 64-bit element offsets, only when some tensor spans 2**31 elements (32-bit
+  arithmetic halves the instructions before a decode launch's first load). ``ROWS``: 1 for
+  a one-row batch, 2 for one token per row, where the token -> (row, index) division
+  is skipped.
 
-This module only launches; argument checking lives in ``yarn_triton.op``.
+The launch shape (tokens per program, heads per step, head groups, warps) is picked per
+shape class by timing candidates on scratch copies (``_tune``). This module only launches; argument checking lives in ``yarn_triton.op``.
 """
 
 from __future__ import annotations
