@@ -3,7 +3,7 @@
     python bench/explore_configs.py [--shapes decode-1,llama3-8b-prefill] [--json out.json]
 
 For each shape: the device time (CUDA-graph replay) of every candidate launch shape, the
-autotuner's own pick, Liger's kernel on its users' layout, an empty Triton kernel, and
+tuner's own pick, Liger's kernel on its users' layout, an empty Triton kernel, and
 two in-place references that move exactly the rope bytes and compute nothing: torch's
 ``mul_`` on the same views, and a minimal Triton kernel that loads the rope part of every
 head and stores it back. The last one is what a Triton kernel with this access pattern
@@ -79,7 +79,7 @@ def main() -> None:
         base = yt.RopeParams.yarn(rot, 500000.0, 4.0, 8192)
         p = yt.RopeParams(base.inv_freq, rot, 1.0, 1.0, "yarn")
         res = {"floor_us": nbytes / bw * 1e6}
-        yt.apply_rope_(q, k, pos, p, layout=layout)  # the autotuner's pick
+        yt.apply_rope_(q, k, pos, p, layout=layout)  # the tuner's pick
         res["tuned"] = best(lambda: yt.apply_rope_(q, k, pos, p, layout=layout))
         res["tuned_cfg"] = [str(c) for c in rk.tuned_configs().values()][-1:]
         res["torch mul_"] = best(lambda: (q.mul_(1.0), k.mul_(1.0)))
