@@ -478,9 +478,11 @@ def _tune(args: tuple, switches: dict, n_tokens: int, configs: list) -> Optional
     operands = args[:4]
     if sum(t.numel() * t.element_size() for t in operands) > _TUNE_SCRATCH_MAX_BYTES:
         return None
-    copies: dict = {}
-    scratch = [copies.setdefault(id(t), _scratch(t)) if t.numel() else t for t in operands]
-    targs = (*scratch, *args[4:])
+    copies: dict = {}  # one scratch per distinct tensor (in place: input is output)
+    for t in operands:
+        if t.numel() and id(t) not in copies:
+            copies[id(t)] = _scratch(t)
+    targs = (*[copies.get(id(t), t) for t in operands], *args[4:])
     small = n_tokens <= AUTOTUNE_GRAPH_TOKENS
     best, best_ms = None, float("inf")
     for cfg in configs:
