@@ -61,3 +61,18 @@ def gen(request):
     request.node.user_properties.append(("seed", seed))
     print(f"generator seed {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+def assert_modeling_files_unpatched() -> None:
+    """No transformers modeling module still holds one of our dispatchers (rope functions,
+    the Llama-4 query-scale function): every switched model was switched back."""
+    import sys
+
+    from yarn_triton.integrations.transformers import _Q_SCALE_FUNCTION, ROPE_FUNCTIONS
+
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("transformers.models.") or ".modeling_" not in name:
+            continue
+        for fn in (*ROPE_FUNCTIONS, _Q_SCALE_FUNCTION):
+            f = getattr(mod, fn, None)
+            assert f is None or not hasattr(f, "original"), f"{name}.{fn} left patched"

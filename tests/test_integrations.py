@@ -30,7 +30,7 @@ from yarn_triton.integrations.transformers import (  # noqa: E402
 )
 from yarn_triton.kernels.rope_kernel import INTERPRETED  # noqa: E402
 
-from conftest import rel_err  # noqa: E402
+from conftest import assert_modeling_files_unpatched, rel_err  # noqa: E402
 
 DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRETED) else "cpu"
 VOCAB = 128
@@ -141,12 +141,7 @@ def modeling_module(model):
 def _nothing_left_switched():
     """Every test must leave transformers' modeling functions as it found them."""
     yield
-    for modname, mod in list(sys.modules.items()):
-        if not modname.startswith("transformers.models.") or ".modeling_" not in modname:
-            continue
-        for name in ROPE_FUNCTIONS:
-            fn = getattr(mod, name, None)
-            assert fn is None or not hasattr(fn, "original"), f"{mod.__name__}.{name} left patched"
+    assert_modeling_files_unpatched()
 
 
 # ------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from yarn_triton.integrations.transformers import (  # noqa: E402
 )
 from yarn_triton.kernels.rope_kernel import INTERPRETED  # noqa: E402
 
-from conftest import rel_err  # noqa: E402
+from conftest import assert_modeling_files_unpatched, rel_err  # noqa: E402
 
 DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRETED) else "cpu"
 VOCAB = 128
@@ -274,11 +274,7 @@ def recorded_rope_calls(monkeypatch):
 def _nothing_left_switched():
     """Every test must leave transformers' modeling files as it found them."""
     yield
-    for name, mod in list(sys.modules.items()):
-        if name.startswith("transformers.models.") and ".modeling_" in name:
-            for fn in ROPE_FUNCTIONS:
-                f = getattr(mod, fn, None)
-                assert f is None or not hasattr(f, "original"), f"{name}.{fn} left patched"
+    assert_modeling_files_unpatched()
 
 
 # ------------------------------------------------------------------------------------

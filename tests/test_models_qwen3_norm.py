@@ -32,13 +32,12 @@ import yarn_triton.integrations.transformers as yti  # noqa: E402
 import yarn_triton.op as yt_op  # noqa: E402
 from yarn_triton.integrations.transformers import (  # noqa: E402
     MODEL_SUPPORT,
-    ROPE_FUNCTIONS,
     disable_fused_rope,
     enable_fused_rope,
     supported_models_markdown,
 )
 
-from conftest import rel_err  # noqa: E402
+from conftest import assert_modeling_files_unpatched, rel_err  # noqa: E402
 from test_models_zoo import (  # noqa: E402
     DEVICE,
     FAR,
@@ -112,11 +111,7 @@ def attention_norms_forbidden(norms):
 def _clean():
     """Every test leaves the modeling files unpatched and no norm pending."""
     yield
-    for name, mod in list(sys.modules.items()):
-        if name.startswith("transformers.models.") and ".modeling_" in name:
-            for fn in ROPE_FUNCTIONS:
-                f = getattr(mod, fn, None)
-                assert f is None or not hasattr(f, "original"), f"{name}.{fn} left patched"
+    assert_modeling_files_unpatched()
     assert getattr(yti._QK_NORM, "attn", None) is None
     assert getattr(yti._QK_NORM, "q", None) is None and getattr(yti._QK_NORM, "k", None) is None
 

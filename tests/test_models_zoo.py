@@ -43,7 +43,7 @@ from yarn_triton.integrations.transformers import (  # noqa: E402
 )
 from yarn_triton.kernels.rope_kernel import INTERPRETED  # noqa: E402
 
-from conftest import rel_err  # noqa: E402
+from conftest import assert_modeling_files_unpatched, rel_err  # noqa: E402
 
 DEVICE = "cuda" if (torch.cuda.is_available() and not INTERPRETED) else "cpu"
 VOCAB = 128
@@ -325,12 +325,7 @@ def transformers_rope_forbidden(model, support):
 def _nothing_left_switched():
     """Every test must leave transformers' modeling files as it found them."""
     yield
-    for name, mod in list(sys.modules.items()):
-        if not name.startswith("transformers.models.") or ".modeling_" not in name:
-            continue
-        for fn in list(ROPE_FUNCTIONS) + ["get_llama_4_attn_scale"]:
-            f = getattr(mod, fn, None)
-            assert f is None or not hasattr(f, "original"), f"{name}.{fn} left patched"
+    assert_modeling_files_unpatched()
 
 
 def _support(model_type):
