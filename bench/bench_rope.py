@@ -554,10 +554,20 @@ def main(argv=None) -> int:
     except Exception as e:
         log(f"Liger RMSNorm not available ({type(e).__name__})")
 
+    from yarn_triton.kernels.rope_kernel import tuned_configs
+
+    def with_picks(run, *a):
+        """``run(*a)``'s row, plus the launch shapes the tuner picked for it (tokens per
+        program, heads per step, warps, stages, head groups): what a rerun should compare."""
+        before = set(tuned_configs())
+        row = run(*a)
+        row["ours_tuned"] = [list(c) for key, c in tuned_configs().items() if key not in before]
+        return row
+
     rows = []
     for name in args.shapes.split(","):
         log(f"running {name} ...")
-        rows.append(run_shape(name, SHAPES[name], dtype, bw, liger, compiled_apply, log))
+        rows.append(with_picks(run_shape, name, SHAPES[name], dtype, bw, liger, compiled_apply, log))
         with open(args.out, "w") as f:  # as we go: a killed run still leaves its rows
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     host = host_costs(dtype, liger)
@@ -570,7 +580,7 @@ def main(argv=None) -> int:
     if args.qknorm:
         for name, T in QKNORM_SHAPES.items():
             log(f"running {name} ...")
-            rows.append(run_qknorm_shape(name, T, dtype, bw, liger, liger_norm, compiled_qk, log))
+            rows.append(with_picks(run_qknorm_shape, name, T, dtype, bw, liger, liger_norm, compiled_qk, log))
             save()
     compiled_partial = torch.compile(hf_apply_partial)
     if args.mrope:
@@ -579,7 +589,7 @@ def main(argv=None) -> int:
                 if model == "qwen2-vl-sect" and kind not in ("prefill", "decode-64"):
                     continue
                 log(f"running {model}-{kind} ...")
-                rows.append(run_mrope_shape(model, kind, dtype, bw, compiled_partial, log))
+                rows.append(with_picks(run_mrope_shape, model, kind, dtype, bw, compiled_partial, log))
                 save()
 
     sweep = []

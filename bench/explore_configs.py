@@ -23,32 +23,62 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_rope import SHAPES, copy_bandwidth, empty_kernel_us, graph_us, hf_cos_sin, make_inputs  # noqa: E402
+from bench_rope import (MROPE_MODELS, MROPE_TOKENS, SHAPES, copy_bandwidth, empty_kernel_us,  # noqa: E402
+                        graph_us, hf_cos_sin, make_inputs)
 
 import yarn_triton as yt  # noqa: E402
 from yarn_triton.kernels import rope_kernel as rk  # noqa: E402
 
 EXTRA = [(64, 1, 1, 8), (32, 2, 1, 8), (32, 1, 1, 8), (16, 4, 1, 8), (16, 2, 1, 8), (8, 2, 1, 4), (8, 4, 1, 4),
-         (2, 1, 32, 1), (1, 2, 16, 1), (1, 4, 8, 1), (1, 1, 16, 1), (8, 1, 8, 2), (16, 1, 4, 4), (4, 1, 16, 1)]
+         (2, 1, 32, 1), (1, 2, 16, 1), (1, 4, 8, 1), (1, 1, 16, 1), (8, 1, 8, 2), (16, 1, 4, 4), (4, 1, 16, 1),
+         # few heads of a narrow rope part (Qwen3.5: 16/4 heads, 64 of 256 channels)
+         (1, 16, 1, 1), (1, 16, 1, 2), (2, 16, 1, 2), (2, 8, 1, 1), (4, 8, 1, 2), (4, 16, 1, 4), (8, 16, 1, 4),
+         (1, 8, 2, 1), (2, 8, 2, 1), (2, 4, 4, 1)]
 
 
 @triton.jit
-def _touch(x_ptr, n_tokens, n_heads, s_t, s_h, ROT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Load the first ROT channels of every head of BLOCK_T tokens and store them back."""
+def _touch(x_ptr, n_tokens, n_heads, s_t, s_h, ROT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+           HINTS: tl.constexpr):
+    """Load the first ROT channels of every head of BLOCK_T tokens and store them back.
+    HINTS 1: streaming stores (``.cs``); 2: also loads marked evict-first."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, ROT)
     for h0 in range(0, n_heads, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         off = t.to(tl.int64)[None, :, None] * s_t + h[:, None, None] * s_h + d[None, None, :]
         m = (t < n_tokens)[None, :, None] & (h < n_heads)[:, None, None]
-        x = tl.load(x_ptr + off, mask=m)
-        tl.store(x_ptr + off, x * 1.0, mask=m)
+        if HINTS == 2:
+            x = tl.load(x_ptr + off, mask=m, eviction_policy="evict_first")
+        else:
+            x = tl.load(x_ptr + off, mask=m)
+        if HINTS >= 1:
+            tl.store(x_ptr + off, x * 1.0, mask=m, cache_modifier=".cs")
+        else:
+            tl.store(x_ptr + off, x * 1.0, mask=m)
 
 
-def touch(x: torch.Tensor, block_t: int, block_h: int, warps: int) -> None:
+def touch(x: torch.Tensor, block_t: int, block_h: int, warps: int, hints: int = 0) -> None:
     """``x``: ``[1, T, H, R]`` view with unit channel stride."""
     T, H, R = x.shape[1], x.shape[2], x.shape[3]
-    _touch[(triton.cdiv(T, block_t),)](x, T, H, x.stride(1), x.stride(2), R, block_t, block_h, num_warps=warps)
+    _touch[(triton.cdiv(T, block_t),)](x, T, H, x.stride(1), x.stride(2), R, block_t, block_h, hints,
+                                       num_warps=warps)
+
+
+def mrope_inputs(name: str, gen):
+    """An M-RoPE row of the benchmark (``qwen3.5-prefill``, ...): full-head q/k storage
+    ``[1, T, H, D]`` (the rope part is the leading ``rot`` channels), ``[3, 1, T]``
+    positions with distinct t/h/w streams, the params, and the bytes one in-place pass moves."""
+    model = next(m for m in MROPE_MODELS if name.startswith(m + "-"))
+    hq, hk, D, rot, section, interleaved = MROPE_MODELS[model]
+    T = MROPE_TOKENS[name[len(model) + 1:]]
+    q = torch.randn(1, T, hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, T, hk, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    t = torch.randint(0, 200000, (1, T), device="cuda", generator=gen)
+    pos3 = torch.stack([t, torch.randint(0, 512, (1, T), device="cuda", generator=gen),
+                        torch.randint(0, 512, (1, T), device="cuda", generator=gen)])
+    base = yt.RopeParams.yarn(rot, 1e7, 4.0, 262144)
+    p = yt.RopeParams(base.inv_freq, rot, 1.0, 1.0, "yarn").with_mrope(section, interleaved)
+    return (T, hq, hk, rot), q, k, pos3, p, 2 * T * (hq + hk) * rot * q.element_size()
 
 
 def best(fn, reps: int = 3):
@@ -63,6 +93,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="decode-1,decode-64,decode-256,llama3-8b-prefill,mla-8k-deepseek,mla-8k-neox")
     ap.add_argument("--json", default="")
+    ap.add_argument("--hints", action="store_true", help="also time the touch kernels with cache hints")
+    ap.add_argument("--no-configs", dest="configs", action="store_false", help="only the tuner's pick and bounds")
     args = ap.parse_args()
     try:
         from liger_kernel.transformers.rope import liger_rotary_pos_emb as liger
@@ -73,24 +105,37 @@ def main() -> None:
     out = {"copy_tbps": bw / 1e12, "empty_us": empty, "shapes": {}}
     print(f"copy {bw / 1e12:.2f} TB/s, empty kernel {empty:.2f} us")
     for name in args.shapes.split(","):
-        shape = SHAPES[name]
-        T, hq, hk, D, rot, kind, layout, _ = shape
-        q, k, pos, nbytes = make_inputs(shape, torch.bfloat16, torch.Generator(device="cuda").manual_seed(0))
-        base = yt.RopeParams.yarn(rot, 500000.0, 4.0, 8192)
-        p = yt.RopeParams(base.inv_freq, rot, 1.0, 1.0, "yarn")
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        if name in SHAPES:
+            shape = SHAPES[name]
+            T, hq, hk, D, rot, kind, layout, _ = shape
+            q, k, pos, nbytes = make_inputs(shape, torch.bfloat16, gen)
+            base = yt.RopeParams.yarn(rot, 500000.0, 4.0, 8192)
+            p = yt.RopeParams(base.inv_freq, rot, 1.0, 1.0, "yarn")
+        else:  # an M-RoPE row: partial rotary (Qwen3.5) over full-head storage
+            (T, hq, hk, rot), q, k, pos, p, nbytes = mrope_inputs(name, gen)
+            kind, layout = "mrope", "neox"
         res = {"floor_us": nbytes / bw * 1e6}
         yt.apply_rope_(q, k, pos, p, layout=layout)  # the tuner's pick
         res["tuned"] = best(lambda: yt.apply_rope_(q, k, pos, p, layout=layout))
         res["tuned_cfg"] = [str(c) for c in rk.tuned_configs().values()][-1:]
-        res["torch mul_"] = best(lambda: (q.mul_(1.0), k.mul_(1.0)))
+        if kind == "mrope":
+            res["torch mul_"] = best(lambda: (q[..., :rot].mul_(1.0), k[..., :rot].mul_(1.0)))
+        else:
+            res["torch mul_"] = best(lambda: (q.mul_(1.0), k.mul_(1.0)))
         for bt, bh, w in [(16, 1, 4), (32, 1, 4), (8, 4, 4), (64, 1, 8), (4, 8, 4), (1, 1, 1), (1, 8, 1)]:
             if bt <= max(T, 1) * 2:
-                res[f"touch {bt}x{bh} w{w}"] = best(lambda: (touch(q, bt, bh, w), touch(k, bt, bh, w)))
-        if liger is not None and layout == "neox" and kind != "mla":
+                qr, kr = q[..., :rot] if kind == "mrope" else q, k[..., :rot] if kind == "mrope" else k
+                res[f"touch {bt}x{bh} w{w}"] = best(lambda: (touch(qr, bt, bh, w), touch(kr, bt, bh, w)))
+                if args.hints and bh > 1:
+                    for hn in (1, 2):
+                        res[f"touch {bt}x{bh} w{w} hints{hn}"] = best(
+                            lambda: (touch(qr, bt, bh, w, hn), touch(kr, bt, bh, w, hn)))
+        if liger is not None and layout == "neox" and kind not in ("mla", "mrope"):  # its kernel rotates whole heads
             qv, kv = q.transpose(1, 2), k.transpose(1, 2)  # the [B, H, S, D] views transformers passes
             cos, sin = hf_cos_sin(pos, p.inv_freq_on("cuda"), 1.0, q.dtype)
             res["liger"] = best(lambda: liger(qv, kv, cos, sin))
-        for bt, bh, g, w in list(dict.fromkeys(rk._CANDIDATES + EXTRA)):
+        for bt, bh, g, w in list(dict.fromkeys(rk._CANDIDATES + EXTRA)) if args.configs else []:
             if bt > 2 * max(T, 1) or g > max(hq, hk):
                 continue
             cfg = rk.LaunchConfig(bt, bh, w, 1, g)

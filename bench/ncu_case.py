@@ -18,16 +18,24 @@ import yarn_triton as yt  # noqa: E402
 def main() -> None:
     name = sys.argv[1]
     calls = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    shape = SHAPES[name]
-    q, k, pos, _ = make_inputs(shape, torch.bfloat16, torch.Generator(device="cuda").manual_seed(0))
-    base = yt.RopeParams.yarn(shape[4], 500000.0, 4.0, 8192)
-    params = yt.RopeParams(base.inv_freq, shape[4], 1.0, 1.0, "yarn")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    if name in SHAPES:
+        shape = SHAPES[name]
+        q, k, pos, _ = make_inputs(shape, torch.bfloat16, gen)
+        base = yt.RopeParams.yarn(shape[4], 500000.0, 4.0, 8192)
+        params = yt.RopeParams(base.inv_freq, shape[4], 1.0, 1.0, "yarn")
+        layout = shape[6]
+    else:  # an M-RoPE row (qwen3.5-prefill, ...)
+        from explore_configs import mrope_inputs
+
+        _, q, k, pos, params, _ = mrope_inputs(name, gen)
+        layout = "neox"
     for _ in range(3):
-        yt.apply_rope_(q, k, pos, params, layout=shape[6])
+        yt.apply_rope_(q, k, pos, params, layout=layout)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
     for _ in range(calls):
-        yt.apply_rope_(q, k, pos, params, layout=shape[6])
+        yt.apply_rope_(q, k, pos, params, layout=layout)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
 

@@ -442,9 +442,6 @@ _CANDIDATES = [
     (1, 1, 32, 1), (1, 1, 16, 1), (2, 1, 16, 1), (4, 1, 32, 1), (1, 8, 4, 1), (1, 16, 2, 2), (1, 32, 1, 4),
     (2, 16, 1, 4), (2, 8, 4, 1), (2, 16, 2, 2), (4, 8, 4, 2),
 ]
-# Up to this many tokens a launch takes a few microseconds and each timing is a CUDA-graph
-# replay of many launches; larger shapes are timed as single launches.
-AUTOTUNE_GRAPH_TOKENS = 256
 # Tuning times candidates on scratch copies of q and k (the user's tensors are never
 # touched, and no restore copy pollutes the timing); past this size it is not worth it.
 _TUNE_SCRATCH_MAX_BYTES = 1 << 30
@@ -473,8 +470,12 @@ def _grid(n_tokens: int, cfg: "LaunchConfig") -> Tuple[int, int, int]:
 def _tune(args: tuple, switches: dict, n_tokens: int, configs: list) -> Optional["LaunchConfig"]:
     """The fastest of ``configs`` for this launch, timed on scratch copies of the q/k
     operands (positions, weights and ``inv_freq`` are only read, so the real ones serve).
-    Small launches are timed as CUDA-graph replays (host noise would decide an eager
-    timing of a few microseconds). None when the scratch would be too large."""
+    Every candidate is timed as a CUDA graph of back-to-back launches: host noise would
+    decide an eager timing of a decode launch, and single launches after an L2 flush (what
+    ``do_bench`` times) miss the steady state of an in-place pass, whose dirty lines are
+    written back while the next launch runs. On an H100 that once ranked the Qwen3.5 M-RoPE
+    prefill's candidates so that the pick took 32.1 us back to back where the best took
+    29.7. None when the scratch would be too large."""
     operands = args[:4]
     if sum(t.numel() * t.element_size() for t in operands) > _TUNE_SCRATCH_MAX_BYTES:
         return None
@@ -483,7 +484,6 @@ def _tune(args: tuple, switches: dict, n_tokens: int, configs: list) -> Optional
         if t.numel() and id(t) not in copies:
             copies[id(t)] = _scratch(t)
     targs = (*[copies.get(id(t), t) for t in operands], *args[4:])
-    small = n_tokens <= AUTOTUNE_GRAPH_TOKENS
     best, best_ms = None, float("inf")
     for cfg in configs:
         def run(cfg=cfg):
@@ -491,8 +491,7 @@ def _tune(args: tuple, switches: dict, n_tokens: int, configs: list) -> Optional
                                               num_stages=cfg.num_stages)
         try:
             run()  # compiles
-            ms = (triton.testing.do_bench_cudagraph(run, rep=10) if small
-                  else triton.testing.do_bench(run, warmup=5, rep=25))
+            ms = triton.testing.do_bench_cudagraph(run, rep=10, return_mode="median")
         except Exception:  # noqa: BLE001  (a shape the compiler rejects, e.g. out of resources)
             continue
         if ms < best_ms:

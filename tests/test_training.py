@@ -285,7 +285,7 @@ def test_more_than_2pow31_elements():
 
 @requires_cuda
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("n", [3000, 37])  # timed as single launches / as CUDA-graph replays
+@pytest.mark.parametrize("n", [3000, 37])  # a many-token and a decode-sized shape class
 def test_autotuned_launch_is_correct(layout, n, monkeypatch, gen):
     """The tuner times candidate shapes on scratch copies: the user's tensors see exactly
     one rotation (in place) or none (out of place), and every candidate config is right."""
