@@ -520,6 +520,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sweep", action="store_true", help="skip the tokens sweep for the plot")
     ap.add_argument("--no-qknorm", dest="qknorm", action="store_false", help="skip the QK-norm + rope rows")
     ap.add_argument("--no-mrope", dest="mrope", action="store_false", help="skip the M-RoPE rows")
+    ap.add_argument("--no-host", dest="host", action="store_false", help="skip the host-cost table")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="only the tokens sweep and its plot (e.g. a second device call): no rows, no host table")
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -564,13 +567,15 @@ def main(argv=None) -> int:
         row["ours_tuned"] = [list(c) for key, c in tuned_configs().items() if key not in before]
         return row
 
+    if args.sweep_only:
+        args.shapes, args.qknorm, args.mrope, args.host, args.no_sweep = "", False, False, False, False
     rows = []
-    for name in args.shapes.split(","):
+    for name in filter(None, args.shapes.split(",")):
         log(f"running {name} ...")
         rows.append(with_picks(run_shape, name, SHAPES[name], dtype, bw, liger, compiled_apply, log))
         with open(args.out, "w") as f:  # as we go: a killed run still leaves its rows
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    host = host_costs(dtype, liger)
+    host = host_costs(dtype, liger) if args.host else {}
 
     def save(sweep=()):
         with open(args.out, "w") as f:  # as we go: a killed run still leaves its rows
