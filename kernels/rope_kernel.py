@@ -16,8 +16,15 @@ Compile-time switches select the variant, not copies of the kernel:
 * ``PRECISE``: form the angle in float64, so it is right to ~1e-7 rad at any int32
   position instead of ``|angle| * 6e-8``. Either way it is reduced by pi/2 in float64 and
   cos/sin come from short polynomials (``_cos_sin``).
-* ``INPLACE``: output pointers equal the inputs; otherwise the channels past the rotary
-  dim are copied too (``TAIL_PAD`` wide), making the out-of-place call a single pass.
+* ``INPLACE``: output pointers equal the inputs; otherwise the pass-through channels of a
+  partial rotary are copied too (``TAIL_PAD`` wide), making the out-of-place call a single
+  pass.
+* ``TAIL_FIRST``: where a head's pass-through channels lie. False: after the rotary part
+  (channels ``[rot, head_dim)``, Llama/Phi-3 partial rotary). True: before it (the rotary
+  part is the trailing ``rot`` channels, Mistral-4's ``[q_pass, q_rot]``): the pointers
+  still address each head's first channel, the kernel moves to the rotary part itself
+  (``+ tail`` channels, ``q_tail``/``k_tail`` then always given) and finds the tail at
+  ``-tail`` from there. With NORM the tail's weights are ``weight[:tail]``.
 * ``POS_MODE``: 0 reads a position per token; 1 derives it as ``pos_base + index in the
   sequence (+ offsets[seq] when HAS_OFFSETS)``. ``VARLEN`` finds each token's sequence in
   ``cu_seqlens`` (packed ``[T, H, D]`` batches) by binary search.
@@ -203,10 +210,16 @@ def _load_heads(src_row, h0, h_hi, tok_mask, in_sh, in_sd,
 
 @triton.jit
 def _norm_weights(w_ptr, tail, HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
-                  IN_PAIRS: tl.constexpr, NORM: tl.constexpr):
+                  IN_PAIRS: tl.constexpr, NORM: tl.constexpr, TAIL_FIRST: tl.constexpr):
     """The RMSNorm weight of each channel of a head, in the order the tiles hold them:
     ``[1, 1, HALF_PAD]`` for the pair members ``x1``/``x2`` and ``[1, 1, TAIL_PAD]`` for the
-    pass-through channels. NORM == 2 is the ``(1 + weight)`` form (Gemma, Qwen3.5)."""
+    pass-through channels. NORM == 2 is the ``(1 + weight)`` form (Gemma, Qwen3.5).
+    TAIL_FIRST: the tail's weights are ``w[:tail]``, the rotary part's ``w[tail:]``."""
+    if TAIL_FIRST:
+        wt_ptr = w_ptr
+        w_ptr = w_ptr + tail
+    else:
+        wt_ptr = w_ptr + 2 * HALF
     j = tl.arange(0, HALF_PAD)
     jm = j < HALF
     if IN_PAIRS:  # x1, x2 are channels 2j, 2j + 1
@@ -216,7 +229,7 @@ def _norm_weights(w_ptr, tail, HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_
         w1 = tl.load(w_ptr + j, mask=jm, other=0.0).to(tl.float32)
         w2 = tl.load(w_ptr + j + HALF, mask=jm, other=0.0).to(tl.float32)
     t = tl.arange(0, TAIL_PAD if TAIL_PAD > 0 else 1)
-    wt = tl.load(w_ptr + 2 * HALF + t, mask=t < tail, other=0.0).to(tl.float32)
+    wt = tl.load(wt_ptr + t, mask=t < tail, other=0.0).to(tl.float32)
     if NORM == 2:
         w1 += 1.0
         w2 += 1.0
@@ -231,6 +244,7 @@ def _rotate_heads(
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
     IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr, INPLACE: tl.constexpr, NORM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr, SCALED: tl.constexpr,
+    TAIL_FIRST: tl.constexpr,
 ):
     """Rotate heads ``h_lo .. h_hi`` of ``BLOCK_T`` tokens, ``BLOCK_H`` at a time.
 
@@ -250,6 +264,10 @@ def _rotate_heads(
     ``tail`` pass-through ones) in float32 and scaled by its weight, then rotated; the
     pass-through channels are written normalised, in place too.
 
+    TAIL_FIRST: ``in_row``/``out_row`` address each head's rotary part, and its ``tail``
+    pass-through channels sit just before it (channel offset ``-tail``); else they follow
+    it (offset ``2 * HALF``).
+
     SCALED: every channel of each head (the pass-through ones too, in place as well) is
     multiplied by ``row_scale`` (float32 ``[BLOCK_T, 1]``, one factor per token) before it
     is rounded to the storage dtype: one rounding.
@@ -263,7 +281,7 @@ def _rotate_heads(
     d = _idx(tl.arange(0, 2 * HALF_PAD), WIDE)[None, None, :]
     out_ty = out_ptr.dtype.element_ty
     if NORM:
-        w1, w2, wt = _norm_weights(w_ptr, tail, HALF, HALF_PAD, TAIL_PAD, IN_PAIRS, NORM)
+        w1, w2, wt = _norm_weights(w_ptr, tail, HALF, HALF_PAD, TAIL_PAD, IN_PAIRS, NORM, TAIL_FIRST)
         inv_dim = 1.0 / (2 * HALF + tail)
     for h0 in range(h_lo, h_hi, BLOCK_H):
         n1, n2 = _load_heads(src_row, h0 + BLOCK_H, h_hi, tok_mask, in_sh, in_sd,
@@ -276,7 +294,11 @@ def _rotate_heads(
         if TAIL_PAD > 0 and (NORM or SCALED or not INPLACE):  # pass-through channels of a partial rotary
             t = _idx(tl.arange(0, TAIL_PAD), WIDE)[None, None, :]
             tail_mask = th_mask & (t < tail)
-            tail_x = tl.load(src_row + h * in_sh + (2 * HALF + t) * in_sd, mask=tail_mask, other=0.0)
+            if TAIL_FIRST:  # [tail | rotary part]: the tail ends where the rotary part starts
+                tc = t - tail
+            else:  # [rotary part | tail]
+                tc = t + 2 * HALF
+            tail_x = tl.load(src_row + h * in_sh + tc * in_sd, mask=tail_mask, other=0.0)
             if NORM or SCALED:
                 tail_f = tail_x.to(tl.float32)
                 if NORM:
@@ -288,7 +310,7 @@ def _rotate_heads(
                 if SCALED:
                     tail_f = tail_f * row_scale[None, :, :]
                 tail_x = _round_to(tail_f, out_ty)
-            tl.store(dst + (2 * HALF + t) * out_sd, tail_x, mask=tail_mask)
+            tl.store(dst + tc * out_sd, tail_x, mask=tail_mask)
         elif NORM:
             r = tl.rsqrt(tl.sum(a1 * a1 + a2 * a2, axis=2) * inv_dim + eps)[:, :, None]
             a1 = a1 * r * w1
@@ -325,7 +347,7 @@ def rope_kernel(
     MROPE: tl.constexpr, SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr,
     WIDE: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_T: tl.constexpr, Q_BLOCK_H: tl.constexpr, K_BLOCK_H: tl.constexpr, HEAD_GROUPS: tl.constexpr,
-    Q_SCALE: tl.constexpr,
+    Q_SCALE: tl.constexpr, TAIL_FIRST: tl.constexpr,
 ):
     """Grid: ``cdiv(n_tokens, BLOCK_T) * HEAD_GROUPS`` programs.
 
@@ -389,12 +411,19 @@ def rope_kernel(
     q_lo = pid_g * q_per
     q_hi = tl.minimum(q_lo + q_per, n_q_heads)
     q_row = b * q_sb + s * q_ss
+    qo_row = b * qo_sb + s * qo_ss
+    k_row = b * k_sb + s * k_ss
+    ko_row = b * ko_sb + s * ko_ss
+    if TAIL_FIRST:  # each head is [tail | rotary part]: move to the rotary part
+        q_row += _idx(q_tail, WIDE) * q_sd
+        qo_row += _idx(q_tail, WIDE) * qo_sd
+        k_row += _idx(k_tail, WIDE) * k_sd
+        ko_row += _idx(k_tail, WIDE) * ko_sd
     qx1, qx2 = _load_heads(q_ptr + q_row[None, :, None], q_lo, q_hi, tok_mask, q_sh, q_sd,
                            HALF, HALF_PAD, IN_PAIRS, BLOCK_T, Q_BLOCK_H, WIDE)
     k_per = tl.cdiv(n_k_heads, HEAD_GROUPS)
     k_lo = pid_g * k_per
     k_hi = tl.minimum(k_lo + k_per, n_k_heads)
-    k_row = b * k_sb + s * k_ss
     kx1, kx2 = _load_heads(k_ptr + k_row[None, :, None], k_lo, k_hi, tok_mask, k_sh, k_sd,
                            HALF, HALF_PAD, IN_PAIRS, BLOCK_T, K_BLOCK_H, WIDE)
 
@@ -411,12 +440,14 @@ def rope_kernel(
     else:
         q_scale = scale
 
-    _rotate_heads(q_ptr, qo_ptr, q_row, b * qo_sb + s * qo_ss, tok_mask, q_lo, q_hi, qx1, qx2,
+    _rotate_heads(q_ptr, qo_ptr, q_row, qo_row, tok_mask, q_lo, q_hi, qx1, qx2,
                   q_sh, q_sd, qo_sh, qo_sd, cos, sin, q_tail, qw_ptr, eps, q_scale,
-                  HALF, HALF_PAD, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, Q_BLOCK_H, WIDE, Q_SCALE)
-    _rotate_heads(k_ptr, ko_ptr, k_row, b * ko_sb + s * ko_ss, tok_mask, k_lo, k_hi, kx1, kx2,
+                  HALF, HALF_PAD, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, Q_BLOCK_H, WIDE, Q_SCALE,
+                  TAIL_FIRST)
+    _rotate_heads(k_ptr, ko_ptr, k_row, ko_row, tok_mask, k_lo, k_hi, kx1, kx2,
                   k_sh, k_sd, ko_sh, ko_sd, cos, sin, k_tail, kw_ptr, eps, scale,
-                  HALF, HALF_PAD, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, K_BLOCK_H, WIDE, False)
+                  HALF, HALF_PAD, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, K_BLOCK_H, WIDE, False,
+                  TAIL_FIRST)
 
 
 INTERPRETED = not isinstance(rope_kernel, triton.runtime.JITFunction)
@@ -679,6 +710,7 @@ def launch_rope(
     mrope: Tuple[int, int, int, int] = (0, 0, 0, 0),
     pos_stream_stride: int = 0,
     q_scale: Optional[Tuple[float, int]] = None,
+    tail_first: bool = False,
 ) -> Optional[PreparedLaunch]:
     """Launch :func:`rope_kernel` on already-validated arguments.
 
@@ -707,6 +739,9 @@ def launch_rope(
     ``q_scale``: ``(beta, original_max)``: multiply q (all its channels) by the Llama-4
     query scale of each token's position (not with M-RoPE); None for none.
 
+    ``tail_first``: the rotary part of each head is its last ``2 * half`` channels (the
+    pass-through ones come first); the operands still address whole heads.
+
     Returns the :class:`PreparedLaunch` of this call for the caller to replay, or None
     when the launch cannot be replayed that way (tracing, nothing to do).
     """
@@ -718,6 +753,12 @@ def launch_rope(
     rot = 2 * half
     q_tail, q_tail_pad = _tail(q, rot, norm or q_scale is not None or not inplace)
     k_tail, k_tail_pad = _tail(k, rot, norm or not inplace)
+    if tail_first:
+        # the kernel steps over the tail to the rotary part: it needs the tail's width even
+        # where it does not touch those channels. No tail at all: the usual layout
+        q_tail = q.src.shape[-1] - rot
+        k_tail = 0 if k is None else k.src.shape[-1] - rot
+        tail_first = q_tail > 0 or k_tail > 0
     if k is None:
         # no k heads: nothing of k is read or written. Traced for torch.compile, k must not
         # be q itself (the graph would see q mutated through two arguments)
@@ -728,7 +769,7 @@ def launch_rope(
         # Tuning runs once per shape class; later calls launch its pick directly.
         tune_key = (_tok_class(n_tokens), n_q_heads, n_k_heads, q.src_strides[2], k.src_strides[2],
                     half, in_pairs, out_pairs, inplace, cu_seqlens is not None, norm, mrope[0],
-                    q.src.dtype, q.dst.dtype, k.src.dtype, q_scale is not None)
+                    q.src.dtype, q.dst.dtype, k.src.dtype, q_scale is not None, tail_first)
         config = config or _TUNED.get(tune_key)
         # never tune while tracing or inside a CUDA graph capture (the timing runs would be
         # captured): the heuristic's shape then
@@ -760,6 +801,7 @@ def launch_rope(
         INVERSE=inverse, PRECISE=precise, INPLACE=inplace,
         POS_MODE=0 if per_token else 1, HAS_OFFSETS=offsets is not None, VARLEN=varlen, NORM=norm,
         MROPE=mrope[0], SEC_T=mrope[1], SEC_H=mrope[2], SEC_W=mrope[3], Q_SCALE=q_scale is not None,
+        TAIL_FIRST=tail_first,
         WIDE=max(_extent(t) for t in args[:_N_PTRS]) >= _INT32_SPAN,
         ROWS=0 if varlen else (1 if seq_len == n_tokens else (2 if seq_len == 1 else 0)),
     )
@@ -826,7 +868,7 @@ def _specialization_key(args, switches, cfg):
         tuple(t.dtype for t in ptrs),
         tuple(t.data_ptr() % 16 == 0 for t in ptrs),
         tuple(_int_class(i, v) for i, v in enumerate(args) if i >= _N_PTRS),
-        tuple(switches.values()),
+        tuple(switches.values()),  # every constexpr switch (Q_SCALE, TAIL_FIRST, ...), in a fixed order
         cfg,
         tuple(_meta(cfg, args).values()),  # heads per step follow the head counts
     )

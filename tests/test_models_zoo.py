@@ -623,3 +623,123 @@ def test_query_scale_config_the_op_cannot_take_stays_transformers():
     model.config.rope_parameters = dict(rp, llama_4_scaling_beta=float("nan"))
     assert _q_scale_of(model.config) is None
     model.config.rope_parameters = rp
+
+
+# ------------------------------------------------------------------------------------
+# Llama-4 query scaling (Mistral-4): whole query heads [q_nope | q_rope], one in-place call
+# ------------------------------------------------------------------------------------
+def _spy_calls(monkeypatch, module, name):
+    """Record every call of ``module.name`` (the function the dispatchers wrap, when
+    patched before the switch), still running it."""
+    calls = []
+    real = getattr(module, name)
+
+    @functools.wraps(real)
+    def spy(*a, **k):
+        calls.append((a, k))
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("interleave", [False, True], ids=["neox", "deepseek"])
+def test_mistral4_query_scale_fused_without_grad(monkeypatch, interleave):
+    """No grad: each attention's rope call is one in-place kernel call on the whole query
+    heads (rotary_at="end", with the query scale), so q_nope is scaled in memory too; the
+    modeling file's get_llama_4_attn_scale and rope functions never run; logits match the
+    unswitched model at positions past original_max_position_embeddings."""
+    import yarn_triton.integrations.transformers as yti
+    from yarn_triton import QueryScale
+
+    model = make_model("mistral4")
+    model.config.rope_interleave = interleave
+    plain = make_model("mistral4")
+    plain.config.rope_interleave = interleave
+    ids, pos = inputs("mistral4")
+    ref = forward(plain, ids, pos)[0]
+    calls = []
+    real = yti._op.apply_rope_
+    monkeypatch.setattr(yti._op, "apply_rope_",
+                        lambda q, k, *a, **kw: calls.append((q.shape, k.shape, kw)) or real(q, k, *a, **kw))
+    with transformers_rope_forbidden(model, _support("mistral4")):  # these raise if they run
+        enable_fused_rope(model)
+        try:
+            out = forward(model, ids, pos)[0]
+            assert yti._HANDOVER.positions is None  # handed over and consumed
+        finally:
+            disable_fused_rope(model)
+    cfg = model.config
+    assert len(calls) == cfg.num_hidden_layers
+    for q_shape, k_shape, kw in calls:
+        assert q_shape[-1] == cfg.qk_nope_head_dim + cfg.qk_rope_head_dim and k_shape[-1] == cfg.qk_rope_head_dim
+        assert kw["rotary_at"] == "end" and kw["q_scale"] == QueryScale(0.1, OMAX)
+        assert kw["layout"] == ("deepseek" if interleave else "neox")
+    assert int(pos[1, 0]) > OMAX
+    assert rel_err(out, ref) < 1e-5, rel_err(out, ref)
+
+
+def test_mistral4_query_scale_with_grad_stays_unfused_and_gradients_match(monkeypatch):
+    """With gradients: the rope of q_rot / k_rot is fused (out of place, differentiable)
+    but transformers' own get_llama_4_attn_scale multiplies the whole query; logits and
+    the gradients of every parameter match the unswitched model's."""
+    from transformers.models.mistral4 import modeling_mistral4 as mm
+
+    switched, plain = make_model("mistral4"), make_model("mistral4")
+    switched.train(), plain.train()
+    ids, pos = inputs("mistral4")
+    ref = plain(ids, position_ids=pos).logits.float()
+    ref.pow(2).mean().backward()
+    scale_calls = _spy_calls(monkeypatch, mm, "get_llama_4_attn_scale")
+    rope_calls = [_spy_calls(monkeypatch, mm, n) for n in ("apply_rotary_pos_emb", "apply_rotary_pos_emb_interleave")]
+    enable_fused_rope(switched)
+    try:
+        out = switched(ids, position_ids=pos).logits.float()
+        out.pow(2).mean().backward()
+    finally:
+        disable_fused_rope(switched)
+    assert len(scale_calls) == switched.config.num_hidden_layers and not any(rope_calls)
+    assert rel_err(out, ref.detach()) < 1e-5
+    n = 0
+    for (name, a), (_, b) in zip(switched.named_parameters(), plain.named_parameters()):
+        if b.grad is not None:
+            assert a.grad is not None and rel_err(a.grad, b.grad) < 1e-4, name
+            n += 1
+    assert n > 0
+
+
+def test_mistral4_query_scale_no_grad_inputs_under_grad_mode_are_fused():
+    """Grad mode on, but nothing requires a gradient (frozen model): still the fused path."""
+    model, plain = make_model("mistral4"), make_model("mistral4")
+    model.requires_grad_(False)
+    ids, pos = inputs("mistral4")
+    ref = forward(plain, ids, pos)[0]
+    with transformers_rope_forbidden(model, _support("mistral4")):
+        enable_fused_rope(model)
+        try:
+            out = model(ids, position_ids=pos).logits.float()
+        finally:
+            disable_fused_rope(model)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_mistral4_whole_heads_view_only_for_the_split_layout():
+    """The dispatcher's whole-head view: for q_rot split off [B, H, S, nope + rope] heads
+    it is those heads; for a q_rot with nothing (or something else) before it, None (then
+    the unfused path runs)."""
+    from yarn_triton.integrations.transformers import _whole_heads
+
+    nope, rope = 16, 8
+    q_states = torch.randn(2, 7, 4, nope + rope).transpose(1, 2)  # [B, H, S, D] view, as Mistral-4
+    q_pass, q_rot = torch.split(q_states, [nope, rope], dim=-1)
+    whole = _whole_heads(q_rot, nope)
+    assert whole is not None and whole.shape == q_states.shape and torch.equal(whole, q_states)
+    assert whole.data_ptr() == q_states.data_ptr()
+    assert _whole_heads(q_rot.contiguous(), nope) is None  # storage offset 0: nothing before it
+    assert _whole_heads(q_rot, nope + 1) is None  # would reach before the storage
+    packed = torch.randn(2, 7, 4, rope + 4)[..., 4:]  # only 4 channels before each head's rope part
+    assert _whole_heads(packed, nope) is None  # the whole-head view would overlap itself
+    assert _whole_heads(torch.randn(2, 4, 7, 64)[..., 40:48], nope) is not None  # fits, distinct
+    tail = torch.randn(1, 1, 1, nope + rope)[..., nope:]
+    assert _whole_heads(tail, nope) is not None and _whole_heads(tail[..., :4], nope) is not None
+    assert _whole_heads(q_states.flip(-1)[..., :rope], nope) is None  # negative strides

@@ -25,6 +25,9 @@ from .kernels.rope_kernel import INTERPRETED, LaunchConfig, Operand, launch_rope
 __all__ = ["apply_rope_", "apply_rope", "apply_qk_norm_rope_", "apply_qk_norm_rope", "QueryScale", "LAYOUTS"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Values of ``rotary_at``: where a head's rotary part lies ("start": its first
+#: ``rotary_dim`` channels; "end": its last ``rotary_dim`` channels).
+ROTARY_AT = ("start", "end")
 _INT_DTYPES = (torch.int32, torch.int64)
 Offsets = Union[int, torch.Tensor, None]
 
@@ -237,6 +240,14 @@ def check_rope_args(
     return rot
 
 
+def check_rotary_at(rotary_at) -> bool:
+    """Whether the rotary part is at the end of each head (``rotary_at == "end"``);
+    ValueError naming the argument unless it is one of :data:`ROTARY_AT`."""
+    if type(rotary_at) is not str or rotary_at not in ROTARY_AT:
+        raise ValueError(f"rotary_at must be one of {ROTARY_AT}, got {rotary_at!r}")
+    return rotary_at == "end"
+
+
 def _broadcasts_to(shape: Tuple[int, ...], target: Tuple[int, ...]) -> bool:
     """Whether ``shape`` broadcasts to exactly ``target`` (cheaper than torch.broadcast_shapes)."""
     if len(shape) > len(target):
@@ -365,14 +376,15 @@ def _operand(src, dst, token_strides):
 
 
 def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_freq, scale,
-                   rot, layout, inverse, precise, config, traced=False, norm=None, mrope=None, q_scale=None):
+                   rot, layout, inverse, precise, config, traced=False, norm=None, mrope=None, q_scale=None,
+                   rotary_at="start"):
     """Fold the token dims and launch; returns the kernel's :class:`PreparedLaunch` (None
     when the call took several launches or cannot be replayed)."""
     in_pairs, out_pairs = layout_switches(layout, inverse)
     common = dict(half=rot // 2, in_pairs=in_pairs, out_pairs=out_pairs, inverse=inverse,
                   precise=precise, pos_base=pos_base, cu_seqlens=cu_seqlens, config=config,
                   offsets=offsets, offsets_stride=0 if offsets is None else offsets.stride(0),
-                  traced=traced, q_scale=q_scale)
+                  traced=traced, q_scale=q_scale, tail_first=rotary_at == "end")
     if norm is not None:
         common.update(norm=norm.kind, q_weight=norm.q_weight, k_weight=norm.k_weight, eps=norm.eps)
     if positions is None:
@@ -401,7 +413,7 @@ def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_f
             pos_i = pos[i].movedim(-1, 0) if pos is not first else pos[i]
             _launch_kernel(q[i], qo[i], None if k is None else k[i], None if k is None else ko[i],
                            pos_i, offsets, pos_base, cu_seqlens, inv_freq, scale,
-                           rot, layout, inverse, precise, config, traced, norm, mrope, q_scale)
+                           rot, layout, inverse, precise, config, traced, norm, mrope, q_scale, rotary_at)
         return None
     while len(sizes) < 2:
         sizes.insert(0, 1)
@@ -418,14 +430,16 @@ def uses_kernel(t: torch.Tensor) -> bool:
 
 
 def _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-             rot, layout, inverse, precise, config=None, traced=False, norm=None, mrope=None, q_scale=None):
+             rot, layout, inverse, precise, config=None, traced=False, norm=None, mrope=None, q_scale=None,
+             rotary_at="start"):
     """Rotate ``q``/``k`` (RMS-normalised first when ``norm``; q scaled after when
-    ``q_scale``) into ``qo``/``ko`` (the same tensors for in place). Returns the launch's
-    :class:`PreparedLaunch` when it can be replayed."""
+    ``q_scale``) into ``qo``/``ko`` (the same tensors for in place); the rotary part of
+    each head is its first ``rot`` channels, or its last ones for ``rotary_at="end"``.
+    Returns the launch's :class:`PreparedLaunch` when it can be replayed."""
     if uses_kernel(q):
         return _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_freq, scale,
                               rot, layout, inverse, precise, config, traced, norm,
-                              mrope if mrope is not None and mrope[0] else None, q_scale)
+                              mrope if mrope is not None and mrope[0] else None, q_scale, rotary_at)
     mask = None
     if positions is None:
         positions = positions_from_offsets(q, offsets if offsets is not None else pos_base, cu_seqlens)
@@ -447,7 +461,7 @@ def _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_
             src_k = None if k is None else torch.where(m, src_k, k.float())
     new_q, new_k = apply_rope_reference_(src_q.clone(), None if src_k is None else src_k.clone(), positions,
                                          params, layout=layout, rotary_dim=rot, inverse=inverse, token_mask=mask,
-                                         q_scale=q_scale, q_scale_dtype=q.dtype)
+                                         q_scale=q_scale, q_scale_dtype=q.dtype, rotary_at=rotary_at)
     qo.copy_(new_q)
     if ko is not None:
         ko.copy_(new_k)
@@ -532,7 +546,7 @@ def _tsig(t):
 
 
 def _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, config,
-               inplace, norm=None, q_scale=None):
+               inplace, norm=None, q_scale=None, rotary_at="start"):
     """Everything validation and the launch geometry depend on, or None when a call is not
     eligible for the fast path (then it takes the full path, which raises on bad input)."""
     if type(q) is not torch.Tensor or (k is not None and type(k) is not torch.Tensor):
@@ -557,8 +571,10 @@ def _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
                 or type(q_scale[1]) is not int:
             return None
         q_scale = (q_scale[0], q_scale[1])
+    if type(rotary_at) is not str:  # (a plan exists only for checked values, which are str)
+        return None
     return (id(params), layout, rotary_dim, precise, inverse, config, inplace, _tsig(q), _tsig(k),
-            _tsig(positions), off, _tsig(cu_seqlens), norm, q_scale)
+            _tsig(positions), off, _tsig(cu_seqlens), norm, q_scale, rotary_at)
 
 
 def _remember(key, plan_launch, params, inv_freq, q, k) -> None:
@@ -601,24 +617,24 @@ def _rope_host_op(
     positions: Optional[torch.Tensor], offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
     inv_freq: torch.Tensor, scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool,
     precise: bool, q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], eps: float, norm: int,
-    mrope: Optional[List[int]], qs_beta: float, qs_omax: int,
+    mrope: Optional[List[int]], qs_beta: float, qs_omax: int, rotary_at: str,
 ) -> None:
     """Rotate q/k into qo/ko outside the compiler's view (CPU tensors, old torch)."""
     _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
              rotary_dim, layout, inverse, precise, norm=_norm_of(q_weight, k_weight, eps, norm), mrope=mrope,
-             q_scale=_q_scale_of(qs_beta, qs_omax))
+             q_scale=_q_scale_of(qs_beta, qs_omax), rotary_at=rotary_at)
 
 
 def _dispatch(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse,
-              precise, q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax) -> None:
+              precise, q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax, rotary_at) -> None:
     if COMPILER_SEES_KERNEL and q.device.type == "cuda":
         _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
                  rot, layout, inverse, precise, traced=True, norm=_norm_of(q_weight, k_weight, eps, norm),
-                 mrope=mrope, q_scale=_q_scale_of(qs_beta, qs_omax))
+                 mrope=mrope, q_scale=_q_scale_of(qs_beta, qs_omax), rotary_at=rotary_at)
     else:
         torch.ops.yarn_triton.rope_host_(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale,
                                          pos_base, rot, layout, inverse, precise, q_weight, k_weight, eps, norm,
-                                         mrope, qs_beta, qs_omax)
+                                         mrope, qs_beta, qs_omax, rotary_at)
 
 
 def _define(name: str, mutates_args, fn):
@@ -632,10 +648,10 @@ def _rope_inplace_impl(
     offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor,
     scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool, precise: bool,
     q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], eps: float, norm: int,
-    mrope: Optional[List[int]], qs_beta: float, qs_omax: int,
+    mrope: Optional[List[int]], qs_beta: float, qs_omax: int, rotary_at: str,
 ) -> None:
     _dispatch(q, q, k, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax)
+              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax, rotary_at)
 
 
 def _rope_impl(
@@ -643,12 +659,12 @@ def _rope_impl(
     offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor,
     scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool, precise: bool,
     q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], eps: float, norm: int,
-    mrope: Optional[List[int]], qs_beta: float, qs_omax: int,
+    mrope: Optional[List[int]], qs_beta: float, qs_omax: int, rotary_at: str,
 ) -> List[torch.Tensor]:
     qo = torch.empty_like(q)
     ko = None if k is None else torch.empty_like(k)
     _dispatch(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax)
+              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax, rotary_at)
     return [qo] if ko is None else [qo, ko]
 
 
@@ -687,9 +703,9 @@ def _norm_rope_backward(q, k, q_weight, k_weight, eps, kind, gq_normed, gk_norme
 
 def _rope_setup_context(ctx, inputs, output) -> None:
     q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse, precise, \
-        q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax = inputs
+        q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax, rotary_at = inputs
     ctx.save_for_backward(positions, offsets, cu_seqlens, inv_freq, *((q, k, q_weight, k_weight) if norm else ()))
-    ctx.scalars = (scale, pos_base, rot, layout, inverse, precise, eps, norm, mrope, qs_beta, qs_omax)
+    ctx.scalars = (scale, pos_base, rot, layout, inverse, precise, eps, norm, mrope, qs_beta, qs_omax, rotary_at)
     ctx.has_k = k is not None
 
 
@@ -698,18 +714,18 @@ def _rope_backward(ctx, grads):
     angles recomputed from the saved positions, scaled by the same query scale (a per-token
     factor commutes with the rotation); then, with the norm, its backward."""
     positions, offsets, cu_seqlens, inv_freq, *saved = ctx.saved_tensors
-    scale, pos_base, rot, layout, inverse, precise, eps, norm, mrope, qs_beta, qs_omax = ctx.scalars
+    scale, pos_base, rot, layout, inverse, precise, eps, norm, mrope, qs_beta, qs_omax, rotary_at = ctx.scalars
     gq = grads[0]
     gk = grads[1] if ctx.has_k else None
     outs = torch.ops.yarn_triton.rope(gq, gk, positions, offsets, cu_seqlens, inv_freq, scale,
                                       pos_base, rot, layout, not inverse, precise, None, None, 0.0, 0, mrope,
-                                      qs_beta, qs_omax)
+                                      qs_beta, qs_omax, rotary_at)
     dq, dk = outs[0], (outs[1] if ctx.has_k else None)
     dqw = dkw = None
     if norm:
         q, k, q_weight, k_weight = saved
         dq, dk, dqw, dkw = _norm_rope_backward(q, k, q_weight, k_weight, eps, norm, dq, dk)
-    return (dq, dk) + (None,) * 10 + (dqw, dkw, None, None, None, None, None)
+    return (dq, dk) + (None,) * 10 + (dqw, dkw, None, None, None, None, None, None)
 
 
 _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup_context)
@@ -744,10 +760,10 @@ class _EagerRope(torch.autograd.Function):
     def backward(ctx, gq, gk):
         positions, offsets, cu_seqlens, *saved = ctx.saved_tensors
         args, _, _, norm, has_k = ctx.meta
-        _, _, _, _, _, _, rot, layout, inverse, precise, params, q_scale = args
+        _, _, _, _, _, _, rot, layout, inverse, precise, params, q_scale, rotary_at = args
         gk = gk if has_k else None
         key = _signature(gq, gk, positions, params, layout, rot, offsets, cu_seqlens, precise, not inverse, None,
-                         False, None, q_scale)
+                         False, None, q_scale, rotary_at)
         # q_out = s * R(x) per token: dx = R^T(s * g), the same kernel inverted, same scale
         dq, dk = _eager_copy(gq, gk, args, not inverse, _PLANS.get(key), key)
         if norm is None:
@@ -768,15 +784,17 @@ def _eager_copy(q, k, args, inverse, plan, key, norm=None):
     """Rotate ``q``/``k`` into fresh tensors, replaying ``plan`` when given, else by the full
     launch path, remembering its plan under ``key``. ``args = (positions, offsets,
     cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse, precise, params,
-    q_scale)``, the forward's; ``inverse`` is the direction of this call."""
+    q_scale, rotary_at)``, the forward's; ``inverse`` is the direction of this call."""
     qo = torch.empty_like(q)
     ko = None if k is None else torch.empty_like(k)
-    positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, _, precise, params, q_scale = args
+    positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, _, precise, params, q_scale, \
+        rotary_at = args
     if plan is not None:
         plan.run(q, k, positions, offsets, cu_seqlens, pos_base, qo, ko, norm)
     else:
         launch = _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-                          rot, layout, inverse, precise, norm=norm, mrope=mrope_spec(params), q_scale=q_scale)
+                          rot, layout, inverse, precise, norm=norm, mrope=mrope_spec(params), q_scale=q_scale,
+                          rotary_at=rotary_at)
         _remember(key, launch, params, inv_freq, q, k)
     return qo, ko
 
@@ -830,14 +848,14 @@ def _mrope_arg(params) -> Optional[List[int]]:
 
 
 def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse,
-                  check_cu, config, norm, q_scale=None):
+                  check_cu, config, norm, q_scale=None, rotary_at="start"):
     """In-place rope (and norm, and query scale): the fast path for a known signature, else
     the full one."""
     compiling = torch.compiler.is_compiling()
     key = None
     if not compiling:
         key = _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise,
-                         inverse, config, True, norm, q_scale)
+                         inverse, config, True, norm, q_scale, rotary_at)
         plan = _PLANS.get(key) if key is not None else None
         if plan is not None and not _needs_grad(q, k, norm):
             _check_cu(cu_seqlens, check_cu, q)
@@ -845,6 +863,7 @@ def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqle
             plan.run(q, k, positions, offsets if type(offsets) is torch.Tensor else None, cu_seqlens,
                      offsets if type(offsets) is int else 0, norm=norm)
             return q, k
+    check_rotary_at(rotary_at)
     rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens)
     if norm is not None:
         check_norm_args(q, k, norm)
@@ -855,7 +874,7 @@ def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqle
     _check_cu(cu_seqlens, check_cu, q)
     if _needs_grad(q, k, norm):
         out = _rope_copy(q, k, positions, params, layout, rot, offsets, cu_seqlens, precise, inverse, False, norm,
-                         q_scale)
+                         q_scale, rotary_at)
         q.copy_(out[0])
         if k is not None:
             k.copy_(out[1])
@@ -866,21 +885,22 @@ def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqle
         args = (None, None, 0.0, 0) if norm is None else (norm.q_weight, norm.k_weight, float(norm.eps), norm.kind)
         torch.ops.yarn_triton.rope_(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale,
                                     pos_base, rot, layout, inverse, precise, *args, _mrope_arg(params),
-                                    *_q_scale_args(q_scale))
+                                    *_q_scale_args(q_scale), rotary_at)
     else:  # eager: straight to the launch, no dispatcher round trip
         launch = _execute(q, q, k, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base,
                           rot, layout, inverse, precise, config, norm=norm, mrope=mrope_spec(params),
-                          q_scale=q_scale)
+                          q_scale=q_scale, rotary_at=rotary_at)
         _remember(key, launch, params, inv_freq, q, k)
     return q, k
 
 
 def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, check_cu, norm,
-               q_scale=None):
+               q_scale=None, rotary_at="start"):
     """Out-of-place, differentiable rope (and norm, and query scale). Eager: a known signature skips the
     checks (they passed for it) and replays its plan inside :class:`_EagerRope`, or
     without autograd when nothing needs a gradient; torch.compile: the custom op."""
     if torch.compiler.is_compiling():
+        check_rotary_at(rotary_at)
         rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace=False)
         if norm is not None:
             check_norm_args(q, k, norm)
@@ -890,12 +910,13 @@ def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
         nargs = (None, None, 0.0, 0) if norm is None else (norm.q_weight, norm.k_weight, float(norm.eps), norm.kind)
         out = torch.ops.yarn_triton.rope(q, k, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
                                          params.cos_sin_scale, pos_base, rot, layout, bool(inverse), precise, *nargs,
-                                         _mrope_arg(params), *_q_scale_args(q_scale))
+                                         _mrope_arg(params), *_q_scale_args(q_scale), rotary_at)
         return out[0], (out[1] if k is not None else None)
     key = _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, None,
-                     False, norm, q_scale)
+                     False, norm, q_scale, rotary_at)
     plan = _PLANS.get(key)  # (None when key is None)
     if plan is None:
+        check_rotary_at(rotary_at)
         rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace=False)
         if norm is not None:
             check_norm_args(q, k, norm)
@@ -909,7 +930,7 @@ def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
         _check_cu(cu_seqlens, check_cu, q)
     off_t, pos_base = (None, 0) if offsets is None else _split_offsets(offsets)
     args = (positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base, rot, layout, bool(inverse),
-            precise, params, q_scale)
+            precise, params, q_scale, rotary_at)
     # Outside functorch transforms and forward-mode AD (which the Function refuses, and
     # must keep refusing), Function.apply's Python wrapper adds nothing, and a call where
     # nothing needs a gradient gets the same result without the Function.
@@ -937,6 +958,7 @@ def apply_rope_(
     check_cu_seqlens: Optional[bool] = None,
     config: Optional[LaunchConfig] = None,
     q_scale: Optional[QueryScale] = None,
+    rotary_at: str = "start",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Rotate q and k in place with rotary position embeddings (one kernel launch).
 
@@ -952,7 +974,8 @@ def apply_rope_(
         layout: ``"neox"`` (rotate_half: Llama, Qwen), ``"interleaved"`` (GPT-J pairs) or
             ``"deepseek"`` (pairs de-interleaved, then rotate_half; output stays split).
         rotary_dim: channels rotated per head, default and only valid value
-            ``params.rope_dim``; channels ``rotary_dim:`` of each head are left untouched.
+            ``params.rope_dim``; the other channels of each head (the pass-through ones)
+            are left untouched (unless ``q_scale`` scales q's).
         offsets: with ``positions=None``: an int, or an int32/int64 tensor ``[B]``, the
             position of each sequence's first token (KV-cache decode: the cache length).
         cu_seqlens: with ``positions=None``: int32/int64 ``[B+1]`` prefix sums of a packed
@@ -976,6 +999,14 @@ def apply_rope_(
             (Ministral-3, Mistral-4), in the same pass. The factor is float32, rounded to
             q's dtype as transformers rounds it; the product is rounded once. Works with
             every position form (the position the rotation uses); not with M-RoPE params.
+        rotary_at: where the rotary part of each head lies: ``"start"`` (default), channels
+            ``[0, rotary_dim)`` of q's ``[*T, Hq, Dq]`` and k's ``[*T, Hk, Dk]`` heads, the
+            pass-through channels after it (Llama/Phi-3 partial rotary); ``"end"``, channels
+            ``[D - rotary_dim, D)``, the pass-through channels ``[0, D - rotary_dim)`` before
+            it (Mistral-4's ``[q_nope | q_rope]`` heads, so that one call with ``q_scale``
+            rotates the rope part and scales the whole head). Applies to q and k alike (a
+            head with ``D == rotary_dim`` is the same either way). ValueError for any other
+            value, raised before anything is written.
 
     Returns:
         ``(q, k)``, the same tensors, rotated. Under autograd the rotation is recorded (as
@@ -988,7 +1019,7 @@ def apply_rope_(
     such calls (q and k disjoint in memory; data alignment) run again.
     """
     return _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles,
-                         inverse, check_cu_seqlens, config, None, q_scale)
+                         inverse, check_cu_seqlens, config, None, q_scale, rotary_at)
 
 
 def apply_rope(
@@ -1005,17 +1036,19 @@ def apply_rope(
     inverse: bool = False,
     check_cu_seqlens: Optional[bool] = None,
     q_scale: Optional[QueryScale] = None,
+    rotary_at: str = "start",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Out-of-place, differentiable :func:`apply_rope_`: returns new rotated ``(q, k)``
     (``k`` None when not given), in one pass over the inputs (channels past the rotary
     dim are copied by the same kernel). Arguments as in :func:`apply_rope_`.
 
     The backward pass is the inverse rotation, by the same kernel, recomputing angles from
-    the positions (and, with ``q_scale``, scaling q's gradient by the same factor); nothing
-    else is saved.
+    the positions (and, with ``q_scale``, scaling q's gradient by the same factor: the
+    gradient of a pass-through channel is ``s * grad`` with ``q_scale``, ``grad`` without,
+    wherever ``rotary_at`` puts them); nothing else is saved.
     """
     return _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles, inverse,
-                      check_cu_seqlens, None, q_scale)
+                      check_cu_seqlens, None, q_scale, rotary_at)
 
 
 def _make_norm(q_weight, k_weight, eps, unit_offset) -> Norm:
@@ -1042,6 +1075,7 @@ def apply_qk_norm_rope_(
     check_cu_seqlens: Optional[bool] = None,
     config: Optional[LaunchConfig] = None,
     q_scale: Optional[QueryScale] = None,
+    rotary_at: str = "start",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-head RMSNorm of q and k, then rope, in place and in one pass (Qwen3 attention).
 
@@ -1058,6 +1092,9 @@ def apply_qk_norm_rope_(
         eps: added to the mean square; a finite number > 0.
         unit_offset: scale by ``1 + weight`` (Gemma, Qwen3.5 norms) instead of ``weight``.
         q_scale: as in :func:`apply_rope_`, applied after norm and rotation.
+        rotary_at: as in :func:`apply_rope_`. The norm always covers the whole head with
+            the whole ``[D]`` weight: with ``"end"`` the pass-through channels take
+            ``weight[:D - rotary_dim]`` and the rotary part ``weight[D - rotary_dim:]``.
         Everything else: as in :func:`apply_rope_` (strides, fused-projection views, head
         counts, dtypes, layouts, partial rotary and the three position forms).
 
@@ -1065,7 +1102,8 @@ def apply_qk_norm_rope_(
         ``(q, k)``, the same tensors, normalised and rotated.
     """
     return _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles,
-                         False, check_cu_seqlens, config, _make_norm(q_weight, k_weight, eps, unit_offset), q_scale)
+                         False, check_cu_seqlens, config, _make_norm(q_weight, k_weight, eps, unit_offset), q_scale,
+                         rotary_at)
 
 
 def apply_qk_norm_rope(
@@ -1085,6 +1123,7 @@ def apply_qk_norm_rope(
     precise_angles: bool = True,
     check_cu_seqlens: Optional[bool] = None,
     q_scale: Optional[QueryScale] = None,
+    rotary_at: str = "start",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Out-of-place, differentiable :func:`apply_qk_norm_rope_`: returns new ``(q, k)``.
 
@@ -1093,4 +1132,4 @@ def apply_qk_norm_rope(
     Arguments as in :func:`apply_qk_norm_rope_`.
     """
     return _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles, False,
-                      check_cu_seqlens, _make_norm(q_weight, k_weight, eps, unit_offset), q_scale)
+                      check_cu_seqlens, _make_norm(q_weight, k_weight, eps, unit_offset), q_scale, rotary_at)

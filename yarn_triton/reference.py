@@ -4,7 +4,8 @@ This is the oracle of the tests and the path taken for CPU tensors. It builds th
 cache (``emb = cat(freqs, freqs)``, times ``cos_sin_scale``) for the positions it is given,
 indexes it by position id, and applies ``x * cos + rotate_half(x) * sin`` -- after the
 DeepSeek pair permutation for ``layout="deepseek"``. ``compute_dtype=torch.float64`` turns
-it into the float64 truth for the same float32 ``inv_freq``. ``q_scale`` multiplies q by
+it into the float64 truth for the same float32 ``inv_freq``. ``rotary_at="end"`` rotates
+the last ``rotary_dim`` channels of each head instead of the first. ``q_scale`` multiplies q by
 the Llama-4 query scale of its positions (:func:`llama4_query_scale`) after the rotation.
 """
 
@@ -134,6 +135,7 @@ def rope_reference(
     inverse: bool = False,
     q_scale: Optional[Sequence] = None,
     q_scale_dtype: Optional[torch.dtype] = None,
+    rotary_at: str = "start",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Out-of-place reference rope; same conventions as :func:`yarn_triton.apply_rope_`.
 
@@ -154,12 +156,17 @@ def rope_reference(
             transformers rounds it); one rounding of the product at the end. Not with
             M-RoPE positions.
         q_scale_dtype: see ``q_scale``.
+        rotary_at: ``"start"``: the rotary part of each head is its first ``rotary_dim``
+            channels; ``"end"``: its last ``rotary_dim`` channels (the pass-through
+            channels come first, as in Mistral-4's ``[q_nope | q_rope]`` heads).
 
     Returns:
         New ``(q_out, k_out)`` in the input dtypes (``k_out`` is None when ``k`` is).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if rotary_at not in ("start", "end"):
+        raise ValueError(f"rotary_at must be one of ('start', 'end'), got {rotary_at!r}")
     rot = params.rope_dim if rotary_dim is None else rotary_dim
     section = params.mrope_section
     mrope = section is not None and positions.dim() == q.dim() - 1  # [3, *T]: t, h, w streams
@@ -180,8 +187,11 @@ def rope_reference(
         if x is None:
             return None
         xc = x.to(compute_dtype)
-        rotated = _rotate(xc[..., :rot], cos, sin, layout, inverse)
-        out = torch.cat((rotated, xc[..., rot:]), dim=-1)
+        if rotary_at == "end":
+            tail = x.shape[-1] - rot
+            out = torch.cat((xc[..., :tail], _rotate(xc[..., tail:], cos, sin, layout, inverse)), dim=-1)
+        else:
+            out = torch.cat((_rotate(xc[..., :rot], cos, sin, layout, inverse), xc[..., rot:]), dim=-1)
         return (out if f is None else out * f).to(x.dtype)
 
     return one(q, factor), one(k)
@@ -220,16 +230,18 @@ def qk_norm_rope_reference(
     rotary_dim: Optional[int] = None,
     compute_dtype: torch.dtype = torch.float32,
     q_scale: Optional[Sequence] = None,
+    rotary_at: str = "start",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Out-of-place reference of :func:`yarn_triton.apply_qk_norm_rope_`: per-head RMSNorm
     of q and k (:func:`rms_norm_reference`), then the rotation of the rope part (and
-    ``q_scale``, as in :func:`rope_reference`, its factor rounded to q's dtype), all in
-    ``compute_dtype``. Returns new ``(q_out, k_out)`` in the input dtypes."""
+    ``q_scale``, as in :func:`rope_reference`, its factor rounded to q's dtype; ``rotary_at``
+    as there: the norm covers the whole head either way), all in ``compute_dtype``.
+    Returns new ``(q_out, k_out)`` in the input dtypes."""
     qn = rms_norm_reference(q, q_weight, eps, unit_offset=unit_offset, compute_dtype=compute_dtype)
     kn = None if k is None else rms_norm_reference(k, k_weight, eps, unit_offset=unit_offset,
                                                    compute_dtype=compute_dtype)
     qo, ko = rope_reference(qn, kn, positions, params, layout=layout, rotary_dim=rotary_dim,
-                            compute_dtype=compute_dtype, q_scale=q_scale, q_scale_dtype=q.dtype)
+                            compute_dtype=compute_dtype, q_scale=q_scale, q_scale_dtype=q.dtype, rotary_at=rotary_at)
     return qo.to(q.dtype), (None if k is None else ko.to(k.dtype))
 
 
@@ -288,11 +300,13 @@ def apply_rope_reference_(
     out: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
     q_scale: Optional[Sequence] = None,
     q_scale_dtype: Optional[torch.dtype] = None,
+    rotary_at: str = "start",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """In-place (or into ``out``) form of :func:`rope_reference` with float32 math, used
     for CPU tensors. Tokens where ``token_mask`` is False are copied unchanged."""
     q_new, k_new = rope_reference(q, k, positions, params, layout=layout, rotary_dim=rotary_dim,
-                                  inverse=inverse, q_scale=q_scale, q_scale_dtype=q_scale_dtype)
+                                  inverse=inverse, q_scale=q_scale, q_scale_dtype=q_scale_dtype,
+                                  rotary_at=rotary_at)
     dst_q, dst_k = (q, k) if out is None else out
     for dst, src, new in ((dst_q, q, q_new), (dst_k, k, k_new)):
         if dst is None:

@@ -47,7 +47,12 @@ attention code rotates with a module-level function of its modeling file:
    ``llama_4_scaling_beta``), the dispatcher hands that scale to the fused op
    (``q_scale=QueryScale(beta, original_max_position_embeddings)``), which applies it to q
    in the same pass as the rotation, and the modeling file's ``get_llama_4_attn_scale``
-   hands the attention code a neutral factor for that call;
+   hands the attention code a neutral factor for that call. Mistral-4 scales whole query
+   heads ``[q_nope | q_rope]`` while its rope function sees only ``q_rope``: when nothing
+   needs a gradient and ``q_nope`` lies right before ``q_rope`` in memory, the dispatcher
+   runs one in-place call on the whole heads (``rotary_at="end"``), which scales
+   ``q_nope`` too; otherwise (training, other layouts) it rotates ``q_rope`` alone and
+   transformers' own multiply runs;
 4. for models whose attention normalises every head of q and k right before rope (Qwen3,
    Qwen3-MoE: ``q_norm``/``k_norm``, per-head RMSNorm), it replaces those two modules by
    :class:`_DeferredQKNorm`, which hands its input back unchanged and leaves the norm to
@@ -162,6 +167,12 @@ class ModelSupport:
         functions: rope functions whose mapping differs from :data:`ROPE_FUNCTIONS`.
         fuse_q_scale: the Llama-4 query scale (``llama_4_scaling_beta``) is applied to q in
             the rope pass (the op's ``q_scale``), and transformers' multiply is skipped.
+        q_scale_lead: with ``fuse_q_scale``, the config attribute giving the number of
+            pass-through channels that precede the rope part of each query head but that
+            the rope function does not see (Mistral-4's ``qk_nope_head_dim``): the scale is
+            then fused only where those channels lie right before the rope part in memory
+            and nothing needs a gradient (one in-place call on the whole heads,
+            ``rotary_at="end"``); elsewhere transformers' multiply runs.
         freq_scale_param: name of a learned parameter ``a`` of the rotary embedding whose
             frequencies are ``inv_freq * exp(a)`` (Mistral-Large-4's ``alpha``).
         rope_labels: the rotary takes ``layer_type=<label>`` and keeps one set of params
@@ -182,6 +193,7 @@ class ModelSupport:
     not_fused: str = ""
     functions: Mapping[str, RopeFunction] = field(default_factory=dict)
     fuse_q_scale: bool = False
+    q_scale_lead: Optional[str] = None
     freq_scale_param: Optional[str] = None
     rope_labels: bool = False
     fuse_qk_norm: bool = False
@@ -236,9 +248,13 @@ MODEL_SUPPORT: Dict[str, ModelSupport] = {
                      "the per-head log-position query scaling (not rope)",
                      freq_scale_param="alpha"),
         ModelSupport("mistral4", "mla", "yarn + llama-4 query scale",
-                     "deepseek (`rope_interleave`), else neox", "`qk_rope_head_dim`", _MLA,
-                     "the llama-4 query scale: it multiplies the whole query, no-rope "
-                     "channels included, which the rope call does not see"),
+                     "deepseek (`rope_interleave`), else neox", "`qk_rope_head_dim`",
+                     _MLA + "; without gradients, the llama-4 query scale in the same pass "
+                     "(one in-place call on whole query heads, no-rope channels included)",
+                     "the llama-4 query scale when a gradient is needed (training: its own "
+                     "multiply, after the fused rope of q_rot, k_rot) or the query heads are "
+                     "not one `[q_nope, q_rope]` block in memory",
+                     fuse_q_scale=True, q_scale_lead="qk_nope_head_dim"),
         ModelSupport("deepseek_v4", "deepseek_v4",
                      "per layer: `main` (default, theta 1e4) on sliding layers, `compress` "
                      "(yarn, theta 1.6e5) on compressed layers",
@@ -290,10 +306,12 @@ class FusedRopePositions:
     rotation (what ``cos, -sin`` means), so attention code passes it to its rope function
     untouched. ``q_scale`` is the :class:`~yarn_triton.op.QueryScale` ``(beta,
     original_max_position_embeddings)`` of a Llama-4 query scale that the rope call applies
-    to q in the same pass, or None.
+    to q in the same pass, or None. ``q_lead``: the number of query channels before the
+    rope part of each head that the rope function is not handed but the scale covers
+    (Mistral-4's ``qk_nope_head_dim``), 0 when it sees whole heads.
     """
 
-    __slots__ = ("positions", "params", "inverse", "q_scale")
+    __slots__ = ("positions", "params", "inverse", "q_scale", "q_lead")
 
     def __init__(
         self,
@@ -301,11 +319,13 @@ class FusedRopePositions:
         params: RopeParams,
         inverse: bool = False,
         q_scale: Optional[_op.QueryScale] = None,
+        q_lead: int = 0,
     ) -> None:
         self.positions = positions
         self.params = params
         self.inverse = inverse
         self.q_scale = q_scale
+        self.q_lead = q_lead
 
     def __iter__(self) -> Iterator["FusedRopePositions"]:
         return iter((self, self))
@@ -317,7 +337,7 @@ class FusedRopePositions:
         return (self, self)[i]
 
     def __neg__(self) -> "FusedRopePositions":
-        return FusedRopePositions(self.positions, self.params, not self.inverse, self.q_scale)
+        return FusedRopePositions(self.positions, self.params, not self.inverse, self.q_scale, self.q_lead)
 
     def to(self, *args, **kwargs) -> "FusedRopePositions":
         return self
@@ -331,9 +351,11 @@ class FusedRopePositions:
         inverse: bool = False,
         norm: Optional[Tuple[torch.Tensor, torch.Tensor, float, bool]] = None,
         q_scale: Optional[_op.QueryScale] = None,
+        rotary_at: str = "start",
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Rotate ``q`` (and ``k`` unless None) whose heads are at ``head_axis``
-        (``[B, H, S, D]`` for 1), on their first ``params.rope_dim`` channels; with
+        (``[B, H, S, D]`` for 1), on their first ``params.rope_dim`` channels (their last
+        ones for ``rotary_at="end"``); with
         ``norm = (q_weight, k_weight, eps, unit_offset)``, RMSNorm every head first (same
         pass); with ``q_scale``, scale every channel of q by its Llama-4 query scale after
         (same pass).
@@ -345,7 +367,7 @@ class FusedRopePositions:
             pos = pos.to(q.device)
         qv = q.movedim(head_axis, -2)
         kv = None if k is None else k.movedim(head_axis, -2)
-        qo, ko = _rope(qv, kv, pos, self.params, layout, inverse, norm, q_scale)
+        qo, ko = _rope(qv, kv, pos, self.params, layout, inverse, norm, q_scale, rotary_at)
         if qo is qv and ko is kv:
             return q, k
         return qo.movedim(-2, head_axis), (None if ko is None else ko.movedim(-2, head_axis))
@@ -355,27 +377,29 @@ class FusedRopePositions:
         return f"FusedRopePositions(positions={tuple(self.positions.shape)}, {self.params!r}{inv})"
 
 
-def _rope(q, k, positions, params, layout, inverse, norm=None, q_scale=None):
+def _rope(q, k, positions, params, layout, inverse, norm=None, q_scale=None, rotary_at="start"):
     """The fused op on ``[*T, H, D]`` views: in place (:func:`yarn_triton.apply_rope_`,
     the same tensors come back) unless autograd records for q or k, then the
     differentiable out-of-place :func:`yarn_triton.apply_rope`. With ``norm``, the same
     through :func:`yarn_triton.apply_qk_norm_rope_` / :func:`yarn_triton.apply_qk_norm_rope`
     (autograd also records for the norm weights); ``norm = (q_weight, k_weight, eps,
-    unit_offset)``. ``q_scale`` goes to the op as is (the Llama-4 query scale, same pass)."""
+    unit_offset)``. ``q_scale`` and ``rotary_at`` go to the op as they are (the Llama-4 query
+    scale, same pass; where each head's rotary part lies)."""
     if norm is not None:
         qw, kw, eps, unit = norm
         if inverse:
             raise NotImplementedError("a deferred q/k norm before an inverse rotation")
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, qw, kw)):
             return _op.apply_qk_norm_rope(q, k, positions, params, qw, kw, eps=eps, unit_offset=unit,
-                                          layout=layout, q_scale=q_scale)
+                                          layout=layout, q_scale=q_scale, rotary_at=rotary_at)
         _op.apply_qk_norm_rope_(q, _unit_strides_like(k, q), positions, params, qw, kw, eps=eps, unit_offset=unit,
-                                layout=layout, q_scale=q_scale)
+                                layout=layout, q_scale=q_scale, rotary_at=rotary_at)
         return q, k
     if torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)):
-        return _op.apply_rope(q, k, positions, params, layout=layout, inverse=inverse, q_scale=q_scale)
+        return _op.apply_rope(q, k, positions, params, layout=layout, inverse=inverse, q_scale=q_scale,
+                              rotary_at=rotary_at)
     _op.apply_rope_(q, _unit_strides_like(k, q), positions, params, layout=layout, inverse=inverse,
-                    q_scale=q_scale)
+                    q_scale=q_scale, rotary_at=rotary_at)
     return q, k
 
 
@@ -391,6 +415,28 @@ def _unit_strides_like(k: Optional[torch.Tensor], q: torch.Tensor) -> Optional[t
     if strides == list(k.stride()):
         return k
     return k.as_strided(k.shape, strides, k.storage_offset())
+
+
+def _whole_heads(q_rot: torch.Tensor, lead: int) -> Optional[torch.Tensor]:
+    """The view of whole query heads ``[lead channels | q_rot]`` when the ``lead``
+    channels of each head lie right before ``q_rot``'s in memory (``q_rot`` being the
+    trailing part of a split along the last dim, Mistral-4's ``q_pass, q_rot``), the
+    view's elements within ``q_rot``'s storage and distinct; else None."""
+    if lead <= 0 or q_rot.dim() < 2 or q_rot.stride(-1) != 1 or any(s < 0 for s in q_rot.stride()):
+        return None
+    offset = q_rot.storage_offset() - lead
+    if offset < 0:
+        return None
+    shape = tuple(q_rot.shape[:-1]) + (lead + q_rot.shape[-1],)
+    if any(n == 0 for n in shape):
+        return None
+    last = offset + sum((n - 1) * st for n, st in zip(shape, q_rot.stride()))
+    if last >= q_rot.untyped_storage().nbytes() // q_rot.element_size():
+        return None
+    whole = q_rot.as_strided(shape, q_rot.stride(), offset)
+    if _op._self_overlapping(whole):  # heads closer than a whole head apart
+        return None
+    return whole
 
 
 # --------------------------------------------------------------------------------------
@@ -664,10 +710,32 @@ class _RopeDispatch:
         if not self.spec.pair:
             return self._rotate_one(q, first, axis, inverse)
         k = a[self._k]
+        norm = _take_qk_norm(q, k)
+        if first.q_scale is not None and first.q_lead:
+            return self._rotate_scaling_whole_heads(q, k, first, axis, inverse, norm)
         # the query scale (Ministral-3) is applied by the same kernel pass
-        q, k = first.rotate(q, k, self.layout, axis, inverse, _take_qk_norm(q, k), first.q_scale)
+        q, k = first.rotate(q, k, self.layout, axis, inverse, norm, first.q_scale)
         if first.q_scale is not None:
             _HANDOVER.positions = first.positions
+        return q, k
+
+    def _rotate_scaling_whole_heads(self, q, k, handle: FusedRopePositions, axis: int, inverse: bool, norm):
+        """Mistral-4: ``q`` is the rope part of query heads whose ``handle.q_lead``
+        pass-through channels the query scale covers too. With nothing needing a gradient
+        and those channels right before ``q`` in memory: one in-place call on the whole
+        heads (``rotary_at="end"``) rotates and scales them, and transformers' multiply
+        becomes neutral. Otherwise the rotation alone, and transformers scales (under
+        autograd, scaling the other channels in place behind its back would be wrong)."""
+        grad = torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad))
+        whole = None
+        if not grad and not inverse and norm is None and not torch.compiler.is_compiling():
+            whole = _whole_heads(q, handle.q_lead)
+            if whole is not None and k is not None and _op._may_overlap(whole, k):
+                whole = None
+        if whole is None:
+            return handle.rotate(q, k, self.layout, axis, inverse, norm, None)
+        handle.rotate(whole, k, self.layout, axis, False, None, handle.q_scale, rotary_at="end")
+        _HANDOVER.positions = handle.positions
         return q, k
 
     def _rotate_one(self, x: torch.Tensor, handle: FusedRopePositions, axis: int, inverse: bool):
@@ -785,6 +853,7 @@ class FusedRotaryEmbedding(nn.Module):
         by_label: Optional[Mapping[str, Tuple[RopeParams, Optional[RopeTracker]]]] = None,
         q_scale: Optional[_op.QueryScale] = None,
         freq_scale: Optional[_LearnedFreqScale] = None,
+        q_lead: int = 0,
     ) -> None:
         super().__init__()
         self.original = original
@@ -792,6 +861,7 @@ class FusedRotaryEmbedding(nn.Module):
         self.tracker = tracker
         self.by_label = dict(by_label or {})
         self.q_scale = q_scale
+        self.q_lead = q_lead
         self._freq_scale = freq_scale
         self._hooks = list(hooks)
 
@@ -820,7 +890,7 @@ class FusedRotaryEmbedding(nn.Module):
             params = fs.params if torch.compiler.is_compiling() else fs.refresh()
         if params.mrope_section is not None:
             position_ids = _mrope_positions(position_ids)
-        return FusedRopePositions(position_ids, params, False, self.q_scale)
+        return FusedRopePositions(position_ids, params, False, self.q_scale, self.q_lead)
 
     def extra_repr(self) -> str:
         fns = ", ".join(sorted({f"{m.rsplit('.', 1)[-1]}.{n}" for m, n in self._hooks}))
@@ -1118,6 +1188,7 @@ def enable_fused_rope(
             )
         specs = [(g, n, support.function(n) if support else _DEFAULT_FUNCTIONS[n]) for g, n in hooks]
         q_scale = None
+        q_lead_of = 0
         if support is not None and support.fuse_q_scale:
             scale_hooks = _code_hooks(model, (_Q_SCALE_FUNCTION,))
             if not scale_hooks:
@@ -1125,7 +1196,14 @@ def enable_fused_rope(
                     f"no attention forward of {type(model).__name__} calls {_Q_SCALE_FUNCTION}; "
                     "cannot move its query scale"
                 )
-            q_scale = _q_scale_of(_config_of(model, sites[0][0], sites[0][1]))
+            config = _config_of(model, sites[0][0], sites[0][1])
+            q_scale = _q_scale_of(config)
+            if q_scale is not None and support.q_scale_lead:
+                q_lead = getattr(config, support.q_scale_lead, None)
+                if isinstance(q_lead, bool) or not isinstance(q_lead, int) or q_lead < 0:
+                    q_scale = None  # not what the fused path expects: transformers' multiply stays
+                else:
+                    q_lead_of = q_lead
             if q_scale is not None:
                 specs += [(g, n, None) for g, n in scale_hooks]
 
@@ -1143,7 +1221,8 @@ def enable_fused_rope(
             raise
         for (parent, rotary), (p, tracker, by_label, freq_scale) in zip(sites, site_params):
             parent.rotary_emb = FusedRotaryEmbedding(
-                rotary, p, keys, tracker, by_label=by_label, q_scale=q_scale, freq_scale=freq_scale
+                rotary, p, keys, tracker, by_label=by_label, q_scale=q_scale, freq_scale=freq_scale,
+                q_lead=q_lead_of,
             )
         for attn, unit_offset in norm_sites:
             _defer_qk_norm(attn, unit_offset)
