@@ -106,7 +106,9 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
 
 
 def graph_us(fn, calls: int = 20) -> float:
-    """Device time per call of ``fn``: ``calls`` calls captured in one CUDA graph, replayed."""
+    """Device time per call of ``fn``: ``calls`` calls captured in one CUDA graph, replayed.
+    Every shape takes 20 calls: a replay's own launch costs microseconds, which 5 calls of a
+    30 us kernel (Qwen3.5's prefill) would have counted as 5% of the kernel."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -183,7 +185,7 @@ def run_shape(name, shape, dtype, bw, liger, compiled_apply, log):
     qv, kv = q.transpose(1, 2), k.transpose(1, 2)
     cos, sin = hf_cos_sin(pos, inv, 1.0, dtype)
     table = lambda: hf_cos_sin(pos, inv, 1.0, dtype)  # noqa: E731
-    row["table_us"] = graph_us(table, calls=5) if kind != "decode" else graph_us(table)
+    row["table_us"] = graph_us(table)
 
     if kind == "train":
         qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
@@ -215,7 +217,7 @@ def run_shape(name, shape, dtype, bw, liger, compiled_apply, log):
         for m, fn in methods.items():
             try:
                 row[f"{m}_us"] = bench_ms(fn) * 1e3
-                row[f"{m}_graph_us"] = graph_us(fn, calls=3)
+                row[f"{m}_graph_us"] = graph_us(fn, calls=10)
             except Exception as e:  # a peer failing is reported, not fatal
                 row[f"{m}_error"] = f"{type(e).__name__}: {e}"[:200]
                 log(f"  {name}: {m} failed: {row[f'{m}_error']}")
@@ -227,7 +229,7 @@ def run_shape(name, shape, dtype, bw, liger, compiled_apply, log):
                 torch.cuda.synchronize()
                 row["liger_kernels_us"] = bench_ms(lambda: torch.autograd.grad(
                     (qo, ko), (qlv, klv), (gqv, gkv), retain_graph=True)) * 1e3 + graph_us(
-                    lambda: liger(qv, kv, cos, sin), calls=3)
+                    lambda: liger(qv, kv, cos, sin), calls=10)
             except Exception as e:  # noqa: BLE001  (reported, not fatal)
                 row["liger_kernels_error"] = f"{type(e).__name__}: {e}"[:200]
                 log(f"  {name}: liger kernels alone failed: {row['liger_kernels_error']}")
@@ -249,7 +251,7 @@ def run_shape(name, shape, dtype, bw, liger, compiled_apply, log):
                 row[f"{m}_us"] = graph_us(fn)
             else:
                 row[f"{m}_us"] = bench_ms(fn) * 1e3
-                row[f"{m}_graph_us"] = graph_us(fn, calls=5)
+                row[f"{m}_graph_us"] = graph_us(fn)
             row[f"{m}_kernels"] = kernels_launched(fn)
             if m not in ("ours", "ours_fp32_angles"):
                 row[f"{m}_e2e_us"] = row[f"{m}_us"] + row["table_us"] / layers
@@ -259,7 +261,7 @@ def run_shape(name, shape, dtype, bw, liger, compiled_apply, log):
     if kind == "mla":  # the same bytes in the same strided pattern, moved by a copy
         dq = torch.empty_strided(q.size(), q.stride(), dtype=dtype, device="cuda")
         dk = torch.empty_strided(k.size(), k.stride(), dtype=dtype, device="cuda")
-        row["strided_copy_us"] = graph_us(lambda: (dq.copy_(q), dk.copy_(k)), calls=5)
+        row["strided_copy_us"] = graph_us(lambda: (dq.copy_(q), dk.copy_(k)))
     if kind == "decode":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -275,7 +277,7 @@ def time_in_graphs(row, methods, log) -> None:
     the cos/sin table spread over the layers; a failing peer is reported, not fatal."""
     for m, fn in methods.items():
         try:
-            row[f"{m}_us"] = graph_us(fn, calls=5 if row["tokens"] > 256 else 20)
+            row[f"{m}_us"] = graph_us(fn)
             row[f"{m}_kernels"] = kernels_launched(fn)
             if m != "ours":
                 row[f"{m}_e2e_us"] = row[f"{m}_us"] + row["table_us"] / row["layers"]
@@ -310,7 +312,7 @@ def run_qknorm_shape(name, T, dtype, bw, liger, liger_norm, compiled_qk, log):
     nbytes = 2 * T * (hq + hk) * D * q.element_size()
     row = {"shape": name, "tokens": T, "q_heads": hq, "k_heads": hk, "head_dim": D, "rope_dim": D,
            "kind": "qknorm", "layout": "neox", "layers": 36, "floor_us": nbytes / bw * 1e6}
-    row["table_us"] = graph_us(lambda: hf_cos_sin(pos, params.inv_freq_on("cuda"), 1.0, dtype), calls=5)
+    row["table_us"] = graph_us(lambda: hf_cos_sin(pos, params.inv_freq_on("cuda"), 1.0, dtype))
 
     def torch_two_ops():
         return hf_apply(hf_rms_norm(q, qw, 1e-6).transpose(1, 2), hf_rms_norm(k, kw, 1e-6).transpose(1, 2), cos, sin)
@@ -381,7 +383,7 @@ def run_mrope_shape(model, kind, dtype, bw, compiled_partial, log):
     row = {"shape": f"{model}-{kind}", "tokens": T, "q_heads": hq, "k_heads": hk, "head_dim": D, "rope_dim": rot,
            "kind": "mrope-decode" if kind != "prefill" else "mrope", "section": list(section),
            "interleaved": interleaved, "layers": 32, "floor_us": nbytes / bw * 1e6}
-    row["table_us"] = graph_us(lambda: mrope_tables(pos3, inv, section, interleaved, dtype), calls=5)
+    row["table_us"] = graph_us(lambda: mrope_tables(pos3, inv, section, interleaved, dtype))
     qv, kv = q.transpose(1, 2), k.transpose(1, 2)
     methods = {
         "ours": lambda: yt.apply_rope_(q, k, pos3, params),

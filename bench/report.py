@@ -7,8 +7,7 @@ With ``--update``, each table replaces the lines between ``<!-- table:NAME -->``
 ``<!-- /table -->`` in the page, so the prose around the tables stays hand-written and
 the numbers come from one run. Needs no GPU.
 
-Columns are device time in a CUDA graph (us): 5 calls per replay for prefill shapes, 20 for
-decode. Ratios are to the row's floor, the rope bytes read and written once over the copy
+Columns are device time in a CUDA graph (us): 20 calls per replay (training: 10). Ratios are to the row's floor, the rope bytes read and written once over the copy
 bandwidth measured in the same run.
 """
 
