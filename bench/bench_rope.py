@@ -64,6 +64,8 @@ MROPE_MODELS = {
     "qwen3-vl-8b": (32, 8, 128, 128, (24, 20, 20), True),
     "qwen2-vl-sect": (32, 8, 128, 128, (16, 24, 24), False),  # sectioned: what Liger's kernel does
 }
+# positions each model serves (max_position_embeddings x YaRN factor): what a cache peer sizes
+MROPE_CONTEXT = {"qwen3.5": 262144 * 4, "qwen3-vl-8b": 262144, "qwen2-vl-sect": 32768}
 MROPE_TOKENS = {"prefill": 16384, "decode-1": 1, "decode-64": 64, "decode-256": 256}
 SWEEP_TOKENS = [256, 4096, 65536]
 
@@ -397,9 +399,9 @@ def run_mrope_shape(model, kind, dtype, bw, compiled_partial, log):
         except Exception as e:
             log(f"Liger M-RoPE not available ({type(e).__name__})")
     time_in_graphs(row, methods, log)
-    # memory a cos/sin-cache peer holds for this context: vLLM sizes its M-RoPE cache at 4x
-    # the context (video positions), one row of rope_dim values per position
-    row["cache_peer_bytes"] = 4 * 262144 * 4 * rot * q.element_size()
+    # memory a cos/sin-cache peer holds for this model's context: vLLM sizes its M-RoPE cache
+    # at 4x the context (video positions), one row of rope_dim values (cos and sin) per position
+    row["cache_peer_bytes"] = 4 * MROPE_CONTEXT[model] * rot * q.element_size()
     return row
 
 
@@ -613,28 +615,11 @@ def main(argv=None) -> int:
 
 
 def plot(sweep, meta, path, log):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    """The sweep's GB/s plot (drawn by ``bench/report.py``, which can redraw it from the JSON)."""
+    from report import plot_sweep
+
+    if not plot_sweep(sweep, meta, path):
         log("matplotlib not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    toks = [r["tokens"] for r in sweep]
-    gb = lambda r, m: 2 * r["tokens"] * 40 * 128 * 2 / (r[f"{m}_us"] * 1e-6) / 1e9  # noqa: E731
-    for m, label in (("ours", "yarn-triton"), ("liger", "Liger (kernel only)"), ("torch_compile", "torch.compile"),
-                     ("torch", "transformers eager")):
-        if all(f"{m}_us" in r for r in sweep):
-            ax.plot(toks, [gb(r, m) for r in sweep], "o-" if m == "ours" else "o--", label=label)
-    ax.axhline(meta["copy_tbps"] * 1e3, color="gray", ls=":", label="d2d copy")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens (32 q / 8 kv heads, dim 128)")
-    ax.set_ylabel("GB/s (rope bytes / time)")
-    ax.set_title(f"{meta['device']}, {meta['dtype']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

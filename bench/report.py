@@ -2,6 +2,7 @@
 
     python bench/report.py docs/bench_h100.json                     # print the tables
     python bench/report.py docs/bench_h100.json --update docs/performance.md
+    python bench/report.py docs/sweep_h100.json --plot docs/performance_gbps.png
 
 With ``--update``, each table replaces the lines between ``<!-- table:NAME -->`` and
 ``<!-- /table -->`` in the page, so the prose around the tables stays hand-written and
@@ -196,6 +197,38 @@ TABLES: Dict[str, Callable[[dict], str]] = {
 }
 
 
+def plot_sweep(sweep: List[dict], meta: dict, path: str) -> bool:
+    """GB/s of the rope bytes against tokens, two panels: eager (``do_bench``, each call's
+    host cost included where it exceeds the GPU time) and device time in a CUDA graph.
+    False when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    toks = [r["tokens"] for r in sweep]
+    methods = (("ours", "yarn-triton"), ("liger", "Liger (given cos/sin)"), ("torch_compile", "torch.compile"),
+               ("torch", "transformers eager"))
+    for ax, suffix, title in ((axes[0], "_us", "eager (host cost included)"),
+                              (axes[1], "_graph_us", "device time (CUDA graph)")):
+        for m, label in methods:
+            if all(f"{m}{suffix}" in r for r in sweep):
+                gbps = [r["floor_us"] * meta["copy_tbps"] * 1e3 / r[f"{m}{suffix}"] for r in sweep]
+                ax.plot(toks, gbps, "o-" if m == "ours" else "o--", label=label)
+        ax.axhline(meta["copy_tbps"] * 1e3, color="gray", ls=":", label="d2d copy")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens (32 q / 8 kv heads, d128)")
+        ax.set_title(title)
+    axes[0].set_ylabel("GB/s (rope bytes / time)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{meta['device']}, {meta['dtype']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def update(page: str, data: dict) -> str:
     """``page`` with every ``<!-- table:NAME -->`` ... ``<!-- /table -->`` block re-rendered."""
     def render(m: "re.Match") -> str:
@@ -210,9 +243,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", help="the benchmark's --out file")
     ap.add_argument("--update", default="", help="a markdown page whose marked tables are rewritten in place")
+    ap.add_argument("--plot", default="", help="redraw the GB/s plot of the JSON's sweep into this PNG")
     args = ap.parse_args(argv)
     with open(args.json) as f:
         data = json.load(f)
+    if args.plot:
+        if not data.get("sweep"):
+            raise SystemExit(f"{args.json} has no sweep to plot")
+        if not plot_sweep(data["sweep"], data["meta"], args.plot):
+            raise SystemExit("matplotlib is not installed")
+        if not args.update:
+            return 0
     if args.update:
         with open(args.update) as f:
             page = f.read()

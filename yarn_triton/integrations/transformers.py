@@ -252,8 +252,9 @@ MODEL_SUPPORT: Dict[str, ModelSupport] = {
                      _MLA + "; without gradients, the llama-4 query scale in the same pass "
                      "(one in-place call on whole query heads, no-rope channels included)",
                      "the llama-4 query scale when a gradient is needed (training: its own "
-                     "multiply, after the fused rope of q_rot, k_rot) or the query heads are "
-                     "not one `[q_nope, q_rope]` block in memory",
+                     "multiply, after the fused rope of q_rot, k_rot), under torch.compile "
+                     "(Dynamo cannot read the storage offset that locates q_nope), or when the "
+                     "query heads are not one `[q_nope, q_rope]` block in memory",
                      fuse_q_scale=True, q_scale_lead="qk_nope_head_dim"),
         ModelSupport("deepseek_v4", "deepseek_v4",
                      "per layer: `main` (default, theta 1e4) on sliding layers, `compress` "
