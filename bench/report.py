@@ -90,16 +90,17 @@ def _bold(s: str) -> str:
     return s if s == "-" else f"**{s}**"
 
 
+def _device_cells(r: dict) -> List[str]:
+    """Label, floor, ours, ours / floor, Liger, torch.compile, transformers eager: the
+    device-time columns every kernel table shares."""
+    nd = _digits(r)
+    ours = device_us(r, "ours")
+    return [LABELS.get(r["shape"], r["shape"]), _floor(r), _bold(_num(ours, nd)), _ratio(r, ours),
+            _num(device_us(r, "liger"), nd), _num(device_us(r, "torch_compile"), nd), _num(device_us(r, "torch"), nd)]
+
+
 def kernel_table(rows: List[dict]) -> str:
-    lines = []
-    for r in rows:
-        if r["kind"] not in ("prefill", "mla", "decode"):
-            continue
-        nd = _digits(r)
-        ours = device_us(r, "ours")
-        lines.append([LABELS.get(r["shape"], r["shape"]), _floor(r), _bold(_num(ours, nd)), _ratio(r, ours),
-                      _num(device_us(r, "liger"), nd), _num(device_us(r, "torch_compile"), nd),
-                      _num(device_us(r, "torch"), nd)])
+    lines = [_device_cells(r) for r in rows if r["kind"] in ("prefill", "mla", "decode")]
     return _table(["shape", "floor", "**ours**", "ours / floor", "Liger", "torch.compile", "transformers eager"],
                   lines)
 
@@ -146,29 +147,13 @@ def train_table(rows: List[dict]) -> str:
 
 
 def qknorm_table(rows: List[dict]) -> str:
-    lines = []
-    for r in rows:
-        if r["kind"] != "qknorm":
-            continue
-        nd = _digits(r)
-        ours = device_us(r, "ours")
-        lines.append([LABELS.get(r["shape"], r["shape"]), _floor(r), _bold(_num(ours, nd)), _ratio(r, ours),
-                      _num(device_us(r, "liger"), nd), _num(device_us(r, "torch_compile"), nd),
-                      _num(device_us(r, "torch"), nd)])
+    lines = [_device_cells(r) for r in rows if r["kind"] == "qknorm"]
     return _table(["shape", "floor", "**ours (fused)**", "ours / floor", "Liger RMSNorm + rope", "torch.compile",
                    "transformers eager"], lines)
 
 
 def mrope_table(rows: List[dict]) -> str:
-    lines = []
-    for r in rows:
-        if not r["kind"].startswith("mrope"):
-            continue
-        nd = _digits(r)
-        ours = device_us(r, "ours")
-        lines.append([LABELS.get(r["shape"], r["shape"]), _floor(r), _bold(_num(ours, nd)), _ratio(r, ours),
-                      _num(device_us(r, "liger"), nd), _num(device_us(r, "torch_compile"), nd),
-                      _num(device_us(r, "torch"), nd), _num(r["table_us"])])
+    lines = [_device_cells(r) + [_num(r["table_us"])] for r in rows if r["kind"].startswith("mrope")]
     return _table(["model, shape", "floor", "**ours**", "ours / floor", "Liger", "torch.compile",
                    "transformers eager", "table, once per forward"], lines)
 

@@ -76,3 +76,24 @@ def assert_modeling_files_unpatched() -> None:
         for fn in (*ROPE_FUNCTIONS, _Q_SCALE_FUNCTION):
             f = getattr(mod, fn, None)
             assert f is None or not hasattr(f, "original"), f"{name}.{fn} left patched"
+
+
+def assert_compiles_like_eager(f, q: torch.Tensor, *rest, tol: float = 1e-6) -> None:
+    """``torch.compile(f, fullgraph=True)`` gives ``f``'s outputs, and the gradient of its
+    first output's sum with respect to ``q`` (a leaf that requires grad), within ``tol``
+    relative error. The backend is Inductor on a GPU, ``aot_eager`` elsewhere (Inductor
+    would need a C++ compiler on the CPU)."""
+    want = f(q, *rest)
+    want[0].sum().backward()
+    g_want = q.grad.clone()
+    q.grad = None
+    backend = "aot_eager" if q.device.type == "cpu" else "inductor"
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(f, fullgraph=True, backend=backend)(q, *rest)
+    finally:
+        torch._dynamo.reset()
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < tol
+    got[0].sum().backward()
+    assert rel_err(q.grad, g_want) < tol

@@ -18,7 +18,7 @@ import yarn_triton as yt
 from yarn_triton import op
 from yarn_triton.reference import llama4_query_scale, qk_norm_rope_reference, rope_reference
 
-from conftest import POISON, TOL, rel_err, requires_cuda
+from conftest import POISON, TOL, assert_compiles_like_eager, rel_err, requires_cuda
 
 LAYOUTS = ("neox", "interleaved", "deepseek")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -421,18 +421,7 @@ def test_torch_compile_fullgraph(kdev, gen):
         yt.apply_rope_(q3, k3, pos, p, q_scale=QS)
         return q2, k2, q3, k3
 
-    ql = q.clone().requires_grad_()
-    want = f(ql, k, pos)
-    want[0].sum().backward()
-    g_want = ql.grad.clone()
-    torch._dynamo.reset()
-    backend = "aot_eager" if kdev == "cpu" else "inductor"
-    ql.grad = None
-    got = torch.compile(f, fullgraph=True, backend=backend)(ql, k, pos)
-    for g, w in zip(got, want):
-        assert rel_err(g, w) < 1e-6
-    got[0].sum().backward()
-    assert rel_err(ql.grad, g_want) < 1e-6
+    assert_compiles_like_eager(f, q.clone().requires_grad_(), k, pos)
 
 
 # ------------------------------------------------------------------------------------
