@@ -273,7 +273,9 @@ def test_rotation_preserves_pair_norms_and_relative_positions(kdev, gen):
         n_in = q[..., :32] ** 2 + q[..., 32:] ** 2
         n_out = qq[..., :32] ** 2 + qq[..., 32:] ** 2
         torch.testing.assert_close(n_out, n_in * g * g, rtol=1e-5, atol=1e-6)
-    assert max(dots) - min(dots) < 1e-4 * max(abs(d) for d in dots)
+    # bounded by the size of the terms of q.k, not by q.k itself, which can be near zero
+    # (then any rounding is large relative to it)
+    assert max(dots) - min(dots) < 1e-5 * (q.norm() * k.norm()).item() * g * g
 
 
 def test_empty_inputs_are_noops(kdev):
