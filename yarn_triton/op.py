@@ -847,6 +847,19 @@ def _mrope_arg(params) -> Optional[List[int]]:
     return list(spec) if spec[0] else None
 
 
+def _check_call(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, norm, q_scale, rotary_at,
+                inplace: bool) -> Tuple[int, Optional[QueryScale]]:
+    """Every argument check of a rope / norm + rope call that does not replay a known
+    signature: ``(rotary dim, normalised q_scale)``, or a clear error before any launch."""
+    check_rotary_at(rotary_at)
+    rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace=inplace)
+    if norm is not None:
+        check_norm_args(q, k, norm)
+    if q_scale is not None:
+        q_scale = check_q_scale(q_scale, params)
+    return rot, q_scale
+
+
 def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse,
                   check_cu, config, norm, q_scale=None, rotary_at="start"):
     """In-place rope (and norm, and query scale): the fast path for a known signature, else
@@ -863,12 +876,8 @@ def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqle
             plan.run(q, k, positions, offsets if type(offsets) is torch.Tensor else None, cu_seqlens,
                      offsets if type(offsets) is int else 0, norm=norm)
             return q, k
-    check_rotary_at(rotary_at)
-    rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens)
-    if norm is not None:
-        check_norm_args(q, k, norm)
-    if q_scale is not None:
-        q_scale = check_q_scale(q_scale, params)
+    rot, q_scale = _check_call(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, norm, q_scale,
+                               rotary_at, inplace=True)
     if config is not None:
         _check_config(config)
     _check_cu(cu_seqlens, check_cu, q)
@@ -900,12 +909,8 @@ def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
     checks (they passed for it) and replays its plan inside :class:`_EagerRope`, or
     without autograd when nothing needs a gradient; torch.compile: the custom op."""
     if torch.compiler.is_compiling():
-        check_rotary_at(rotary_at)
-        rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace=False)
-        if norm is not None:
-            check_norm_args(q, k, norm)
-        if q_scale is not None:
-            q_scale = check_q_scale(q_scale, params)
+        rot, q_scale = _check_call(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, norm, q_scale,
+                                   rotary_at, inplace=False)
         off_t, pos_base = _split_offsets(offsets)
         nargs = (None, None, 0.0, 0) if norm is None else (norm.q_weight, norm.k_weight, float(norm.eps), norm.kind)
         out = torch.ops.yarn_triton.rope(q, k, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
@@ -916,12 +921,8 @@ def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
                      False, norm, q_scale, rotary_at)
     plan = _PLANS.get(key)  # (None when key is None)
     if plan is None:
-        check_rotary_at(rotary_at)
-        rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace=False)
-        if norm is not None:
-            check_norm_args(q, k, norm)
-        if q_scale is not None:
-            q_scale = check_q_scale(q_scale, params)
+        rot, q_scale = _check_call(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, norm, q_scale,
+                                   rotary_at, inplace=False)
         inv_freq = params.inv_freq_on(q.device)
     else:  # the signature passed these checks before; the plan holds params' inv_freq on q's device
         rot = params.rope_dim
