@@ -168,6 +168,24 @@ def make_inputs(shape, dtype, gen):
     return q, k, pos, nbytes
 
 
+def make_mrope_inputs(model, T, dtype, gen):
+    """An M-RoPE model's attention (``MROPE_MODELS``): full-head ``[1, T, H, D]`` q/k storage
+    (the rope part is the leading ``rot`` channels), ``[3, 1, T]`` positions with distinct
+    t/h/w streams, its YaRN params with the sections, and the bytes one in-place pass moves."""
+    import yarn_triton as yt
+
+    hq, hk, D, rot, section, interleaved = MROPE_MODELS[model]
+    q = torch.randn(1, T, hq, D, device="cuda", dtype=dtype, generator=gen)
+    k = torch.randn(1, T, hk, D, device="cuda", dtype=dtype, generator=gen)
+    t = torch.randint(0, 200000, (1, T), device="cuda", generator=gen)
+    pos3 = torch.stack([t, torch.randint(0, 512, (1, T), device="cuda", generator=gen),
+                        torch.randint(0, 512, (1, T), device="cuda", generator=gen)])
+    base = yt.RopeParams.yarn(rot, 1e7, 4.0, 262144)
+    params = yt.RopeParams(base.inv_freq, rot, 1.0, 1.0, "yarn").with_mrope(section, interleaved)
+    nbytes = 2 * T * (hq + hk) * rot * q.element_size()  # in place: the rope part, read + write
+    return q, k, pos3, params, nbytes
+
+
 def run_shape(name, shape, dtype, bw, liger, compiled_apply, log):
     import yarn_triton as yt
 
@@ -371,17 +389,9 @@ def run_mrope_shape(model, kind, dtype, bw, compiled_partial, log):
 
     hq, hk, D, rot, section, interleaved = MROPE_MODELS[model]
     T = MROPE_TOKENS[kind]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(1, T, hq, D, device="cuda", dtype=dtype, generator=gen)
-    k = torch.randn(1, T, hk, D, device="cuda", dtype=dtype, generator=gen)
-    t = torch.randint(0, 200000, (1, T), device="cuda", generator=gen)
-    pos3 = torch.stack([t, torch.randint(0, 512, (1, T), device="cuda", generator=gen),
-                        torch.randint(0, 512, (1, T), device="cuda", generator=gen)])
-    base = yt.RopeParams.yarn(rot, 1e7, 4.0, 262144)
-    params = yt.RopeParams(base.inv_freq, rot, 1.0, 1.0, "yarn").with_mrope(section, interleaved)
+    q, k, pos3, params, nbytes = make_mrope_inputs(model, T, dtype, torch.Generator(device="cuda").manual_seed(0))
     inv = params.inv_freq_on("cuda")
     cos, sin, cos3, sin3 = mrope_tables(pos3, inv, section, interleaved, dtype)
-    nbytes = 2 * T * (hq + hk) * rot * q.element_size()  # in place: the rope part, read + write
     row = {"shape": f"{model}-{kind}", "tokens": T, "q_heads": hq, "k_heads": hk, "head_dim": D, "rope_dim": rot,
            "kind": "mrope-decode" if kind != "prefill" else "mrope", "section": list(section),
            "interleaved": interleaved, "layers": 32, "floor_us": nbytes / bw * 1e6}

@@ -24,7 +24,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_rope import (MROPE_MODELS, MROPE_TOKENS, SHAPES, copy_bandwidth, empty_kernel_us,  # noqa: E402
-                        graph_us, hf_cos_sin, make_inputs)
+                        graph_us, hf_cos_sin, make_inputs, make_mrope_inputs)
 
 import yarn_triton as yt  # noqa: E402
 from yarn_triton.kernels import rope_kernel as rk  # noqa: E402
@@ -65,20 +65,13 @@ def touch(x: torch.Tensor, block_t: int, block_h: int, warps: int, hints: int = 
 
 
 def mrope_inputs(name: str, gen):
-    """An M-RoPE row of the benchmark (``qwen3.5-prefill``, ...): full-head q/k storage
-    ``[1, T, H, D]`` (the rope part is the leading ``rot`` channels), ``[3, 1, T]``
-    positions with distinct t/h/w streams, the params, and the bytes one in-place pass moves."""
+    """An M-RoPE row of the benchmark by name (``qwen3.5-prefill``, ...), in bf16:
+    ``(T, hq, hk, rot), q, k, positions [3, 1, T], params, bytes moved``."""
     model = next(m for m in MROPE_MODELS if name.startswith(m + "-"))
-    hq, hk, D, rot, section, interleaved = MROPE_MODELS[model]
     T = MROPE_TOKENS[name[len(model) + 1:]]
-    q = torch.randn(1, T, hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(1, T, hk, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    t = torch.randint(0, 200000, (1, T), device="cuda", generator=gen)
-    pos3 = torch.stack([t, torch.randint(0, 512, (1, T), device="cuda", generator=gen),
-                        torch.randint(0, 512, (1, T), device="cuda", generator=gen)])
-    base = yt.RopeParams.yarn(rot, 1e7, 4.0, 262144)
-    p = yt.RopeParams(base.inv_freq, rot, 1.0, 1.0, "yarn").with_mrope(section, interleaved)
-    return (T, hq, hk, rot), q, k, pos3, p, 2 * T * (hq + hk) * rot * q.element_size()
+    hq, hk, _, rot, _, _ = MROPE_MODELS[model]
+    q, k, pos3, p, nbytes = make_mrope_inputs(model, T, torch.bfloat16, gen)
+    return (T, hq, hk, rot), q, k, pos3, p, nbytes
 
 
 def best(fn, reps: int = 3):
