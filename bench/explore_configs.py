@@ -74,6 +74,17 @@ def mrope_inputs(name: str, gen):
     return (T, hq, hk, rot), q, k, pos3, p, nbytes
 
 
+def shape_of(name: str):
+    """A benchmark row's shape, or ``llama3-8b-<tokens>``: the Llama-3-8B prefill at another
+    token count (the plot's sweep points)."""
+    if name in SHAPES:
+        return SHAPES[name]
+    prefix = "llama3-8b-"
+    if name.startswith(prefix) and name[len(prefix):].isdigit():
+        return (int(name[len(prefix):]),) + SHAPES["llama3-8b-prefill"][1:]
+    return None
+
+
 def best(fn, reps: int = 3):
     """Fastest of ``reps`` graph timings, or the error's text (one failure must not end the run)."""
     try:
@@ -99,8 +110,8 @@ def main() -> None:
     print(f"copy {bw / 1e12:.2f} TB/s, empty kernel {empty:.2f} us")
     for name in args.shapes.split(","):
         gen = torch.Generator(device="cuda").manual_seed(0)
-        if name in SHAPES:
-            shape = SHAPES[name]
+        shape = shape_of(name)
+        if shape is not None:
             T, hq, hk, D, rot, kind, layout, _ = shape
             q, k, pos, nbytes = make_inputs(shape, torch.bfloat16, gen)
             base = yt.RopeParams.yarn(rot, 500000.0, 4.0, 8192)

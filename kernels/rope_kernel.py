@@ -14,8 +14,12 @@ Compile-time switches select the variant, not copies of the kernel:
   through registers) and deepseek's inverse halves/pairs.
 * ``INVERSE``: rotate by ``-angle`` (the backward pass).
 * ``PRECISE``: form the angle in float64, so it is right to ~1e-7 rad at any int32
-  position instead of ``|angle| * 6e-8``. Either way it is reduced by pi/2 in float64 and
-  cos/sin come from short polynomials (``_cos_sin``).
+  position instead of ``|angle| * 6e-8``. Either way it is reduced in float64 before it is
+  rounded to float32.
+* ``SINCOS``: how cos/sin of the reduced angle are taken (``_cos_sin``). 0: short
+  polynomials after a reduction by pi/2 (float32 outputs, error below 1e-8). 1: the
+  special-function unit after a reduction by 2 pi (16-bit outputs: error below 1e-6, a
+  third of the instructions); 2: the interpreter's stand-in for 1.
 * ``INPLACE``: output pointers equal the inputs; otherwise the pass-through channels of a
   partial rotary are copied too (``TAIL_PAD`` wide), making the out-of-place call a single
   pass.
@@ -65,40 +69,76 @@ _HI = math.ldexp(round(math.ldexp(math.pi / 2, 20)), -20)
 _PIO2_HI = tl.constexpr(_HI)
 _PIO2_LO = tl.constexpr((math.pi / 2 - _HI) + 6.123233995736766e-17)
 _TWO_OVER_PI = tl.constexpr(2.0 / math.pi)
+# 2 pi split the same way (22 significant bits: n * _2PI_HI is exact for |n| < 2**31)
+_2PI = math.ldexp(round(math.ldexp(2 * math.pi, 19)), -19)
+_2PI_HI = tl.constexpr(_2PI)
+_2PI_LO = tl.constexpr((2 * math.pi - _2PI) + 2.4492935982947064e-16)
+_ONE_OVER_2PI = tl.constexpr(0.5 / math.pi)
 
 
 @triton.jit
-def _cos_sin(pos, inv_freq, PRECISE: tl.constexpr):
+def _hw_cos_sin(r, SINCOS: tl.constexpr):
+    """``(cos, sin)`` of float32 ``r`` in [-pi, pi] by the special-function unit
+    (``cos.approx`` / ``sin.approx``: two instructions each, absolute error below 1e-6 on
+    that range). SINCOS 2 is the interpreter's stand-in for the same step (it cannot run
+    inline PTX): the same reduction, then numpy's cos/sin."""
+    if SINCOS == 1:
+        c = tl.inline_asm_elementwise("cos.approx.ftz.f32 $0, $1;", "=r,r", [r], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        s = tl.inline_asm_elementwise("sin.approx.ftz.f32 $0, $1;", "=r,r", [r], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        c = tl.cos(r)
+        s = tl.sin(r)
+    return c, s
+
+
+@triton.jit
+def _cos_sin(pos, inv_freq, PRECISE: tl.constexpr, SINCOS: tl.constexpr):
     """float32 ``(cos, sin)`` of the angles ``pos * inv_freq``, ``[BLOCK_T, HALF_PAD]``;
     ``pos`` is int64 ``[BLOCK_T, 1]`` (one position per token) or ``[BLOCK_T, HALF_PAD]``
     (M-RoPE: one per token and frequency).
 
     The angle is formed in float64 (PRECISE: right to ~1e-7 rad at any int32 position) or
-    as the float32 product a materialised cache would hold. Either way it is reduced
-    exactly enough in float64 by a multiple ``n`` of pi/2 to ``r`` in [-pi/4, pi/4], and
-    cos/sin come from short Taylor polynomials of ``r`` (truncation below 2e-9) and the
-    quadrant ``n mod 4``. That is libdevice's fast path without its large-argument branch,
-    whose code and stack frame would cost registers in every program.
+    as the float32 product a materialised cache would hold, and reduced exactly enough in
+    float64 (Cody-Waite, a two-part constant) before anything is rounded to float32.
+
+    SINCOS 0 (float32 outputs): reduced by a multiple ``n`` of pi/2 to ``r`` in [-pi/4,
+    pi/4]; cos/sin come from short Taylor polynomials of ``r`` (truncation below 2e-9) and
+    the quadrant ``n mod 4``. That is libdevice's fast path without its large-argument
+    branch, whose code and stack frame would cost registers in every program.
+
+    SINCOS 1 / 2 (16-bit outputs): reduced by a multiple of 2 pi to [-pi, pi], then the
+    special-function unit (:func:`_hw_cos_sin`). Its error, below 1e-6, is under a
+    thousandth of a bf16/fp16 rounding step, and it takes about 10 instructions per angle
+    where the polynomials and quadrant take about 30: what decode launches, bound by
+    instruction issue, wait for.
     """
     if PRECISE:
         a = pos.to(tl.float64) * inv_freq.to(tl.float64)[None, :]
     else:
         a = (pos.to(tl.float32) * inv_freq[None, :]).to(tl.float64)
-    n = tl.floor(a * _TWO_OVER_PI + 0.5)
-    r = ((a - n * _PIO2_HI) - n * _PIO2_LO).to(tl.float32)
-    # Past |n| ~ 2**31 (int64 positions beyond the int32 range) the reduction is inexact;
-    # clamping keeps (cos, sin) a unit vector there: a rotation, with no accuracy promise.
-    r = tl.minimum(tl.maximum(r, -0.7854), 0.7854)
-    quadrant = n.to(tl.int64) & 3
-    r2 = r * r
-    sin_r = r + r * r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880))))
-    cos_r = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 + r2 * (-1.0 / 3628800)))))
-    # sin(r + n pi/2), cos(r + n pi/2) for n = 0, 1, 2, 3 (mod 4)
-    odd = (quadrant & 1) == 1
-    s = tl.where(odd, cos_r, sin_r)
-    c = tl.where(odd, sin_r, cos_r)
-    s = tl.where(quadrant >= 2, -s, s)
-    c = tl.where((quadrant == 1) | (quadrant == 2), -c, c)
+    if SINCOS:
+        n = tl.floor(a * _ONE_OVER_2PI + 0.5)
+        r = ((a - n * _2PI_HI) - n * _2PI_LO).to(tl.float32)
+        c, s = _hw_cos_sin(r, SINCOS)
+    else:
+        n = tl.floor(a * _TWO_OVER_PI + 0.5)
+        r = ((a - n * _PIO2_HI) - n * _PIO2_LO).to(tl.float32)
+        # Past |n| ~ 2**31 (int64 positions beyond the int32 range) the reduction is
+        # inexact; clamping keeps (cos, sin) a unit vector there: a rotation, with no
+        # accuracy promise.
+        r = tl.minimum(tl.maximum(r, -0.7854), 0.7854)
+        quadrant = n.to(tl.int64) & 3
+        r2 = r * r
+        sin_r = r + r * r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880))))
+        cos_r = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 + r2 * (-1.0 / 3628800)))))
+        # sin(r + n pi/2), cos(r + n pi/2) for n = 0, 1, 2, 3 (mod 4)
+        odd = (quadrant & 1) == 1
+        s = tl.where(odd, cos_r, sin_r)
+        c = tl.where(odd, sin_r, cos_r)
+        s = tl.where(quadrant >= 2, -s, s)
+        c = tl.where((quadrant == 1) | (quadrant == 2), -c, c)
     return c, s
 
 
@@ -347,7 +387,7 @@ def rope_kernel(
     MROPE: tl.constexpr, SEC_T: tl.constexpr, SEC_H: tl.constexpr, SEC_W: tl.constexpr,
     WIDE: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_T: tl.constexpr, Q_BLOCK_H: tl.constexpr, K_BLOCK_H: tl.constexpr, HEAD_GROUPS: tl.constexpr,
-    Q_SCALE: tl.constexpr, TAIL_FIRST: tl.constexpr,
+    Q_SCALE: tl.constexpr, TAIL_FIRST: tl.constexpr, SINCOS: tl.constexpr,
 ):
     """Grid: ``cdiv(n_tokens, BLOCK_T) * HEAD_GROUPS`` programs.
 
@@ -429,7 +469,7 @@ def rope_kernel(
 
     jf = tl.arange(0, HALF_PAD)
     inv_freq = tl.load(inv_freq_ptr + jf, mask=jf < HALF, other=0.0)
-    cos, sin = _cos_sin(pos, inv_freq, PRECISE)
+    cos, sin = _cos_sin(pos, inv_freq, PRECISE, SINCOS)
     cos = cos * scale
     sin = sin * scale
     if INVERSE:
@@ -764,12 +804,13 @@ def launch_rope(
         # be q itself (the graph would see q mutated through two arguments)
         dummy = q.src.new_empty(1) if traced else None
         k = Operand(dummy if traced else q.src, (0, 0, 0, 0), dummy if traced else q.dst, (0, 0, 0, 0))
+    sincos = _sincos(q.dst.dtype, k.dst.dtype)
     tune = config is None and autotune and AUTOTUNE and not INTERPRETED
     if tune or traced:
         # Tuning runs once per shape class; later calls launch its pick directly.
         tune_key = (_tok_class(n_tokens), n_q_heads, n_k_heads, q.src_strides[2], k.src_strides[2],
                     half, in_pairs, out_pairs, inplace, cu_seqlens is not None, norm, mrope[0],
-                    q.src.dtype, q.dst.dtype, k.src.dtype, q_scale is not None, tail_first)
+                    q.src.dtype, q.dst.dtype, k.src.dtype, q_scale is not None, tail_first, sincos)
         config = config or _TUNED.get(tune_key)
         # never tune while tracing or inside a CUDA graph capture (the timing runs would be
         # captured): the heuristic's shape then
@@ -801,7 +842,7 @@ def launch_rope(
         INVERSE=inverse, PRECISE=precise, INPLACE=inplace,
         POS_MODE=0 if per_token else 1, HAS_OFFSETS=offsets is not None, VARLEN=varlen, NORM=norm,
         MROPE=mrope[0], SEC_T=mrope[1], SEC_H=mrope[2], SEC_W=mrope[3], Q_SCALE=q_scale is not None,
-        TAIL_FIRST=tail_first,
+        TAIL_FIRST=tail_first, SINCOS=sincos,
         WIDE=max(_extent(t) for t in args[:_N_PTRS]) >= _INT32_SPAN,
         ROWS=0 if varlen else (1 if seq_len == n_tokens else (2 if seq_len == 1 else 0)),
     )
@@ -819,6 +860,20 @@ def launch_rope(
     plan = PreparedLaunch(args, switches, cfg, _grid(n_tokens, cfg))
     plan([t.data_ptr() for t in args[:_N_PTRS]], int(pos_base), args[:_N_PTRS])
     return plan
+
+
+# YARN_TRITON_HW_SINCOS=0 keeps the polynomials for 16-bit outputs too (to compare).
+HW_SINCOS = os.environ.get("YARN_TRITON_HW_SINCOS", "1") != "0"
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
+def _sincos(*out_dtypes: torch.dtype) -> int:
+    """The kernel's SINCOS switch for outputs of these dtypes: the special-function unit
+    only where every output is 16-bit, whose rounding step is over a thousand times its
+    error; float32 outputs keep the polynomials."""
+    if not HW_SINCOS or any(d not in _SIXTEEN_BIT for d in out_dtypes):
+        return 0
+    return 2 if INTERPRETED else 1
 
 
 _NQ = rope_kernel.arg_names.index("n_q_heads")

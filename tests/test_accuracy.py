@@ -21,6 +21,8 @@ import torch
 
 from conftest import TOL, rel_err
 from yarn_triton import RopeParams, apply_rope_
+from yarn_triton import op
+from yarn_triton.kernels import rope_kernel as rk
 from yarn_triton.kernels.rope_kernel import INTERPRETED, LaunchConfig
 from yarn_triton.reference import cos_sin_cache, rope_reference
 
@@ -149,6 +151,33 @@ def test_positions_broadcast_over_batch_keep_the_bound(kdev, gen):
     for b in range(2):
         for c, s in kernel_cos_sin(q[b].double().cpu(), "neox"):
             assert (c - c_ref).abs().max() <= BOUND and (s - s_ref).abs().max() <= BOUND
+
+
+@pytest.mark.parametrize("name,layout", [("default-d128", "neox"), ("yarn-d128-mscale", "interleaved"),
+                                         ("yarn-d64-deepseek", "deepseek")])
+@pytest.mark.parametrize("precise", [True, False])
+def test_special_function_unit_path_keeps_the_bound(kdev, gen, monkeypatch, name, layout, precise):
+    """The cos/sin that 16-bit outputs get (reduction by 2 pi, then ``cos.approx`` /
+    ``sin.approx``; the interpreter's stand-in under TRITON_INTERPRET), forced onto the
+    float32 probe so that errors far below a bf16 step are visible: the same bound as the
+    polynomials', at every int32 position. With float32 angles (``precise=False``) the
+    truth is the float32-angle cache's, as for that path's own test below."""
+    monkeypatch.setattr(rk, "_sincos", lambda *dtypes: 2 if INTERPRETED else 1)
+    monkeypatch.setattr(op, "_PLANS", type(op._PLANS)())  # no plan built with the polynomials
+    params = PARAMS[name]()
+    pos = _positions(gen, n_random=400)
+    got = run_probe(params, pos, kdev, layout=layout, precise=precise)
+    switches = {plan.launch.switches["SINCOS"] for plan in op._PLANS.values()}
+    assert switches == {2 if INTERPRETED else 1}, switches  # the forced path is what ran
+    if precise:
+        err = max_err(params, pos, got)
+    else:  # the same float32 angles, cos/sin of them in float32 by torch
+        c_ref, s_ref = cos_sin_cache(params, pos, torch.float32)
+        half = params.rope_dim // 2
+        c_ref, s_ref = c_ref[:, :half].double(), s_ref[:, :half].double()
+        err = max(max((c - c_ref).abs().max().item(), (s - s_ref).abs().max().item()) for c, s in got)
+    bound = BOUND * max(1.0, params.cos_sin_scale)
+    assert err <= bound, f"{name} {layout} precise={precise}: max |cos/sin error| {err:.3g} > {bound:.3g}"
 
 
 # --------------------------------------------------------------------------------------
