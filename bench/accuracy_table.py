@@ -168,7 +168,7 @@ position (e.g. `1M` = positions {m_lo} .. {m_hi}); q is random normal, {heads} h
   method's, including the final rounding to bf16).
 
 Methods: the kernel with its default `precise_angles=True` (angle formed in float64 and
-reduced by 2*pi before the float32 cos/sin), the kernel with `precise_angles=False`
+reduced in float64 before the float32 cos/sin), the kernel with `precise_angles=False`
 (float32 `position * inv_freq`, like a materialised cache), the float32 cache of
 transformers and of the seed implementation (`rope_reference(..., compute_dtype=float32)`),
 that cache stored in bf16 (the model dtype) and applied to bf16 q in bf16, and, for
@@ -177,6 +177,24 @@ comparison with the last, the kernel on the same bf16 q.
 Contract (tested in `tests/test_accuracy.py`): with `precise_angles=True` the kernel's
 cos/sin are within 2e-6 of the float64 truth at every position in the int32 range
 (|position| <= 2**31), for plain RoPE and YaRN parameters alike.
+
+How the kernel takes cos/sin depends on its output dtype. Float32 outputs (the probe, and
+the fp32 rows below) get short polynomials after a float64 reduction by pi/2. When q's and
+k's outputs are bf16/fp16, the reduction is by 2*pi to [-pi, pi], still in float64, and
+cos/sin come from the GPU's special-function unit (`cos.approx.ftz.f32` /
+`sin.approx.ftz.f32`), whose absolute error on that range is below 1e-6.
+`test_special_function_unit_path_keeps_the_bound` forces that path onto the float32 probe,
+where an error that small is visible, and checks the same 2e-6 bound at every int32
+position (under the CPU interpreter numpy's cos/sin stand in for the unit). The rounding
+to 16 bits all but hides it: for values in [0.5, 1) bf16's rounding step is 2**-8 = 3.9e-3
+and fp16's 2**-11 = 4.9e-4, about 4000 and 500 times 1e-6. A cos/sin error e moves a
+rotated pair by at most sqrt(2) * e of its norm, so before the store the unit's error
+moves the rotated q by at most ~1.4e-6 relative, against the ~1.7e-3 that the store's
+rounding to bf16 gives in the `kernel (precise), bf16 q` rows; it can change a stored
+value only where the exact result lies that close to a rounding boundary, and then by one
+step. The tables below were measured before this path existed (the bf16 rows with the
+polynomials), and that row's cos/sin are not read back through a probe ("as fp32 row").
+`YARN_TRITON_HW_SINCOS=0` keeps the polynomials for 16-bit outputs too.
 
 Reading the table: a float32 angle `p * inv_freq` carries a rounding error of up to
 `p * 2**-24` rad, so any method that forms the angle in float32 loses about one digit per
@@ -207,8 +225,9 @@ def main(argv=None) -> None:
         note = ""
         if device == "cpu":
             note = ("\n\nThese numbers come from the CPU interpreter, where the kernel's float32 "
-                    "cos/sin are numpy's; on a GPU they are libdevice's `__nv_cosf`/`__nv_sinf` "
-                    "(within 2 ulp), so the kernel rows may differ in the last digit. The "
+                    "cos/sin are numpy's; on a GPU they are short polynomials (float32 outputs) or "
+                    "the special-function unit (16-bit outputs), so the kernel rows may differ in "
+                    "the last digit. The "
                     "interpreter also stores float32 -> bf16 by truncation instead of "
                     "round-to-nearest (Triton 3.9's interpreter casts without a rounding mode), "
                     "which roughly doubles the `kernel (precise), bf16 q` row here; on a GPU the "

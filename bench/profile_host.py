@@ -122,12 +122,20 @@ def main() -> None:
     pos = torch.zeros(1, 1, dtype=torch.long, device=dev)
     qw = torch.ones(128, device=dev, dtype=bf)
     kw = torch.ones(128, device=dev, dtype=bf)
+    # MLA decode views and a packed batch, as bench_rope's host rows
+    qm = torch.randn(1, 1, 128, 192, device=dev, dtype=bf)[..., 128:]
+    km = torch.randn(1, 1, 576, device=dev, dtype=bf)[..., 512:].unsqueeze(2)
+    pm = yt.RopeParams.yarn(64, 10000.0, 40.0, 4096, mscale=1.0, mscale_all_dim=1.0)
+    qp, kp = torch.randn(4, 32, 128, device=dev, dtype=bf), torch.randn(4, 8, 128, device=dev, dtype=bf)
+    cu = torch.tensor([0, 1, 2, 3, 4], device=dev, dtype=torch.int32)
     qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()  # as bench_rope's host row
     qwg, kwg = qw.clone().requires_grad_(), kw.clone().requires_grad_()
 
     calls = {
         "apply_rope_": lambda: yt.apply_rope_(q, k, pos, p),
         "apply_rope_ offsets": lambda: yt.apply_rope_(q, k, None, p, offsets=4096),
+        "apply_rope_ mla": lambda: yt.apply_rope_(qm, km, pos, pm, layout="deepseek"),
+        "apply_rope_ packed": lambda: yt.apply_rope_(qp, kp, None, p, cu_seqlens=cu),
         "apply_qk_norm_rope_": lambda: yt.apply_qk_norm_rope_(q, k, pos, p, qw, kw),
         "apply_rope": lambda: yt.apply_rope(qg, kg, pos, p),
         "apply_rope no_grad": lambda: yt.apply_rope(q, k, pos, p),
@@ -155,6 +163,8 @@ def main() -> None:
         "q.add_(0)": lambda: q.add_(0),
         "apply_rope_ (in place, positions)": calls["apply_rope_"],
         "apply_rope_ (in place, offsets=int)": calls["apply_rope_ offsets"],
+        "apply_rope_ (in place, MLA views, deepseek)": calls["apply_rope_ mla"],
+        "apply_rope_ (in place, cu_seqlens, packed)": calls["apply_rope_ packed"],
         "apply_qk_norm_rope_ (in place)": calls["apply_qk_norm_rope_"],
         "  signature lookup (in place)": lambda: op._PLANS.get(
             op._signature(q, k, pos, p, "neox", None, None, None, True, False, None, True)),
