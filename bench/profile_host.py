@@ -193,6 +193,10 @@ def main() -> None:
         g0, g1, g2 = launch.grid
         rows["  compiled launcher alone"] = lambda: compiled.run(
             g0, g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
+        if launch._direct is not None:  # what a replayed plan calls on this Triton
+            c_launch, head = launch._direct
+            rows["  C launch function alone (a replay's launch)"] = lambda: c_launch(
+                g0, g1, g2, stream, *head, *args)
     elif not cpu:
         print("(the plan's pointers are not all 16-byte aligned: no 'compiled launcher alone' row)")
 

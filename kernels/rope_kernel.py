@@ -669,7 +669,8 @@ class PreparedLaunch:
     call can change that Triton specializes on.
     """
 
-    __slots__ = ("args", "switches", "cfg", "grid", "device", "_constexprs", "_by_align", "_aligned")
+    __slots__ = ("args", "switches", "cfg", "grid", "device", "_constexprs", "_by_align", "_aligned", "_direct",
+                 "_tail")
 
     def __init__(self, args, switches, cfg, grid):
         # the pointer slots are left empty: a cached plan must not keep the first call's
@@ -684,6 +685,9 @@ class PreparedLaunch:
         self._constexprs = [meta[name] for name in rope_kernel.arg_names[len(args):]]
         self._by_align = {}
         self._aligned = None  # the common case: every pointer 16-byte aligned, 32-bit pos_base
+        self._direct = None  # (C launch function, its arguments between stream and the kernel's)
+        # the kernel's arguments after the pointers and pos_base, constexprs included
+        self._tail = (*self.args[_N_PTRS + 2:], *self._constexprs)
 
     def _args(self, pointers: Sequence, pos_base: int) -> list:
         """The runtime arguments: ``pointers`` (tensors or their data pointers) first, then
@@ -703,6 +707,11 @@ class PreparedLaunch:
         p0, p1, p2, p3, p4, p5, p6, p7, p8 = ptrs
         narrow = -(1 << 31) <= pos_base < (1 << 31)
         common = not (p0 | p1 | p2 | p3 | p4 | p5 | p6 | p7 | p8) & 15 and narrow
+        if common and self._direct is not None and not _HOOKED():
+            launch, head = self._direct
+            launch(*self.grid, _RAW_STREAM(self.device), *head, p0, p1, p2, p3, p4, p5, p6, p7, p8,
+                   self.args[_N_PTRS], pos_base, *self._tail)
+            return
         compiled = self._aligned if common else None
         if compiled is None:
             key = (tuple(p & 15 == 0 for p in ptrs), not narrow)
@@ -712,6 +721,7 @@ class PreparedLaunch:
                 self._by_align[key] = compiled
                 if common:
                     self._aligned = compiled
+                    self._direct = _direct_launch(compiled)
         args = self._args(ptrs, pos_base) + self._constexprs
         g0, g1, g2 = self.grid
         if _HOOKED():
@@ -719,6 +729,33 @@ class PreparedLaunch:
         else:
             compiled.run(g0, g1, g2, _RAW_STREAM(self.device), compiled.function, compiled.packed_metadata,
                          None, None, None, *args)
+
+
+def _direct_launch(compiled) -> Optional[tuple]:
+    """``(C launch function, its arguments between the stream and the kernel's)`` for
+    ``compiled``, or None to keep ``compiled.run``.
+
+    Triton 3.6's ``CudaLauncher.__call__(gridX, gridY, gridZ, stream, function, *args)`` is
+    a Python frame that allocates the global and profile scratch (none for this kernel) and
+    passes everything on to its compiled C function ``launch(gridX, gridY, gridZ, stream,
+    function, cooperative, pdl, global_scratch, profile_scratch, *args)``: about a tenth of
+    a decode call's host time. Where the launcher has exactly that shape and this kernel no
+    scratch, the plan calls the C function itself; any other Triton keeps its own path.
+    """
+    run = getattr(compiled, "run", None)
+    launch = getattr(run, "launch", None)
+    call = getattr(type(run), "__call__", None)
+    code = getattr(call, "__code__", None)
+    if launch is None or code is None or not callable(launch):
+        return None
+    if code.co_argcount != 6 or code.co_varnames[:6] != ("self", "gridX", "gridY", "gridZ", "stream", "function") \
+            or not code.co_flags & 0x04:  # *args
+        return None
+    if getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
+        return None
+    head = (compiled.function, getattr(run, "launch_cooperative_grid", False), getattr(run, "launch_pdl", False),
+            None, None, compiled.packed_metadata, None, None, None)
+    return launch, head
 
 
 def launch_rope(

@@ -391,3 +391,75 @@ def test_64bit_offsets_switch(kdev, gen, monkeypatch, layout):
     local = torch.cat([torch.arange(4), torch.arange(7)])
     ref, _ = rope_reference(qp.cpu(), None, local, p, layout=layout, compute_dtype=torch.float64)
     assert rel_err(out, ref) < TOL[torch.float32]
+
+
+class _Launcher36:
+    """The shape of Triton 3.6's ``CudaLauncher``: a Python ``__call__`` that allocates the
+    (here empty) scratch and passes everything to the compiled C ``launch``. Records what
+    reaches ``launch``, and whether ``__call__`` ran."""
+
+    global_scratch_size = 0
+    profile_scratch_size = 0
+    launch_cooperative_grid = False
+    launch_pdl = True  # any value: it must be passed through as it is
+
+    def __init__(self):
+        self.c_calls = []
+        self.py_calls = 0
+        self.launch = lambda *a: self.c_calls.append(a)
+
+    def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+        self.py_calls += 1
+        self.launch(gridX, gridY, gridZ, stream, function, self.launch_cooperative_grid, self.launch_pdl,
+                    None, None, *args)
+
+
+class _Compiled:
+    def __init__(self, run):
+        self.run, self.function, self.packed_metadata = run, 0xF00, (1, 1, 0)
+
+
+def test_direct_launch_passes_what_tritons_launcher_would(kdev, gen, monkeypatch):
+    """A replayed plan calls the C launch function itself (``_direct_launch``) with exactly
+    the arguments Triton's own ``__call__`` gives it: same grid, stream, flags, metadata,
+    pointers, ``pos_base`` and every other argument, constexprs included."""
+    p = _params()
+    q = torch.randn(1, 3, 4, 64, generator=gen).to(kdev)
+    k = torch.randn(1, 3, 2, 64, generator=gen).to(kdev)
+    pos = torch.randint(0, 1 << 20, (1, 3), generator=gen).to(kdev)
+    op._PLANS.clear()
+    yt.apply_rope_(q, k, pos, p)
+    plan = next(iter(op._PLANS.values())).launch
+    launcher = _Launcher36()
+    monkeypatch.setattr(rk, "INTERPRETED", False)
+    monkeypatch.setattr(rk, "FAST_LAUNCH", True)
+    monkeypatch.setattr(rk, "_RAW_STREAM", lambda device: 777)
+    monkeypatch.setattr(rk, "_HOOKED", lambda: False)
+    monkeypatch.setattr(rk, "_compile", lambda *a: _Compiled(launcher))
+    ptrs = [16 * (i + 1) for i in range(rk._N_PTRS)]
+    plan(ptrs, 12345, ptrs)  # new specialization: Triton's own __call__
+    plan(ptrs, 12345, ptrs)  # replay: the C function directly
+    assert launcher.py_calls == 1 and len(launcher.c_calls) == 2
+    via_triton, direct = launcher.c_calls
+    assert direct == via_triton
+    assert direct[:13] == (*plan.grid, 777, 0xF00, False, True, None, None, (1, 1, 0), None, None, None)
+    assert list(direct[13:13 + rk._N_PTRS]) == ptrs and direct[13 + rk._N_PTRS + 1] == 12345
+    plan(ptrs, 54321, ptrs)  # pos_base is per call
+    assert launcher.c_calls[-1][13 + rk._N_PTRS + 1] == 54321
+
+
+def test_direct_launch_only_for_the_launcher_shape_it_knows():
+    """Scratch to allocate, or another launcher signature (Triton 3.9 takes the metadata
+    and hooks by name): Triton's own path."""
+    assert rk._direct_launch(_Compiled(_Launcher36())) is not None
+    with_scratch = _Launcher36()
+    with_scratch.global_scratch_size = 256
+    assert rk._direct_launch(_Compiled(with_scratch)) is None
+
+    class Launcher39(_Launcher36):
+        def __call__(self, gridX, gridY, gridZ, stream, function, kernel_metadata, launch_metadata,
+                     launch_enter_hook, launch_exit_hook, *args):
+            raise AssertionError
+
+    assert rk._direct_launch(_Compiled(Launcher39())) is None
+    assert rk._direct_launch(object()) is None
