@@ -430,6 +430,11 @@ def test_direct_launch_passes_what_tritons_launcher_would(kdev, gen, monkeypatch
     op._PLANS.clear()
     yt.apply_rope_(q, k, pos, p)
     plan = next(iter(op._PLANS.values())).launch
+    # as a plan that has not compiled yet (on a GPU the real one already holds the real
+    # kernel and its C launch, which must never see these made-up pointers)
+    monkeypatch.setattr(plan, "_by_align", {})
+    monkeypatch.setattr(plan, "_aligned", None)
+    monkeypatch.setattr(plan, "_direct", None)
     launcher = _Launcher36()
     monkeypatch.setattr(rk, "INTERPRETED", False)
     monkeypatch.setattr(rk, "FAST_LAUNCH", True)
