@@ -90,7 +90,7 @@ import functools
 import inspect
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -473,7 +473,7 @@ class _QScaleDispatch:
     original."""
 
     def __init__(self, original) -> None:
-        functools.update_wrapper(self, original)
+        functools.update_wrapper(self, plain_function(original))
         self.original = original
 
     def __call__(self, positions_ids, *args, **kwargs):
@@ -669,19 +669,39 @@ def _restore_qk_norms(model: nn.Module) -> None:
 # --------------------------------------------------------------------------------------
 # The dispatcher that stands in for the modeling file's rope function
 # --------------------------------------------------------------------------------------
+def plain_function(fn: Callable) -> Callable:
+    """The Python function behind a modeling file's module-level function ``fn``: ``fn``
+    itself, or the one a hub-kernels wrapper calls. With the ``kernels`` package installed
+    (a dependency of transformers >= 5.25), ``@use_kernel_forward_from_hub`` turns e.g.
+    ``apply_rotary_pos_emb`` into a ``Func`` module whose ``forward(*args, **kwargs)``
+    calls the original (closure variable ``func``) unless a hub kernel was activated; its
+    signature is the original's. ``functools.wraps`` layers are followed first."""
+    fn = inspect.unwrap(fn)
+    if inspect.isfunction(fn):
+        return fn
+    forward = getattr(type(fn), "forward", None)
+    code = getattr(forward, "__code__", None)
+    cells = dict(zip(getattr(code, "co_freevars", ()), getattr(forward, "__closure__", None) or ()))
+    inner = cells["func"].cell_contents if "func" in cells else None
+    return inner if inspect.isfunction(inner) else fn
+
+
 class _RopeDispatch:
-    """Calls the fused op when handed a :class:`FusedRopePositions`, else the original."""
+    """Calls the fused op when handed a :class:`FusedRopePositions`, else the original
+    (as the modeling file holds it: a hub-kernels wrapper stays in the path)."""
 
     def __init__(self, original, spec: RopeFunction) -> None:
-        functools.update_wrapper(self, original)
+        plain = plain_function(original)
+        functools.update_wrapper(self, plain)
         self.original = original
         self.spec = spec
         self.layout = spec.layout
-        self._sig = inspect.signature(original)
+        self._sig = inspect.signature(plain)
         params = list(self._sig.parameters)
         need = 3 if spec.pair else 2
         if len(params) < need:
-            raise NotImplementedError(f"unexpected signature of {original.__qualname__}{self._sig}")
+            name = getattr(plain, "__qualname__", type(plain).__name__)
+            raise NotImplementedError(f"unexpected signature of {name}{self._sig}")
         if spec.pair:
             self._q, self._k = params[0], params[1]
         else:

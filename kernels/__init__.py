@@ -1,1 +1,0 @@
-"""Triton kernels of yarn-triton, installed as ``yarn_triton.kernels``."""

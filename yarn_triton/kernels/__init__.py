@@ -1,0 +1,1 @@
+"""The Triton kernel of yarn-triton (``rope_kernel``) and its launcher."""
