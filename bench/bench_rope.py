@@ -35,6 +35,7 @@ import os
 import statistics
 import sys
 import time
+import types
 
 import torch
 
@@ -427,23 +428,36 @@ def empty_kernel_us() -> float:
     return graph_us(lambda: _empty[(1,)](x))
 
 
+def decode_host_inputs(device, dtype) -> types.SimpleNamespace:
+    """The 1-token decode calls whose host cost is measured (here and by
+    ``profile_host.py``): Llama-like params ``p`` with q/k ``[1, 1, 32|8, 128]`` and
+    positions ``pos``, their autograd leaves ``qg``/``kg``; DeepSeek MLA views ``qm``/``km``
+    with params ``pm``; a packed batch of 4 one-token sequences ``qp``/``kp``/``cu``."""
+    import yarn_triton as yt
+
+    p = yt.RopeParams.yarn(128, 500000.0, 4.0, 8192)
+    q = torch.randn(1, 1, 32, 128, device=device, dtype=dtype)
+    k = torch.randn(1, 1, 8, 128, device=device, dtype=dtype)
+    return types.SimpleNamespace(
+        p=p, q=q, k=k, pos=torch.zeros(1, 1, dtype=torch.long, device=device),
+        qg=q.clone().requires_grad_(), kg=k.clone().requires_grad_(),
+        qm=torch.randn(1, 1, 128, 192, device=device, dtype=dtype)[..., 128:],
+        km=torch.randn(1, 1, 576, device=device, dtype=dtype)[..., 512:].unsqueeze(2),
+        pm=yt.RopeParams.yarn(64, 10000.0, 40.0, 4096, mscale=1.0, mscale_all_dim=1.0),
+        qp=torch.randn(4, 32, 128, device=device, dtype=dtype), kp=torch.randn(4, 8, 128, device=device, dtype=dtype),
+        cu=torch.tensor([0, 1, 2, 3, 4], device=device, dtype=torch.int32),
+    )
+
+
 def host_costs(dtype, liger) -> dict:
     """Eager wall time per call, 1-token decode (32/8 heads, d128), every method."""
     import yarn_triton as yt
 
-    p = yt.RopeParams.yarn(128, 500000.0, 4.0, 8192)
-    q = torch.randn(1, 1, 32, 128, device="cuda", dtype=dtype)
-    k = torch.randn(1, 1, 8, 128, device="cuda", dtype=dtype)
-    pos = torch.zeros(1, 1, dtype=torch.long, device="cuda")
-    qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
+    x = decode_host_inputs("cuda", dtype)
+    p, q, k, pos, qg, kg = x.p, x.q, x.k, x.pos, x.qg, x.kg
+    qm, km, pm, qp, kp, cu = x.qm, x.km, x.pm, x.qp, x.kp, x.cu
     cos, sin = hf_cos_sin(pos, p.inv_freq_on("cuda"), 1.0, dtype)
     qv, kv = q.transpose(1, 2), k.transpose(1, 2)
-    # MLA decode views and the packed / offset position forms
-    qm = torch.randn(1, 1, 128, 192, device="cuda", dtype=dtype)[..., 128:]
-    km = torch.randn(1, 1, 576, device="cuda", dtype=dtype)[..., 512:].unsqueeze(2)
-    pm = yt.RopeParams.yarn(64, 10000.0, 40.0, 4096, mscale=1.0, mscale_all_dim=1.0)
-    qp, kp = torch.randn(4, 32, 128, device="cuda", dtype=dtype), torch.randn(4, 8, 128, device="cuda", dtype=dtype)
-    cu = torch.tensor([0, 1, 2, 3, 4], device="cuda", dtype=torch.int32)
     offs = torch.tensor([100, 200, 300, 400], device="cuda")
     qb, kb = torch.randn(4, 1, 32, 128, device="cuda", dtype=dtype), torch.randn(4, 1, 8, 128, device="cuda", dtype=dtype)
     rows = {

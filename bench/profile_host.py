@@ -40,6 +40,8 @@ if "--cpu-interpret" in sys.argv[1:]:
 import torch  # noqa: E402
 
 import yarn_triton as yt  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_rope import decode_host_inputs  # noqa: E402
 from yarn_triton import op  # noqa: E402
 from yarn_triton.kernels import rope_kernel as rk  # noqa: E402
 
@@ -116,19 +118,11 @@ def main() -> None:
         _patch_inv_freq_on_like_cuda()
 
     bf = torch.bfloat16
-    p = yt.RopeParams.yarn(128, 500000.0, 4.0, 8192)
-    q = torch.randn(1, 1, 32, 128, device=dev, dtype=bf)
-    k = torch.randn(1, 1, 8, 128, device=dev, dtype=bf)
-    pos = torch.zeros(1, 1, dtype=torch.long, device=dev)
+    x = decode_host_inputs(dev, bf)  # the benchmark's host rows' inputs
+    p, q, k, pos, qg, kg = x.p, x.q, x.k, x.pos, x.qg, x.kg
+    qm, km, pm, qp, kp, cu = x.qm, x.km, x.pm, x.qp, x.kp, x.cu
     qw = torch.ones(128, device=dev, dtype=bf)
     kw = torch.ones(128, device=dev, dtype=bf)
-    # MLA decode views and a packed batch, as bench_rope's host rows
-    qm = torch.randn(1, 1, 128, 192, device=dev, dtype=bf)[..., 128:]
-    km = torch.randn(1, 1, 576, device=dev, dtype=bf)[..., 512:].unsqueeze(2)
-    pm = yt.RopeParams.yarn(64, 10000.0, 40.0, 4096, mscale=1.0, mscale_all_dim=1.0)
-    qp, kp = torch.randn(4, 32, 128, device=dev, dtype=bf), torch.randn(4, 8, 128, device=dev, dtype=bf)
-    cu = torch.tensor([0, 1, 2, 3, 4], device=dev, dtype=torch.int32)
-    qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()  # as bench_rope's host row
     qwg, kwg = qw.clone().requires_grad_(), kw.clone().requires_grad_()
 
     calls = {

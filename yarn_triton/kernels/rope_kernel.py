@@ -110,9 +110,9 @@ def _cos_sin(pos, inv_freq, PRECISE: tl.constexpr, SINCOS: tl.constexpr):
 
     SINCOS 1 / 2 (16-bit outputs): reduced by a multiple of 2 pi to [-pi, pi], then the
     special-function unit (:func:`_hw_cos_sin`). Its error, below 1e-6, is 0.03% (bf16)
-    to 0.2% (fp16) of a rounding step near 1 (3.9e-3 / 4.9e-4), and it takes about 10 instructions per angle
-    where the polynomials and quadrant take about 30: what decode launches, bound by
-    instruction issue, wait for.
+    to 0.2% (fp16) of a rounding step near 1 (3.9e-3 / 4.9e-4), and it takes about 10
+    instructions per angle where the polynomials and quadrant take about 30: what decode
+    launches, bound by instruction issue, wait for.
     """
     if PRECISE:
         a = pos.to(tl.float64) * inv_freq.to(tl.float64)[None, :]
@@ -722,7 +722,7 @@ class PreparedLaunch:
                 if common:
                     self._aligned = compiled
                     self._direct = _direct_launch(compiled)
-        args = self._args(ptrs, pos_base) + self._constexprs
+        args = (*ptrs, self.args[_N_PTRS], pos_base, *self._tail)
         g0, g1, g2 = self.grid
         if _HOOKED():
             compiled[self.grid](*args)  # profilers' hooks want Triton's full path
