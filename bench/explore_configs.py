@@ -33,7 +33,9 @@ EXTRA = [(64, 1, 1, 8), (32, 2, 1, 8), (32, 1, 1, 8), (16, 4, 1, 8), (16, 2, 1, 
          (2, 1, 32, 1), (1, 2, 16, 1), (1, 4, 8, 1), (1, 1, 16, 1), (8, 1, 8, 2), (16, 1, 4, 4), (4, 1, 16, 1),
          # few heads of a narrow rope part (Qwen3.5: 16/4 heads, 64 of 256 channels)
          (1, 16, 1, 1), (1, 16, 1, 2), (2, 16, 1, 2), (2, 8, 1, 1), (4, 8, 1, 2), (4, 16, 1, 4), (8, 16, 1, 4),
-         (1, 8, 2, 1), (2, 8, 2, 1), (2, 4, 4, 1)]
+         (1, 8, 2, 1), (2, 8, 2, 1), (2, 4, 4, 1),
+         # one or two tokens per program, all their heads (decode)
+         (1, 32, 1, 2), (1, 32, 1, 8), (2, 32, 1, 8), (1, 16, 2, 4), (1, 16, 1, 4)]
 
 
 @triton.jit
@@ -55,6 +57,31 @@ def _touch(x_ptr, n_tokens, n_heads, s_t, s_h, ROT: tl.constexpr, BLOCK_T: tl.co
             tl.store(x_ptr + off, x * 1.0, mask=m, cache_modifier=".cs")
         else:
             tl.store(x_ptr + off, x * 1.0, mask=m)
+
+
+@triton.jit
+def _touch_qk(q_ptr, k_ptr, q_st, q_sh, k_st, k_sh, n_q, n_k, ROT: tl.constexpr, HQ: tl.constexpr,
+              HK: tl.constexpr):
+    """One program per token loads the first ROT channels of all its q and k heads and
+    stores them back: a decode launch's memory traffic in one launch, with nothing
+    computed (no positions, no angles)."""
+    t = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, ROT)[None, :]
+    hq = tl.arange(0, HQ)[:, None]
+    hk = tl.arange(0, HK)[:, None]
+    qo = t * q_st + hq * q_sh + d
+    ko = t * k_st + hk * k_sh + d
+    x = tl.load(q_ptr + qo, mask=hq < n_q)
+    y = tl.load(k_ptr + ko, mask=hk < n_k)
+    tl.store(q_ptr + qo, x * 1.0, mask=hq < n_q)
+    tl.store(k_ptr + ko, y * 1.0, mask=hk < n_k)
+
+
+def touch_qk(q: torch.Tensor, k: torch.Tensor, warps: int) -> None:
+    """``q``/``k``: ``[1, T, H, R]`` views with unit channel stride: :func:`_touch_qk`."""
+    T, R = q.shape[1], q.shape[3]
+    _touch_qk[(T,)](q, k, q.stride(1), q.stride(2), k.stride(1), k.stride(2), q.shape[2], k.shape[2], R,
+                    triton.next_power_of_2(q.shape[2]), triton.next_power_of_2(k.shape[2]), num_warps=warps)
 
 
 def touch(x: torch.Tensor, block_t: int, block_h: int, warps: int, hints: int = 0) -> None:
@@ -135,6 +162,9 @@ def main() -> None:
                     for hn in (1, 2):
                         res[f"touch {bt}x{bh} w{w} hints{hn}"] = best(
                             lambda: (touch(qr, bt, bh, w, hn), touch(kr, bt, bh, w, hn)))
+        if kind == "decode":  # q and k together, one program per token: a decode launch's bytes
+            for w in (1, 2, 4):
+                res[f"touch q+k 1 launch w{w}"] = best(lambda: touch_qk(q, k, w))
         if liger is not None and layout == "neox" and kind not in ("mla", "mrope"):  # its kernel rotates whole heads
             qv, kv = q.transpose(1, 2), k.transpose(1, 2)  # the [B, H, S, D] views transformers passes
             cos, sin = hf_cos_sin(pos, p.inv_freq_on("cuda"), 1.0, q.dtype)

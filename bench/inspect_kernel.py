@@ -85,6 +85,7 @@ def main(argv=None):
     ap.add_argument("--sincos", type=int, default=1, help="0 polynomials (float32 outputs), 1 special-function unit")
     ap.add_argument("--wide", action="store_true", help="64-bit offsets (tensors of 2**31+ elements)")
     ap.add_argument("--rows", type=int, default=1, help="0 batched rows, 1 one row, 2 one token per row")
+    ap.add_argument("--one-step", action="store_true", help="one head step covers each group (no head loop)")
     ap.add_argument("--dump", default="", help="write SASS here")
     a = ap.parse_args(argv)
     in_pairs, out_pairs = {"neox": (0, 0), "interleaved": (1, 1), "deepseek": (1, 0)}[a.layout]
@@ -93,6 +94,7 @@ def main(argv=None):
              POS_MODE=0, HAS_OFFSETS=0, VARLEN=0, NORM=a.norm, MROPE=a.mrope, SEC_T=a.half // 3, SEC_H=a.half // 3,
              SEC_W=a.half - 2 * (a.half // 3), BLOCK_T=a.block_t, Q_BLOCK_H=a.block_h,
              K_BLOCK_H=a.k_block_h or a.block_h, HEAD_GROUPS=a.groups, WIDE=int(a.wide),
+             Q_ONE_STEP=int(a.one_step), K_ONE_STEP=int(a.one_step),
              ROWS=a.rows, Q_SCALE=int(a.q_scale), TAIL_FIRST=0, SINCOS=a.sincos)
     c.update({n: 1 for n in ("q_sd", "qo_sd", "k_sd", "ko_sd", "pos_ss")})
     # pointers and the token/head strides of q, k and their outputs 16-aligned, as for

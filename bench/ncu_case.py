@@ -1,6 +1,8 @@
 """Run one benchmark shape's rope call under a profiler window, for Nsight Compute:
 
     ncu --profile-from-start off --section SpeedOfLight python3 bench/ncu_case.py llama3-8b-prefill
+    ncu ... python3 bench/ncu_case.py decode-256 1 1,32,1,4   # a given launch shape
+    ncu ... python3 bench/ncu_case.py decode-256 1 liger      # Liger's kernel, its users' layout
 
 Tuning and compilation happen before the window opens; inside it, ``--calls`` calls run.
 """
@@ -13,11 +15,18 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_rope import SHAPES, make_inputs  # noqa: E402
 
 import yarn_triton as yt  # noqa: E402
+from yarn_triton.kernels.rope_kernel import LaunchConfig  # noqa: E402
 
 
 def main() -> None:
     name = sys.argv[1]
     calls = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    # optional launch shape "block_t,block_h,head_groups,warps" (default: the tuner's pick)
+    config = None
+    peer = len(sys.argv) > 3 and sys.argv[3] == "liger"
+    if len(sys.argv) > 3 and not peer:
+        bt, bh, g, w = (int(v) for v in sys.argv[3].split(","))
+        config = LaunchConfig(bt, bh, w, 1, g)
     gen = torch.Generator(device="cuda").manual_seed(0)
     if name in SHAPES:
         shape = SHAPES[name]
@@ -30,12 +39,24 @@ def main() -> None:
 
         _, q, k, pos, params, _ = mrope_inputs(name, gen)
         layout = "neox"
+    if peer:
+        from bench_rope import hf_cos_sin
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+        qv, kv = q.transpose(1, 2), k.transpose(1, 2)  # the [B, H, S, D] views transformers passes
+        cos, sin = hf_cos_sin(pos, params.inv_freq_on("cuda"), 1.0, q.dtype)
+
+        def call():
+            liger_rotary_pos_emb(qv, kv, cos, sin)
+    else:
+        def call():
+            yt.apply_rope_(q, k, pos, params, layout=layout, config=config)
     for _ in range(3):
-        yt.apply_rope_(q, k, pos, params, layout=layout)
+        call()
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
     for _ in range(calls):
-        yt.apply_rope_(q, k, pos, params, layout=layout)
+        call()
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
 

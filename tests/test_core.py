@@ -329,3 +329,54 @@ def test_no_cache_memory_grows_with_positions(gen):
         yt.apply_rope_(q, k, pos, params)
         torch.cuda.synchronize()
         assert torch.cuda.max_memory_allocated() - before == 0
+
+
+
+# (block_t, block_h, head_groups) for 12 q / 3 k heads: one step covers every group of
+# both operands; of k only (q loops over 3 steps of 2); of neither (q 6 steps, k 2 of 1).
+ONE_STEP_CASES = {"both": ((2, 4, 3), True, True), "k only": ((4, 2, 2), False, True),
+                  "neither": ((1, 1, 2), False, False)}
+
+
+@pytest.mark.parametrize("case", list(ONE_STEP_CASES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_step_and_head_loop_agree(case, layout, kdev, gen):
+    """The kernel's ONE_STEP switch (no head loop, no prefetch of a next step) and its
+    head loop both give the reference's result: in place; out of place with pass-through
+    channels (partial rotary, the tail copied by the same steps); with the fused norm."""
+    from yarn_triton.kernels import rope_kernel as rk
+    from yarn_triton.op import layout_switches
+    from yarn_triton.reference import qk_norm_rope_reference
+
+    (bt, bh, g), q_one, k_one = ONE_STEP_CASES[case]
+    cfg = rk.LaunchConfig(bt, bh, 1, 1, g)
+    heads = [0] * len(rk.rope_kernel.arg_names)
+    heads[rk._NQ], heads[rk._NK] = 12, 3
+    meta = rk._meta(cfg, heads)
+    assert (meta["Q_ONE_STEP"], meta["K_ONE_STEP"]) == (q_one, k_one)
+
+    p = yt.RopeParams.yarn(32, 10000.0, 8.0, 2048, mscale=0.9, mscale_all_dim=0.7)
+    q = torch.randn(2, 5, 12, 48, generator=gen).to(kdev)
+    k = torch.randn(2, 5, 3, 48, generator=gen).to(kdev)
+    pos = torch.randint(0, 1 << 20, (2, 5), generator=gen).to(kdev)
+    rq, rk_ = rope_reference(q.cpu(), k.cpu(), pos.cpu(), p, layout=layout, compute_dtype=torch.float64)
+
+    qi, ki = q.clone(), k.clone()
+    yt.apply_rope_(qi, ki, pos, p, layout=layout, config=cfg)
+    assert rel_err(qi, rq) < TOL[torch.float32] and rel_err(ki, rk_) < TOL[torch.float32]
+
+    oq, ok = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))  # poisoned outputs
+    in_pairs, out_pairs = layout_switches(layout)
+    rk.launch_rope(rk.Operand(q, q.stride(), oq, oq.stride()), rk.Operand(k, k.stride(), ok, ok.stride()),
+                   p.inv_freq_on(kdev), p.cos_sin_scale, n_tokens=10, seq_len=5, half=16, in_pairs=in_pairs,
+                   out_pairs=out_pairs, inverse=False, precise=True, per_token_positions=pos,
+                   pos_strides=pos.stride(), offsets=None, offsets_stride=0, pos_base=0, cu_seqlens=None,
+                   config=cfg, autotune=False)
+    assert rel_err(oq, rq) < TOL[torch.float32] and rel_err(ok, rk_) < TOL[torch.float32]
+
+    wq, wk = torch.rand(48, generator=gen) + 0.5, torch.rand(48, generator=gen) + 0.5
+    nq, nk = q.clone(), k.clone()
+    yt.apply_qk_norm_rope_(nq, nk, pos, p, wq.to(kdev), wk.to(kdev), layout=layout, config=cfg)
+    eq, ek = qk_norm_rope_reference(q.cpu().double(), k.cpu().double(), pos.cpu(), p, wq.double(), wk.double(),
+                                    layout=layout, compute_dtype=torch.float64)
+    assert rel_err(nq, eq) < TOL[torch.float32] and rel_err(nk, ek) < TOL[torch.float32]

@@ -37,6 +37,9 @@ Compile-time switches select the variant, not copies of the kernel:
   qs_omax))`` (``_query_scale``); k is not scaled.
 * ``NORM`` (per-head RMSNorm first: weight, or ``1 + weight``) and ``MROPE`` (none,
   sectioned, interleaved: which t/h/w position stream each frequency pair takes).
+* ``Q_ONE_STEP`` / ``K_ONE_STEP``: one step of heads covers the operand's group (the
+  host knows the head counts): the head loop and its prefetch go, about a quarter of a
+  decode program's instructions.
 * ``WIDE``: 64-bit element offsets, only when some tensor spans 2**31 elements (32-bit
   arithmetic halves the instructions before a decode launch's first load). ``ROWS``: 1 for
   a one-row batch, 2 for one token per row, where the token -> (row, index) division
@@ -278,15 +281,76 @@ def _norm_weights(w_ptr, tail, HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_
 
 
 @triton.jit
+def _rotate_step(
+    src_row, dst_row, tmask, h0, h_hi, x1, x2, in_sh, in_sd, out_sh, out_sd, c, s, tail,
+    w1, w2, wt, inv_dim, eps, row_scale,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr, OUT_PAIRS: tl.constexpr,
+    INPLACE: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    WIDE: tl.constexpr, SCALED: tl.constexpr, TAIL_FIRST: tl.constexpr,
+):
+    """One step of :func:`_rotate_heads`: heads ``h0 .. h0+BLOCK_H`` (masked past ``h_hi``),
+    whose rotation pairs ``(x1, x2)`` are already loaded: normalise, rotate, scale, store
+    (and the pass-through channels where they are touched)."""
+    j = _idx(tl.arange(0, HALF_PAD), WIDE)[None, None, :]
+    d = _idx(tl.arange(0, 2 * HALF_PAD), WIDE)[None, None, :]
+    out_ty = dst_row.dtype.element_ty
+    h = _idx(h0 + tl.arange(0, BLOCK_H), WIDE)[:, None, None]
+    th_mask = tmask & (h < h_hi)
+    dst = dst_row + h * out_sh
+    a1 = x1.to(tl.float32)
+    a2 = x2.to(tl.float32)
+    if TAIL_PAD > 0 and (NORM or SCALED or not INPLACE):  # pass-through channels of a partial rotary
+        t = _idx(tl.arange(0, TAIL_PAD), WIDE)[None, None, :]
+        tail_mask = th_mask & (t < tail)
+        if TAIL_FIRST:  # [tail | rotary part]: the tail ends where the rotary part starts
+            tc = t - tail
+        else:  # [rotary part | tail]
+            tc = t + 2 * HALF
+        tail_x = tl.load(src_row + h * in_sh + tc * in_sd, mask=tail_mask, other=0.0)
+        if NORM or SCALED:
+            tail_f = tail_x.to(tl.float32)
+            if NORM:
+                sq = tl.sum(a1 * a1 + a2 * a2, axis=2) + tl.sum(tail_f * tail_f, axis=2)
+                r = tl.rsqrt(sq * inv_dim + eps)[:, :, None]
+                tail_f = tail_f * r * wt
+                a1 = a1 * r * w1
+                a2 = a2 * r * w2
+            if SCALED:
+                tail_f = tail_f * row_scale[None, :, :]
+            tail_x = _round_to(tail_f, out_ty)
+        tl.store(dst + tc * out_sd, tail_x, mask=tail_mask)
+    elif NORM:
+        r = tl.rsqrt(tl.sum(a1 * a1 + a2 * a2, axis=2) * inv_dim + eps)[:, :, None]
+        a1 = a1 * r * w1
+        a2 = a2 * r * w2
+    y1 = a1 * c - a2 * s
+    y2 = a2 * c + a1 * s
+    if SCALED:
+        y1 = y1 * row_scale[None, :, :]
+        y2 = y2 * row_scale[None, :, :]
+    if OUT_PAIRS:
+        y = tl.reshape(tl.join(y1, y2), [BLOCK_H, BLOCK_T, 2 * HALF_PAD])
+        tl.store(dst + d * out_sd, _round_to(y, out_ty), mask=th_mask & (d < 2 * HALF))
+    else:
+        half_mask = th_mask & (j < HALF)
+        tl.store(dst + j * out_sd, _round_to(y1, out_ty), mask=half_mask)
+        tl.store(dst + (j + HALF) * out_sd, _round_to(y2, out_ty), mask=half_mask)
+
+
+@triton.jit
 def _rotate_heads(
     in_ptr, out_ptr, in_row, out_row, tok_mask, h_lo, h_hi, x1, x2,
     in_sh, in_sd, out_sh, out_sd, cos, sin, tail, w_ptr, eps, row_scale,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
     IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr, INPLACE: tl.constexpr, NORM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr, SCALED: tl.constexpr,
-    TAIL_FIRST: tl.constexpr,
+    TAIL_FIRST: tl.constexpr, ONE_STEP: tl.constexpr,
 ):
     """Rotate heads ``h_lo .. h_hi`` of ``BLOCK_T`` tokens, ``BLOCK_H`` at a time.
+
+    ONE_STEP: the host knows that ``h_hi - h_lo <= BLOCK_H`` (one step covers the group):
+    no loop and no prefetch of a next step, whose masked loads and address arithmetic
+    would otherwise be a fifth of a decode program's instructions.
 
     ``(x1, x2)`` are the first step's heads, loaded by the caller before it computed the
     angles, so that their latency overlaps the trigonometry. Each step loads the next
@@ -317,57 +381,23 @@ def _rotate_heads(
     src_row = in_ptr + in_row[None, :, None]
     dst_row = out_ptr + out_row[None, :, None]
     tmask = tok_mask[None, :, None]
-    j = _idx(tl.arange(0, HALF_PAD), WIDE)[None, None, :]
-    d = _idx(tl.arange(0, 2 * HALF_PAD), WIDE)[None, None, :]
-    out_ty = out_ptr.dtype.element_ty
     if NORM:
         w1, w2, wt = _norm_weights(w_ptr, tail, HALF, HALF_PAD, TAIL_PAD, IN_PAIRS, NORM, TAIL_FIRST)
         inv_dim = 1.0 / (2 * HALF + tail)
-    for h0 in range(h_lo, h_hi, BLOCK_H):
-        n1, n2 = _load_heads(src_row, h0 + BLOCK_H, h_hi, tok_mask, in_sh, in_sd,
-                             HALF, HALF_PAD, IN_PAIRS, BLOCK_T, BLOCK_H, WIDE)
-        h = _idx(h0 + tl.arange(0, BLOCK_H), WIDE)[:, None, None]
-        th_mask = tmask & (h < h_hi)
-        dst = dst_row + h * out_sh
-        a1 = x1.to(tl.float32)
-        a2 = x2.to(tl.float32)
-        if TAIL_PAD > 0 and (NORM or SCALED or not INPLACE):  # pass-through channels of a partial rotary
-            t = _idx(tl.arange(0, TAIL_PAD), WIDE)[None, None, :]
-            tail_mask = th_mask & (t < tail)
-            if TAIL_FIRST:  # [tail | rotary part]: the tail ends where the rotary part starts
-                tc = t - tail
-            else:  # [rotary part | tail]
-                tc = t + 2 * HALF
-            tail_x = tl.load(src_row + h * in_sh + tc * in_sd, mask=tail_mask, other=0.0)
-            if NORM or SCALED:
-                tail_f = tail_x.to(tl.float32)
-                if NORM:
-                    sq = tl.sum(a1 * a1 + a2 * a2, axis=2) + tl.sum(tail_f * tail_f, axis=2)
-                    r = tl.rsqrt(sq * inv_dim + eps)[:, :, None]
-                    tail_f = tail_f * r * wt
-                    a1 = a1 * r * w1
-                    a2 = a2 * r * w2
-                if SCALED:
-                    tail_f = tail_f * row_scale[None, :, :]
-                tail_x = _round_to(tail_f, out_ty)
-            tl.store(dst + tc * out_sd, tail_x, mask=tail_mask)
-        elif NORM:
-            r = tl.rsqrt(tl.sum(a1 * a1 + a2 * a2, axis=2) * inv_dim + eps)[:, :, None]
-            a1 = a1 * r * w1
-            a2 = a2 * r * w2
-        y1 = a1 * c - a2 * s
-        y2 = a2 * c + a1 * s
-        if SCALED:
-            y1 = y1 * row_scale[None, :, :]
-            y2 = y2 * row_scale[None, :, :]
-        if OUT_PAIRS:
-            y = tl.reshape(tl.join(y1, y2), [BLOCK_H, BLOCK_T, 2 * HALF_PAD])
-            tl.store(dst + d * out_sd, _round_to(y, out_ty), mask=th_mask & (d < 2 * HALF))
-        else:
-            half_mask = th_mask & (j < HALF)
-            tl.store(dst + j * out_sd, _round_to(y1, out_ty), mask=half_mask)
-            tl.store(dst + (j + HALF) * out_sd, _round_to(y2, out_ty), mask=half_mask)
-        x1, x2 = n1, n2
+    else:  # unused
+        w1, w2, wt, inv_dim = 1.0, 1.0, 1.0, 1.0
+    if ONE_STEP:
+        _rotate_step(src_row, dst_row, tmask, h_lo, h_hi, x1, x2, in_sh, in_sd, out_sh, out_sd, c, s, tail,
+                     w1, w2, wt, inv_dim, eps, row_scale, HALF, HALF_PAD, TAIL_PAD, OUT_PAIRS, INPLACE, NORM,
+                     BLOCK_T, BLOCK_H, WIDE, SCALED, TAIL_FIRST)
+    else:
+        for h0 in range(h_lo, h_hi, BLOCK_H):
+            n1, n2 = _load_heads(src_row, h0 + BLOCK_H, h_hi, tok_mask, in_sh, in_sd,
+                                 HALF, HALF_PAD, IN_PAIRS, BLOCK_T, BLOCK_H, WIDE)
+            _rotate_step(src_row, dst_row, tmask, h0, h_hi, x1, x2, in_sh, in_sd, out_sh, out_sd, c, s, tail,
+                         w1, w2, wt, inv_dim, eps, row_scale, HALF, HALF_PAD, TAIL_PAD, OUT_PAIRS, INPLACE, NORM,
+                         BLOCK_T, BLOCK_H, WIDE, SCALED, TAIL_FIRST)
+            x1, x2 = n1, n2
 
 
 @triton.jit(do_not_specialize=["pos_base", "n_tokens", "seq_len", "n_seqs", "tok_class", "qs_omax"])
@@ -388,6 +418,7 @@ def rope_kernel(
     WIDE: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_T: tl.constexpr, Q_BLOCK_H: tl.constexpr, K_BLOCK_H: tl.constexpr, HEAD_GROUPS: tl.constexpr,
     Q_SCALE: tl.constexpr, TAIL_FIRST: tl.constexpr, SINCOS: tl.constexpr,
+    Q_ONE_STEP: tl.constexpr, K_ONE_STEP: tl.constexpr,
 ):
     """Grid: ``cdiv(n_tokens, BLOCK_T) * HEAD_GROUPS`` programs.
 
@@ -483,11 +514,11 @@ def rope_kernel(
     _rotate_heads(q_ptr, qo_ptr, q_row, qo_row, tok_mask, q_lo, q_hi, qx1, qx2,
                   q_sh, q_sd, qo_sh, qo_sd, cos, sin, q_tail, qw_ptr, eps, q_scale,
                   HALF, HALF_PAD, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, Q_BLOCK_H, WIDE, Q_SCALE,
-                  TAIL_FIRST)
+                  TAIL_FIRST, Q_ONE_STEP)
     _rotate_heads(k_ptr, ko_ptr, k_row, ko_row, tok_mask, k_lo, k_hi, kx1, kx2,
                   k_sh, k_sd, ko_sh, ko_sd, cos, sin, k_tail, kw_ptr, eps, scale,
                   HALF, HALF_PAD, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, K_BLOCK_H, WIDE, False,
-                  TAIL_FIRST)
+                  TAIL_FIRST, K_ONE_STEP)
 
 
 INTERPRETED = not isinstance(rope_kernel, triton.runtime.JITFunction)
@@ -511,6 +542,7 @@ _CANDIDATES = [
     (8, 4, 1, 4), (16, 1, 8, 2), (16, 2, 1, 4), (16, 4, 1, 8), (32, 1, 8, 4), (4, 1, 16, 1),
     # few tokens (decode): many small programs, or one wide program per token
     (1, 1, 32, 1), (1, 1, 16, 1), (2, 1, 16, 1), (4, 1, 32, 1), (1, 8, 4, 1), (1, 16, 2, 2), (1, 32, 1, 4),
+    (1, 32, 1, 2),
     (2, 16, 1, 4), (2, 8, 4, 1), (2, 16, 2, 2), (4, 8, 4, 2),
 ]
 # Tuning times candidates on scratch copies of q and k (the user's tensors are never
@@ -919,11 +951,14 @@ _NK = rope_kernel.arg_names.index("n_k_heads")
 
 def _meta(cfg: LaunchConfig, args: Sequence) -> dict:
     """The launch shape's constexprs for the kernel arguments ``args``: each operand's heads
-    per step is the shape's, capped at its heads per group (power of two)."""
-    def step(n_heads):
-        return min(cfg.block_h, _next_pow2(_cdiv(max(n_heads, 1), cfg.head_groups)))
-    return {"BLOCK_T": cfg.block_t, "Q_BLOCK_H": step(args[_NQ]), "K_BLOCK_H": step(args[_NK]),
-            "HEAD_GROUPS": cfg.head_groups}
+    per step is the shape's, capped at its heads per group (power of two), and whether
+    one step covers a group (then the kernel has no head loop)."""
+    per_q = _cdiv(max(args[_NQ], 1), cfg.head_groups)
+    per_k = _cdiv(max(args[_NK], 1), cfg.head_groups)
+    q_step = min(cfg.block_h, _next_pow2(per_q))
+    k_step = min(cfg.block_h, _next_pow2(per_k))
+    return {"BLOCK_T": cfg.block_t, "Q_BLOCK_H": q_step, "K_BLOCK_H": k_step, "HEAD_GROUPS": cfg.head_groups,
+            "Q_ONE_STEP": per_q <= q_step, "K_ONE_STEP": per_k <= k_step}
 
 
 # --------------------------------------------------------------------------------------
