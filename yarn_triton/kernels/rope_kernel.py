@@ -350,7 +350,7 @@ def _rotate_heads(
 
     ONE_STEP: the host knows that ``h_hi - h_lo <= BLOCK_H`` (one step covers the group):
     no loop and no prefetch of a next step, whose masked loads and address arithmetic
-    would otherwise be a fifth of a decode program's instructions.
+    would otherwise be a quarter of a decode program's instructions.
 
     ``(x1, x2)`` are the first step's heads, loaded by the caller before it computed the
     angles, so that their latency overlaps the trigonometry. Each step loads the next
