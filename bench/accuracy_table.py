@@ -18,7 +18,10 @@ Methods:
 * ``bf16 cache``: that cache cast to bf16 (the model dtype, as the seed stores it) and
   applied to bf16 q in bf16 arithmetic;
 * ``kernel (precise), bf16 q``: for comparison with the row above: same bf16 input, angles
-  and arithmetic in float32 registers, one rounding to bf16 on the store.
+  and arithmetic in float32 registers, one rounding to bf16 on the store;
+* ``Liger kernel, bf16 q`` (CUDA, when liger-kernel is installed): Liger's Triton kernel
+  given that bf16 cache and the ``[B, H, S, D]`` view transformers passes; it multiplies
+  in bf16, two values per instruction.
 
 Runs the kernel on CUDA when available, otherwise on the CPU through Triton's interpreter
 (TRITON_INTERPRET=1 is set here before Triton is imported); the device is printed.
@@ -62,7 +65,13 @@ METHODS = [
     "fp32 cache (transformers / seed)",
     "bf16 cache, bf16 q (seed in model dtype)",
     "kernel (precise), bf16 q",
+    "Liger kernel, bf16 q (bf16 cache, bf16 arithmetic)",
 ]
+
+try:  # a peer, on CUDA only
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+except ImportError:
+    liger_rotary_pos_emb = None
 
 
 def pick_device() -> tuple[str, str]:
@@ -134,6 +143,12 @@ def measure(params: RopeParams, p_end: int, window: int, device: str, cfg) -> di
     xb = q_bf.to(device)
     out = xb * cb.unsqueeze(1) + rotate_half(xb) * sb.unsqueeze(1)  # bf16 arithmetic
     res["bf16 cache, bf16 q (seed in model dtype)"] = (_cos_sin_err(cb[:, :half], sb[:, :half], c64, s64), _rel(out, truth_bf))
+    if liger_rotary_pos_emb is not None and device == "cuda":
+        qv = q_bf.to(device)[None].transpose(1, 2)  # [1, H, S, D] view of [1, S, H, D] storage
+        kv = qv[:, :1].clone()  # its API rotates a k too
+        out = liger_rotary_pos_emb(qv, kv, cb[None], sb[None])[0].transpose(1, 2)[0]
+        res["Liger kernel, bf16 q (bf16 cache, bf16 arithmetic)"] = (
+            _cos_sin_err(cb[:, :half], sb[:, :half], c64, s64), _rel(out, truth_bf))
 
     xb = q_bf.to(device).clone()
     apply_rope_(xb, None, pos_d, params, config=cfg)
@@ -167,6 +182,8 @@ def tables(window: int, device: str) -> tuple[str, float]:
         for metric, i in (("max \\|cos/sin error\\| (absolute)", 0), ("rotated-q relative error", 1)):
             out.append(f"**{metric}**\n\n{head}\n{sep}")
             for m in METHODS:
+                if m not in results[POSITIONS[0][0]]:  # a peer not installed here
+                    continue
                 out.append(f"| {m} | " + " | ".join(fmt(results[label][m][i]) for label, _ in POSITIONS) + " |")
             out.append("")
     return "\n".join(out), time.time() - t0
@@ -193,7 +210,10 @@ reduced in float64 before the float32 cos/sin), the kernel with `precise_angles=
 (float32 `position * inv_freq`, like a materialised cache), the float32 cache of
 transformers and of the seed implementation (`rope_reference(..., compute_dtype=float32)`),
 that cache stored in bf16 (the model dtype) and applied to bf16 q in bf16, and, for
-comparison with the last, the kernel on the same bf16 q.
+comparison with the last, the kernel on the same bf16 q. Where Liger-Kernel is installed
+(a GPU run), its rope kernel joins the bf16 rows: given the same bf16 cache and the
+`[B, H, S, D]` view transformers passes, it multiplies in bf16, two values per instruction
+(the arithmetic that makes its decode launches shorter than ours, `performance.md`).
 
 Contract (tested in `tests/test_accuracy.py`): with `precise_angles=True` the kernel's
 cos/sin are within 2e-6 of the float64 truth at every position in the int32 range
