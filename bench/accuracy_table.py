@@ -160,8 +160,6 @@ def measure(params: RopeParams, p_end: int, window: int, device: str, cfg) -> di
 
 
 def fmt(v) -> str:
-    if v is None:
-        return "-"
     if v == float("inf"):
         return "inf"
     return f"{v:.1e}"

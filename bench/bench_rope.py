@@ -92,6 +92,14 @@ def hf_apply(q, k, cos, sin):
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+def transformers_inputs(q, k, positions, inv_freq):
+    """What a transformers attention layer hands its rope function (and so each peer) for
+    ``[B, S, H, D]`` q/k storage and ``[B, S]`` positions: ``(q, k)`` as ``[B, H, S, D]``
+    views, no copy, and the cos/sin table its rotary embedding builds, in q's dtype."""
+    cos, sin = hf_cos_sin(positions, inv_freq, 1.0, q.dtype)
+    return q.transpose(1, 2), k.transpose(1, 2), cos, sin
+
+
 # ------------------------------------------------------------------------------------------
 # Timing
 # ------------------------------------------------------------------------------------------
@@ -203,8 +211,7 @@ def run_shape(name, shape, dtype, bw, liger, compiled_apply, log):
     row["floor_us"] = floor_us
 
     # peers' inputs: the [B, H, S, R] views transformers hands them, and their table
-    qv, kv = q.transpose(1, 2), k.transpose(1, 2)
-    cos, sin = hf_cos_sin(pos, inv, 1.0, dtype)
+    qv, kv, cos, sin = transformers_inputs(q, k, pos, inv)
     table = lambda: hf_cos_sin(pos, inv, 1.0, dtype)  # noqa: E731
     row["table_us"] = graph_us(table)
 
@@ -456,8 +463,7 @@ def host_costs(dtype, liger) -> dict:
     x = decode_host_inputs("cuda", dtype)
     p, q, k, pos, qg, kg = x.p, x.q, x.k, x.pos, x.qg, x.kg
     qm, km, pm, qp, kp, cu = x.qm, x.km, x.pm, x.qp, x.kp, x.cu
-    cos, sin = hf_cos_sin(pos, p.inv_freq_on("cuda"), 1.0, dtype)
-    qv, kv = q.transpose(1, 2), k.transpose(1, 2)
+    qv, kv, cos, sin = transformers_inputs(q, k, pos, p.inv_freq_on("cuda"))
     offs = torch.tensor([100, 200, 300, 400], device="cuda")
     qb, kb = torch.randn(4, 1, 32, 128, device="cuda", dtype=dtype), torch.randn(4, 1, 8, 128, device="cuda", dtype=dtype)
     rows = {

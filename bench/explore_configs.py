@@ -24,7 +24,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_rope import (MROPE_MODELS, MROPE_TOKENS, SHAPES, copy_bandwidth, empty_kernel_us,  # noqa: E402
-                        graph_us, hf_apply, hf_cos_sin, make_inputs, make_mrope_inputs)
+                        graph_us, hf_apply, make_inputs, make_mrope_inputs, transformers_inputs)
 
 import yarn_triton as yt  # noqa: E402
 from yarn_triton.kernels import rope_kernel as rk  # noqa: E402
@@ -167,17 +167,15 @@ def main() -> None:
         if kind == "decode":  # q and k together, one program per token: a decode launch's bytes
             for w in (1, 2, 4):
                 res[f"touch q+k 1 launch w{w}"] = best(lambda: touch_qk(q, k, w))
+        if kind not in ("mla", "mrope"):  # the [B, H, S, D] views transformers passes, its table
+            qv, kv, cos, sin = transformers_inputs(q, k, pos, p.inv_freq_on("cuda"))
         if kind == "prefill" and args.out_of_place:
             # the same bytes moved out of place (reads q, k; writes fresh tensors): ours, and
             # torch.compile of transformers' formula (which also reads a cos/sin table)
             res["ours out of place"] = best(lambda: yt.apply_rope(q, k, pos, p, layout=layout))
-            qv, kv = q.transpose(1, 2), k.transpose(1, 2)
-            cos, sin = hf_cos_sin(pos, p.inv_freq_on("cuda"), 1.0, q.dtype)
             compiled = torch.compile(hf_apply)
             res["torch.compile out of place"] = best(lambda: compiled(qv, kv, cos, sin))
         if liger is not None and layout == "neox" and kind not in ("mla", "mrope"):  # its kernel rotates whole heads
-            qv, kv = q.transpose(1, 2), k.transpose(1, 2)  # the [B, H, S, D] views transformers passes
-            cos, sin = hf_cos_sin(pos, p.inv_freq_on("cuda"), 1.0, q.dtype)
             res["liger"] = best(lambda: liger(qv, kv, cos, sin))
         for bt, bh, g, w in list(dict.fromkeys(rk._CANDIDATES + EXTRA)) if args.configs else []:
             if bt > 2 * max(T, 1) or g > max(hq, hk):

@@ -40,11 +40,10 @@ def main() -> None:
         _, q, k, pos, params, _ = mrope_inputs(name, gen)
         layout = "neox"
     if peer:
-        from bench_rope import hf_cos_sin
+        from bench_rope import transformers_inputs
         from liger_kernel.transformers.rope import liger_rotary_pos_emb
 
-        qv, kv = q.transpose(1, 2), k.transpose(1, 2)  # the [B, H, S, D] views transformers passes
-        cos, sin = hf_cos_sin(pos, params.inv_freq_on("cuda"), 1.0, q.dtype)
+        qv, kv, cos, sin = transformers_inputs(q, k, pos, params.inv_freq_on("cuda"))
 
         def call():
             liger_rotary_pos_emb(qv, kv, cos, sin)
