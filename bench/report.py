@@ -1,8 +1,8 @@
 """Render the benchmark's JSON as the tables of ``docs/performance.md``.
 
-    python bench/report.py docs/bench_h100.json                     # print the tables
-    python bench/report.py docs/bench_h100.json --update docs/performance.md
-    python bench/report.py docs/sweep_h100.json --plot docs/performance_gbps.png
+    python bench/report.py measurements/2026-11-25-da8c6b1-h100/bench_h100.json    # print the tables
+    python bench/report.py measurements/2026-11-25-da8c6b1-h100/bench_h100.json --update docs/performance.md
+    python bench/report.py measurements/2026-11-25-da8c6b1-h100/sweep_h100.json --plot docs/performance_gbps.png
 
 With ``--update``, each table replaces the lines between ``<!-- table:NAME -->`` and
 ``<!-- /table -->`` in the page, so the prose around the tables stays hand-written and

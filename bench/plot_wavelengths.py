@@ -2,7 +2,7 @@
 
 Run from the repository root (needs matplotlib):
 
-    python docs/plot_wavelengths.py            # writes docs/rope_wavelengths.png
+    python bench/plot_wavelengths.py           # writes docs/rope_wavelengths.png
 
 Every variant is built through ``RopeParams.from_config`` from a real model configuration
 (or, for the variants no flagship model uses, a Llama-2-style one: head_dim 128, theta 1e4,
@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from yarn_triton import RopeParams  # noqa: E402
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rope_wavelengths.png")
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "rope_wavelengths.png")
 
 _LLAMA2 = dict(hidden_size=4096, num_attention_heads=32, max_position_embeddings=4096, rope_theta=10000.0)
 
