@@ -15,6 +15,15 @@ import torch
 
 from yarn_triton.kernels.rope_kernel import INTERPRETED
 
+import kernel_paths
+
+
+def pytest_configure(config):
+    # YARN_TRITON_KERNEL_PATHS=file: record which kernel paths each test runs (tests/kernel_paths.py)
+    recorder = kernel_paths.plugin()
+    if recorder is not None:
+        config.pluginmanager.register(recorder, "kernel_paths")
+
 # Relative-error bounds of the kernel output vs the float64 truth, per dtype: storage
 # rounding of the output dominates (bf16 2**-8, fp16 2**-11, fp32 ~1e-7 with precise angles).
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
