@@ -109,7 +109,7 @@ from .handle import FusedRopePositions
 from .q_scale import _HANDOVER, _q_scale_of, _whole_heads  # noqa: F401
 from .qk_norm import _QK_NORM, _DeferredQKNorm, _qk_norm_sites  # noqa: F401
 from .rotary import FusedRotaryEmbedding
-from .sites import plain_function  # noqa: F401
+from .sites import _row, plain_function  # noqa: F401
 from .support import (
     _Q_SCALE_FUNCTION,  # noqa: F401
     MODEL_SUPPORT,
