@@ -40,6 +40,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import yarn_triton.integrations.transformers as yti  # noqa: E402
+import yarn_triton.integrations.transformers.handle as yti_handle  # noqa: E402
 from yarn_triton import RopeParams  # noqa: E402
 from yarn_triton.integrations.transformers import (  # noqa: E402
     MODEL_SUPPORT,
@@ -260,14 +261,14 @@ def attention_norms_forbidden(norms):
 def recorded_rope_calls(monkeypatch):
     """Records ``(positions, norm)`` of every fused op call the dispatcher makes."""
     calls = []
-    real = yti._rope
+    real = yti_handle._rope  # patched where FusedRopePositions.rotate reads it
 
     def spy(q, k, positions, params, layout, inverse, *rest, **kw):
         norm = rest[0] if rest else kw.get("norm")
         calls.append((positions, params, norm))
         return real(q, k, positions, params, layout, inverse, *rest, **kw)
 
-    monkeypatch.setattr(yti, "_rope", spy)
+    monkeypatch.setattr(yti_handle, "_rope", spy)
     yield calls
 
 

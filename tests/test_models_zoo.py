@@ -565,6 +565,7 @@ def test_query_scale_moves_into_the_rope_call(monkeypatch, dtype):
     beside it still scales by itself. Logits match: float32 to 1e-5; bf16 no further from
     the float32 model than transformers' own bf16 path (one rounding instead of two)."""
     import yarn_triton.integrations.transformers as yt
+    import yarn_triton.integrations.transformers.handle as yt_handle  # owns _rope (FusedRopePositions.rotate)
     from yarn_triton import QueryScale
 
     assert not hasattr(yt, "_scale_q_after_rope") and not hasattr(yt, "_llama4_query_factor")
@@ -572,8 +573,8 @@ def test_query_scale_moves_into_the_rope_call(monkeypatch, dtype):
     ids, pos = inputs("ministral3")
     ref = forward(plain, ids, pos)[0]
     calls = []
-    real = yt._rope
-    monkeypatch.setattr(yt, "_rope", lambda *a: calls.append(a[7]) or real(*a))
+    real = yt_handle._rope
+    monkeypatch.setattr(yt_handle, "_rope", lambda *a: calls.append(a[7]) or real(*a))
     with transformers_rope_forbidden(switched, _support("ministral3")):
         enable_fused_rope(switched)
         try:
@@ -650,6 +651,7 @@ def test_mistral4_query_scale_fused_without_grad(monkeypatch, interleave):
     modeling file's get_llama_4_attn_scale and rope functions never run; logits match the
     unswitched model at positions past original_max_position_embeddings."""
     import yarn_triton.integrations.transformers as yti
+    import yarn_triton.op as yt_op  # the integration calls the op through this module object
     from yarn_triton import QueryScale
 
     model = make_model("mistral4")
@@ -659,8 +661,8 @@ def test_mistral4_query_scale_fused_without_grad(monkeypatch, interleave):
     ids, pos = inputs("mistral4")
     ref = forward(plain, ids, pos)[0]
     calls = []
-    real = yti._op.apply_rope_
-    monkeypatch.setattr(yti._op, "apply_rope_",
+    real = yt_op.apply_rope_
+    monkeypatch.setattr(yt_op, "apply_rope_",
                         lambda q, k, *a, **kw: calls.append((q.shape, k.shape, kw)) or real(q, k, *a, **kw))
     with transformers_rope_forbidden(model, _support("mistral4")):  # these raise if they run
         enable_fused_rope(model)
