@@ -108,13 +108,13 @@ def sixteen_bit_cos_sin():
     plans of the ordinary path are set aside meanwhile (as
     ``test_special_function_unit_path_keeps_the_bound`` does)."""
     sixteen = rk._sincos(torch.bfloat16, torch.bfloat16)
-    saved_sincos, saved_plans = rk._sincos, op._PLANS
+    saved_sincos, saved_plans = rk._sincos, op.plans._PLANS
     rk._sincos = lambda *dtypes: sixteen
-    op._PLANS = type(saved_plans)()
+    op.plans._PLANS = type(saved_plans)()
     try:
         yield
     finally:
-        rk._sincos, op._PLANS = saved_sincos, saved_plans
+        rk._sincos, op.plans._PLANS = saved_sincos, saved_plans
 
 
 def measure(params: RopeParams, p_end: int, window: int, device: str, cfg) -> dict:

@@ -142,12 +142,12 @@ def main() -> None:
             calls["apply_rope no_grad"]()
     sync()
 
-    key = op._signature(q, k, pos, p, "neox", None, None, None, True, False, None, True)
-    key_copy = op._signature(qg, kg, pos, p, "neox", None, None, None, True, False, None, False)
-    plan, plan_copy = op._PLANS[key], op._PLANS[key_copy]
+    key = op.plans._signature(q, k, pos, p, "neox", None, None, None, True, False, None, True)
+    key_copy = op.plans._signature(qg, kg, pos, p, "neox", None, None, None, True, False, None, False)
+    plan, plan_copy = op.plans._PLANS[key], op.plans._PLANS[key_copy]
     qo, ko = torch.empty_like(q), torch.empty_like(k)
     shell_meta = (pos, None, None, plan.inv_freq, p.cos_sin_scale, 0, 128, "neox", False, True)
-    shell_apply = super(torch.autograd.Function, _Shell).apply  # the C++ apply, as op uses it
+    shell_apply = super(torch.autograd.Function, _Shell).apply  # the C++ apply, as op.eager uses it
 
     def no_grad_copy():
         with torch.no_grad():
@@ -160,11 +160,11 @@ def main() -> None:
         "apply_rope_ (in place, MLA views, deepseek)": calls["apply_rope_ mla"],
         "apply_rope_ (in place, cu_seqlens, packed)": calls["apply_rope_ packed"],
         "apply_qk_norm_rope_ (in place)": calls["apply_qk_norm_rope_"],
-        "  signature lookup (in place)": lambda: op._PLANS.get(
-            op._signature(q, k, pos, p, "neox", None, None, None, True, False, None, True)),
+        "  signature lookup (in place)": lambda: op.plans._PLANS.get(
+            op.plans._signature(q, k, pos, p, "neox", None, None, None, True, False, None, True)),
         "apply_rope (autograd, q/k require grad)": calls["apply_rope"],
-        "  signature lookup (out of place)": lambda: op._PLANS.get(
-            op._signature(qg, kg, pos, p, "neox", None, None, None, True, False, None, False)),
+        "  signature lookup (out of place)": lambda: op.plans._PLANS.get(
+            op.plans._signature(qg, kg, pos, p, "neox", None, None, None, True, False, None, False)),
         "  plan replay out of place (no alloc; GPU: launch too)":
             lambda: plan_copy.run(q, k, pos, None, None, 0, qo, ko),
         "  autograd.Function shell, 2 outputs": lambda: shell_apply(shell_meta, qg, kg),

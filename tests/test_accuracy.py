@@ -163,11 +163,11 @@ def test_special_function_unit_path_keeps_the_bound(kdev, gen, monkeypatch, name
     polynomials', at every int32 position. With float32 angles (``precise=False``) the
     truth is the float32-angle cache's, as for that path's own test below."""
     monkeypatch.setattr(rk, "_sincos", lambda *dtypes: 2 if INTERPRETED else 1)
-    monkeypatch.setattr(op, "_PLANS", type(op._PLANS)())  # no plan built with the polynomials
+    monkeypatch.setattr(op.plans, "_PLANS", type(op.plans._PLANS)())  # no plan built with the polynomials
     params = PARAMS[name]()
     pos = _positions(gen, n_random=400)
     got = run_probe(params, pos, kdev, layout=layout, precise=precise)
-    switches = {plan.launch.switches["SINCOS"] for plan in op._PLANS.values()}
+    switches = {plan.launch.switches["SINCOS"] for plan in op.plans._PLANS.values()}
     assert switches == {2 if INTERPRETED else 1}, switches  # the forced path is what ran
     if precise:
         err = max_err(params, pos, got)

@@ -15,6 +15,8 @@ from yarn_triton.reference import qk_norm_rope_reference, rope_reference
 
 from conftest import TOL, rel_err, requires_cuda
 
+_OP_MODULES = (op.overlap, op.checks, op.launch, op.plans, op.library, op.eager, op.api)
+
 
 def _params(dim=64):
     return yt.RopeParams.yarn(dim, 10000.0, 40.0, 4096, mscale=0.707, mscale_all_dim=0.707)
@@ -23,7 +25,7 @@ def _params(dim=64):
 def test_repeated_signature_replays_a_plan_with_fresh_inputs(kdev, gen):
     """Same shapes, new values every call: each call is right, one plan serves them all."""
     p = _params()
-    op._PLANS.clear()
+    op.plans._PLANS.clear()
     for layout in ("neox", "interleaved", "deepseek"):
         for _ in range(3):
             q = torch.randn(2, 5, 4, 96, generator=gen).to(kdev)
@@ -78,7 +80,7 @@ def test_plan_does_not_bypass_autograd(kdev, gen):
 
 
 def test_plan_cache_is_bounded(kdev, gen, monkeypatch):
-    monkeypatch.setattr(op, "_PLANS_MAX", 16)
+    monkeypatch.setattr(op.plans, "_PLANS_MAX", 16)
     p = _params()
     for t in range(1, 60):
         q = torch.randn(t, 1, 64, generator=gen).to(kdev)
@@ -107,7 +109,7 @@ def test_compiled_cache_stays_small_over_10000_token_counts(gen):
         yt.apply_rope_(q[:t], k[:t], None, p, offsets=t)
     torch.cuda.synchronize()
     assert rk.compiled_cache_size() - before <= 24
-    assert op.plan_cache_size() <= op._PLANS_MAX
+    assert op.plan_cache_size() <= op.plans._PLANS_MAX
     assert len(rk.tuned_configs()) <= rk._TUNED_MAX
 
 
@@ -126,7 +128,7 @@ def test_cu_seqlens_check_is_opt_in(kdev, bad, match, monkeypatch):
     with pytest.raises(ValueError, match=match):
         yt.apply_rope(q, None, None, p, cu_seqlens=cu, check_cu_seqlens=True)
     assert torch.equal(q, before)
-    monkeypatch.setattr(op, "CHECK_CU_SEQLENS", True)  # what YARN_TRITON_CHECK_CU_SEQLENS=1 sets
+    monkeypatch.setattr(op.checks, "CHECK_CU_SEQLENS", True)  # what YARN_TRITON_CHECK_CU_SEQLENS=1 sets
     with pytest.raises(ValueError, match=match):
         yt.apply_rope_(q, None, None, p, cu_seqlens=cu)
     good = torch.tensor([0, 3, 8], dtype=torch.int32).to(kdev)
@@ -168,15 +170,19 @@ def test_compiled_graph_launches_the_kernel_itself(gen):
 # signature: checks skipped, plans replayed in both directions; nothing else may change.
 # --------------------------------------------------------------------------------------
 def _count_calls(monkeypatch, name):
-    """Wrap ``op.<name>`` to count its calls."""
+    """Wrap the op layer's function ``name`` to count its calls: in every module of
+    ``yarn_triton.op`` that holds it, since each caller looks it up in its own module."""
     calls = [0]
-    real = getattr(op, name)
+    real = next(vars(m)[name] for m in _OP_MODULES if name in vars(m))  # its owner's
 
     def counted(*args, **kwargs):
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(op, name, counted)
+    holders = [m for m in _OP_MODULES if getattr(m, name, None) is real]
+    assert holders, name
+    for m in holders:
+        monkeypatch.setattr(m, name, counted)
     return calls
 
 
@@ -190,7 +196,7 @@ def test_replayed_autograd_call_matches_reference_with_fresh_data(kdev, gen, mon
     if norm and inverse:
         pytest.skip("the norm calls have no inverse")
     p = _params()
-    op._PLANS.clear()
+    op.plans._PLANS.clear()
     checks = _count_calls(monkeypatch, "check_rope_args")
     full = _count_calls(monkeypatch, "_execute")
     for i in range(3):
@@ -331,7 +337,7 @@ def test_functorch_transforms_are_refused_as_before(kdev, gen):
 def test_backward_after_the_plan_cache_was_emptied(kdev, gen, monkeypatch):
     """A forward's plan evicted (or the cache cleared) before its backward: the backward
     still gives the right gradients, and the bounded cache stays bounded."""
-    monkeypatch.setattr(op, "_PLANS_MAX", 4)
+    monkeypatch.setattr(op.plans, "_PLANS_MAX", 4)
     p = _params()
     pos = torch.randint(0, 1000, (1, 6), generator=gen).to(kdev)
     q0 = torch.randn(1, 6, 2, 64, generator=gen)
@@ -347,7 +353,7 @@ def test_backward_after_the_plan_cache_was_emptied(kdev, gen, monkeypatch):
     rope_reference(qr, None, pos.cpu(), p, compute_dtype=torch.float64)[0].backward(g.double())
     for i, (q, qo) in enumerate(outs):
         if i:
-            op._PLANS.clear()
+            op.plans._PLANS.clear()
         qo.backward(g.to(kdev))
         assert rel_err(q.grad, qr.grad) < 1e-5
 
@@ -377,7 +383,7 @@ def test_64bit_offsets_switch(kdev, gen, monkeypatch, layout):
     variant (tested at full size on the GPU in test_training) runs here on small tensors
     by lowering the threshold, over strided views, partial rotary and packed sequences."""
     monkeypatch.setattr(rk, "_INT32_SPAN", 16)
-    op._PLANS.clear()
+    op.plans._PLANS.clear()
     p = _params(32)
     base = torch.randn(2, 9, 7, 48, generator=gen).to(kdev)
     q, k = base[:, :, :5], base[:, :, 5:]  # heads of one fused projection
@@ -427,9 +433,9 @@ def test_direct_launch_passes_what_tritons_launcher_would(kdev, gen, monkeypatch
     q = torch.randn(1, 3, 4, 64, generator=gen).to(kdev)
     k = torch.randn(1, 3, 2, 64, generator=gen).to(kdev)
     pos = torch.randint(0, 1 << 20, (1, 3), generator=gen).to(kdev)
-    op._PLANS.clear()
+    op.plans._PLANS.clear()
     yt.apply_rope_(q, k, pos, p)
-    plan = next(iter(op._PLANS.values())).launch
+    plan = next(iter(op.plans._PLANS.values())).launch
     # as a plan that has not compiled yet (on a GPU the real one already holds the real
     # kernel and its C launch, which must never see these made-up pointers)
     monkeypatch.setattr(plan, "_by_align", {})

@@ -317,7 +317,7 @@ def test_plans_tell_query_scales_apart(kdev, gen):
     """Same shapes with no scale, one scale, another: each call right, one plan each (the
     scale's values are fixed in a plan), and the backward plans apart too."""
     p = _params(32)
-    op._PLANS.clear()
+    op.plans._PLANS.clear()
     pos = _positions(gen, (2, 5))
     for qs in (None, QS, yt.QueryScale(0.2, 100), None, QS, (0.1, OMAX)):
         for _ in range(2):
@@ -386,7 +386,7 @@ def test_cpu_reference_path(monkeypatch, gen):
     forced here by pretending the kernel does not take CPU tensors, it gives the float32
     reference's result bit for bit, norm and bf16 included (the factor rounded to q's
     dtype there too, not to the float32 of the normalised heads)."""
-    monkeypatch.setattr(op, "uses_kernel", lambda t: False)
+    monkeypatch.setattr(op.launch, "uses_kernel", lambda t: False)
     p = _params(32)
     pos = _positions(gen, (2, 5), hi=1 << 20)
     for dtype in (torch.float32, torch.bfloat16):

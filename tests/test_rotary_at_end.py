@@ -231,7 +231,7 @@ def test_plans_tell_start_and_end_apart(kdev, gen):
     """Same shapes, start then end then start again: each call right (a plan of one is
     never replayed for the other), one plan each."""
     p = _params()
-    op._PLANS.clear()
+    op.plans._PLANS.clear()
     pos = _positions(gen, (2, 5))
     for at in ("start", "end", "start", "end", "end"):
         q = _randn(gen, 2, 5, 3, 40, device=kdev)
@@ -270,7 +270,7 @@ def test_bad_rotary_at_raises_before_writing(bad, kdev, gen):
 def test_cpu_reference_path(monkeypatch, gen):
     """CPU tensors outside the interpreter take the PyTorch reference with the same
     rotary_at (forced here)."""
-    monkeypatch.setattr(op, "uses_kernel", lambda t: False)
+    monkeypatch.setattr(op.launch, "uses_kernel", lambda t: False)
     p = _params()
     pos = _positions(gen, (2, 5))
     q = _randn(gen, 2, 5, 3, 40, dtype=torch.bfloat16)

@@ -1,0 +1,85 @@
+"""The eager autograd Function: out-of-place rope without the dispatcher.
+
+Same forward and backward as the ``yarn_triton::rope`` op (:mod:`.library`), but called
+directly, since the dispatcher's round trips cost several times the kernel's own host
+time; both directions replay launch plans (:mod:`.plans`). ``torch.compile`` uses the op
+instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import plans as _plans
+from .checks import mrope_spec
+from .launch import _execute
+from .library import _norm_rope_backward
+from .plans import _remember, _signature
+
+
+class _EagerRope(torch.autograd.Function):
+    """The same forward/backward as the ``yarn_triton::rope`` op, without the dispatcher
+    round trips, which cost several times the kernel's own host time in eager mode. Both
+    directions replay a launch plan when the signature repeats. ``torch.compile`` uses
+    the op.
+
+    Arguments: ``meta = (args, plan, key, norm, has_k)`` (``args`` as for
+    :func:`_eager_copy`; ``plan`` the forward's launch plan or None, then remembered under
+    ``key``), then the tensors autograd tracks: q, k and, with the norm, its weights.
+    Everything else travels inside ``meta``, since ``apply`` inspects each argument it
+    is given (about 1 us per 10); positions and inv_freq take no gradient."""
+
+    @staticmethod
+    def forward(ctx, meta, q, k, *weights):
+        args, plan, key, norm, _ = meta
+        qo, ko = _eager_copy(q, k, args, args[8], plan, key, norm)
+        # Saved so that an in-place change of the positions (all the backward needs) before
+        # the backward is an error, as for any autograd op, not wrong gradients.
+        if weights:
+            ctx.save_for_backward(args[0], args[1], args[2], q, k, *weights)
+        else:
+            ctx.save_for_backward(args[0], args[1], args[2])
+        ctx.meta = meta
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        positions, offsets, cu_seqlens, *saved = ctx.saved_tensors
+        args, _, _, norm, has_k = ctx.meta
+        _, _, _, _, _, _, rot, layout, inverse, precise, params, q_scale, rotary_at = args
+        gk = gk if has_k else None
+        key = _signature(gq, gk, positions, params, layout, rot, offsets, cu_seqlens, precise, not inverse, None,
+                         False, None, q_scale, rotary_at)
+        # q_out = s * R(x) per token: dx = R^T(s * g), the same kernel inverted, same scale
+        dq, dk = _eager_copy(gq, gk, args, not inverse, _plans._PLANS.get(key), key)
+        if norm is None:
+            return None, dq, dk
+        q, k, q_weight, k_weight = saved
+        dq, dk, dqw, dkw = _norm_rope_backward(q, k, q_weight, k_weight, norm.eps, norm.kind, dq, dk)
+        return None, dq, dk, dqw, dkw
+
+
+# The C++ apply under Function.apply's Python wrapper, which (with no functorch transform
+# active) only passes each tensor argument through functorch's unwrap_if_dead, at about
+# 1.5 us a call: a tensor that escaped a functorch transform fails in the forward's first
+# op with or without it.
+_EAGER_ROPE_APPLY = super(torch.autograd.Function, _EagerRope).apply
+
+
+def _eager_copy(q, k, args, inverse, plan, key, norm=None):
+    """Rotate ``q``/``k`` into fresh tensors, replaying ``plan`` when given, else by the full
+    launch path, remembering its plan under ``key``. ``args = (positions, offsets,
+    cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse, precise, params,
+    q_scale, rotary_at)``, the forward's; ``inverse`` is the direction of this call."""
+    qo = torch.empty_like(q)
+    ko = None if k is None else torch.empty_like(k)
+    positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, _, precise, params, q_scale, \
+        rotary_at = args
+    if plan is not None:
+        plan.run(q, k, positions, offsets, cu_seqlens, pos_base, qo, ko, norm)
+    else:
+        launch = _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
+                          rot, layout, inverse, precise, norm=norm, mrope=mrope_spec(params), q_scale=q_scale,
+                          rotary_at=rotary_at)
+        _remember(key, launch, params, inv_freq, q, k)
+    return qo, ko

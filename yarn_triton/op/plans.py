@@ -1,0 +1,135 @@
+"""Launch plans and their bounded cache: the eager fast path.
+
+In eager mode the checks and the launch geometry cost more host time than the kernel
+itself; they depend only on a call's signature (shapes, strides, dtypes, devices, params
+object, options), so the first call of a signature keeps its prepared launch here and
+later calls replay it, re-running only what the signature does not fix (q/k overlap).
+
+The cache (``_PLANS``, bounded by ``_PLANS_MAX``) is module state: readers in other
+modules look it up as ``plans._PLANS`` at call time, so that code (tests, benchmarks)
+replacing it here is seen everywhere.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Tuple
+
+import torch
+
+from .checks import QueryScale
+from .overlap import _extent, _may_overlap
+
+
+class _Plan:
+    """What a validated call signature needs to run again: the prepared kernel launch and
+    the per-call checks that depend on more than the signature (where q and k lie in
+    memory). Holds ``params`` so that its ``id`` in the key cannot be reused."""
+
+    __slots__ = ("launch", "params", "inv_freq", "inv_ptr", "q_span", "k_span", "fused_ok")
+
+    def __init__(self, launch, params, inv_freq, q, k):
+        self.launch = launch
+        self.params = params
+        self.inv_freq = inv_freq
+        self.inv_ptr = inv_freq.data_ptr()
+        self.q_span = _span(q)
+        self.k_span = None if k is None else _span(k)
+        self.fused_ok: set = set()  # pointer distances of q/k views checked disjoint
+
+    def run(self, q, k, positions, offsets, cu_seqlens, pos_base, qo=None, ko=None, norm=None) -> None:
+        """Checks what can differ for the same signature, then launches."""
+        qp = q.data_ptr()
+        if k is None:
+            kp = qp
+            k = q
+        else:
+            kp = k.data_ptr()
+            if qo is None:  # in place: q and k must not share elements
+                self._check_disjoint(q, k, qp, kp)
+        qop, kop = (qp, kp) if qo is None else (qo.data_ptr(), qp if ko is None else ko.data_ptr())
+        qo = q if qo is None else qo
+        ko = k if ko is None else ko
+        inv = self.inv_freq
+        pos = positions if positions is not None else offsets
+        cu = cu_seqlens if cu_seqlens is not None else inv
+        pos = pos if pos is not None else inv
+        if norm is None:
+            qw = kw = inv
+        else:
+            qw = norm.q_weight
+            kw = qw if norm.k_weight is None else norm.k_weight
+        self.launch((qp, qop, kp, kop, pos.data_ptr(), cu.data_ptr(), self.inv_ptr, qw.data_ptr(), kw.data_ptr()),
+                    pos_base, (q, qo, k, ko, pos, cu, inv, qw, kw))
+
+    def _check_disjoint(self, q, k, qp, kp) -> None:
+        (qlo, qhi), (klo, khi) = self.q_span, self.k_span
+        if qp + qhi <= kp + klo or kp + khi <= qp + qlo:
+            return
+        diff = kp - qp
+        if diff in self.fused_ok:
+            return
+        if _may_overlap(q, k):
+            raise ValueError("q and k overlap in memory; in-place rope needs them disjoint")
+        if len(self.fused_ok) < 64:
+            self.fused_ok.add(diff)
+
+
+def _span(t: torch.Tensor) -> Tuple[int, int]:
+    """Byte range of ``t``'s elements relative to its data pointer."""
+    lo, hi = _extent(t)
+    return lo - t.data_ptr(), hi - t.data_ptr()
+
+
+# Bounded: a server sees many token counts; the least recently used signature goes first.
+_PLANS: "OrderedDict" = OrderedDict()
+_PLANS_MAX = 512
+
+
+def plan_cache_size() -> int:
+    """Number of call signatures the eager fast path holds (bounded by ``_PLANS_MAX``)."""
+    return len(_PLANS)
+
+
+def _tsig(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.get_device())
+
+
+def _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, config,
+               inplace, norm=None, q_scale=None, rotary_at="start"):
+    """Everything validation and the launch geometry depend on, or None when a call is not
+    eligible for the fast path (then it takes the full path, which raises on bad input)."""
+    if type(q) is not torch.Tensor or (k is not None and type(k) is not torch.Tensor):
+        return None
+    if type(offsets) is int:
+        off = int
+    elif offsets is None or type(offsets) is torch.Tensor:
+        off = _tsig(offsets)
+    else:
+        return None
+    if (positions is not None and type(positions) is not torch.Tensor) or \
+            (cu_seqlens is not None and type(cu_seqlens) is not torch.Tensor):
+        return None
+    if norm is not None:
+        if type(norm.q_weight) is not torch.Tensor or (
+                norm.k_weight is not None and type(norm.k_weight) is not torch.Tensor) or type(norm.eps) is not float:
+            return None
+        norm = (norm.kind, norm.eps, _tsig(norm.q_weight), _tsig(norm.k_weight))
+    if q_scale is not None:
+        # only exact (float, int) pairs key a plan: a plan exists only for checked values
+        if type(q_scale) not in (tuple, QueryScale) or len(q_scale) != 2 or type(q_scale[0]) is not float \
+                or type(q_scale[1]) is not int:
+            return None
+        q_scale = (q_scale[0], q_scale[1])
+    if type(rotary_at) is not str:  # (a plan exists only for checked values, which are str)
+        return None
+    return (id(params), layout, rotary_dim, precise, inverse, config, inplace, _tsig(q), _tsig(k),
+            _tsig(positions), off, _tsig(cu_seqlens), norm, q_scale, rotary_at)
+
+
+def _remember(key, plan_launch, params, inv_freq, q, k) -> None:
+    if key is None or plan_launch is None:
+        return
+    _PLANS[key] = _Plan(plan_launch, params, inv_freq, q, k)
+    while len(_PLANS) > _PLANS_MAX:
+        _PLANS.popitem(last=False)
