@@ -47,6 +47,29 @@ requires_cuda = pytest.mark.skipif(
 )
 
 
+def one_per_path(cases, path, ids=None):
+    """``pytest.param``s of ``cases`` (tuples of parameter values) for ``parametrize``.
+
+    On a GPU every case runs. Through the interpreter, a case costs seconds, and cases that
+    differ only in what does not select kernel code (strides of the same kind, host-side
+    scales) run the same kernel path: there one case of each ``path(case)`` runs. Which one
+    turns from path to path, so every value of every parameter still runs somewhere (the
+    paths each test launches can be listed with ``tests/kernel_paths.py``)."""
+    cases = [tuple(c) for c in cases]
+    if INTERPRETED:
+        groups = {}
+        for c in cases:
+            groups.setdefault(path(c), []).append(c)
+        turn = {}  # per group size, so that each position in such a group comes up in turn
+        picked = []
+        for group in groups.values():
+            i = turn[len(group)] = turn.get(len(group), -1) + 1
+            picked.append(group[i % len(group)])
+        cases = picked
+    ids = ids or (lambda c: "-".join(str(v).replace("torch.", "") for v in c))
+    return [pytest.param(*c, id=ids(c)) for c in cases]
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; NaN anywhere gives inf (never passes)."""
     out64, ref64 = out.double().cpu(), ref.double().cpu()

@@ -10,7 +10,7 @@ import torch
 import yarn_triton as yt
 from yarn_triton.reference import rope_reference
 
-from conftest import KERNEL_DEVICE, TOL, rel_err, requires_cuda
+from conftest import KERNEL_DEVICE, TOL, one_per_path, rel_err, requires_cuda
 
 # ------------------------------------------------------------------------------------
 # Host math
@@ -173,16 +173,20 @@ def _check_against_reference(q0, k0, q, k, pos, params, layout, rot, dtype):
         assert torch.equal(out[..., rot:].cpu(), orig[..., rot:].cpu()), f"{name} pass-through changed"
 
 
-@pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize("view", VIEWS)
-@pytest.mark.parametrize("heads", list(HEADS))
-@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+# Every combination on a GPU. Through the interpreter, one per kernel path: dtype, layout,
+# partial and head counts select code, and so does a transposed [B, H, S, D] view (its
+# batch and sequence do not fold into one row of tokens: the ROWS switch); the other views
+# and the YaRN scales (host math) are taken in turn.
+KERNEL_CASES = one_per_path(
+    itertools.product(DTYPES, LAYOUTS, ["full", "partial"], HEADS, VIEWS, SCALES),
+    path=lambda c: (*c[:4], c[4] == "bhsd_transposed"))
+
+
+@pytest.mark.parametrize("dtype, layout, partial, heads, view, scale", KERNEL_CASES)
 def test_kernel_matches_reference(dtype, layout, partial, heads, view, scale, kdev, gen):
     hq, hk = HEADS[heads]
     rot = 32 if heads != "mla" else 16
-    dq = dk = rot + (16 if partial else 0)
+    dq = dk = rot + (16 if partial == "partial" else 0)
     if heads == "mla":  # MLA: q's head dim holds the rope part; single shared k_pe head
         dk = rot
     params = yt.RopeParams.yarn(rot, 10000.0, scale, 64, mscale=0.707, mscale_all_dim=0.5)

@@ -26,7 +26,7 @@ from ..kernels.rope_kernel import INTERPRETED, LaunchConfig, Operand, launch_rop
 from ..reference import (LAYOUTS, apply_rope_reference_, packed_token_mask, positions_from_offsets,
                          rms_norm_reference)
 from ..rope import RopeParams
-from .overlap import _may_overlap, _self_overlapping  # (the transformers integration uses these)
+from .overlap import may_overlap, self_overlapping  # (the transformers integration uses these)
 from .checks import (CHECK_CU_SEQLENS, ROTARY_AT, Norm, Offsets, QueryScale, check_cu_seqlens_values,
                      check_norm_args, check_q_scale, check_rope_args, check_rotary_at, mrope_spec)
 from .launch import layout_switches, uses_kernel

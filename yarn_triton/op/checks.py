@@ -18,7 +18,7 @@ import torch
 from ..kernels.rope_kernel import LaunchConfig
 from ..reference import LAYOUTS
 from ..rope import RopeParams
-from .overlap import _may_overlap, _self_overlapping
+from .overlap import may_overlap, self_overlapping
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -39,7 +39,7 @@ def _check_tensor(name: str, t: torch.Tensor, inplace: bool) -> None:
             f"{name} must have shape [*tokens, heads, head_dim] with at least one token dim, "
             f"got shape {tuple(t.shape)}"
         )
-    if inplace and not torch.compiler.is_compiling() and _self_overlapping(t):
+    if inplace and not torch.compiler.is_compiling() and self_overlapping(t):
         raise ValueError(
             f"{name} has overlapping elements (e.g. an expand()ed view); it cannot be written in place"
         )
@@ -90,7 +90,7 @@ def check_rope_args(
                 f"k's token dims {tuple(k.shape[:-2])} must equal q's {tuple(q.shape[:-2])} "
                 f"(shapes [*tokens, heads, head_dim])"
             )
-        if inplace and not torch.compiler.is_compiling() and _may_overlap(q, k):
+        if inplace and not torch.compiler.is_compiling() and may_overlap(q, k):
             raise ValueError("q and k overlap in memory; in-place rope needs them disjoint")
 
     tokens = tuple(q.shape[:-2])

@@ -16,7 +16,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 
-def _self_overlapping(t: torch.Tensor) -> bool:
+def self_overlapping(t: torch.Tensor) -> bool:
     """Whether two elements of ``t`` share memory: torch's check, plus our stride test where
     torch answers "too hard" (e.g. as_strided views)."""
     verdict = torch._debug_has_internal_overlap(t)
@@ -57,7 +57,7 @@ def _offsets_meet(diff: int, dims: List[Tuple[int, int, int]]) -> bool:
     )
 
 
-def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors might share an element. Exact for views with equal nested
     strides (q/k heads of one fused projection); conservative otherwise."""
     if a.numel() == 0 or b.numel() == 0:

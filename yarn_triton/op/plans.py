@@ -18,7 +18,7 @@ from typing import Tuple
 import torch
 
 from .checks import QueryScale
-from .overlap import _extent, _may_overlap
+from .overlap import _extent, may_overlap
 
 
 class _Plan:
@@ -69,7 +69,7 @@ class _Plan:
         diff = kp - qp
         if diff in self.fused_ok:
             return
-        if _may_overlap(q, k):
+        if may_overlap(q, k):
             raise ValueError("q and k overlap in memory; in-place rope needs them disjoint")
         if len(self.fused_ok) < 64:
             self.fused_ok.add(diff)

@@ -82,7 +82,7 @@ class _RopeDispatch:
         whole = None
         if not grad and not inverse and norm is None and not torch.compiler.is_compiling():
             whole = _whole_heads(q, handle.q_lead)
-            if whole is not None and k is not None and _op._may_overlap(whole, k):
+            if whole is not None and k is not None and _op.may_overlap(whole, k):
                 whole = None
         if whole is None:
             return handle.rotate(q, k, self.layout, axis, inverse, norm, None)

@@ -78,7 +78,7 @@ def _whole_heads(q_rot: torch.Tensor, lead: int) -> Optional[torch.Tensor]:
     if last >= q_rot.untyped_storage().nbytes() // q_rot.element_size():
         return None
     whole = q_rot.as_strided(shape, q_rot.stride(), offset)
-    if _op._self_overlapping(whole):  # heads closer than a whole head apart
+    if _op.self_overlapping(whole):  # heads closer than a whole head apart
         return None
     return whole
 
