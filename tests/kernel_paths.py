@@ -2,12 +2,14 @@
 
 ``YARN_TRITON_KERNEL_PATHS=paths.json python -m pytest ...`` records, for every test, the
 kernel's compile-time switches of each launch it makes (the interpreter's or a GPU's) and
-writes them as JSON at the end: ``{nodeid: [path, ...]}``, where a path is the switches
-(layout, position mode, norm, M-RoPE, q-scale, in place, one step, ...) plus the dtypes of
-q and its output. ``python tests/kernel_paths.py paths.json [other.json]`` then prints the
-paths only one test runs, the tests none of whose paths is their own, and, given a second
-file, the paths the first run covers and the second does not (the check that a faster
-suite covers no less).
+writes them as JSON at the end: ``{"tests": {nodeid: [path, ...]}, "random": [nodeid, ...]}``,
+where a path is the switches (layout, position mode, norm, M-RoPE, q-scale, in place, one
+step, ...) plus the dtypes of q, its output and k, and "random" lists the property-based
+tests (hypothesis), whose paths change from run to run. ``python tests/kernel_paths.py
+paths.json [other.json]`` then counts the paths and the tests that run one of their own,
+and, given a second file, lists the paths that the first run's fixed (not random) tests
+launch and no test of the second run does: the check that a faster suite covers no less.
+It exits 1 if there is one.
 
 Values that only size the kernel (head dim, padding, tile shape) are left out: in the
 interpreter they run the same code, which is what a path means here.
@@ -45,6 +47,7 @@ class _Recorder:
     def __init__(self, out: str):
         self.out = out
         self.paths = defaultdict(set)
+        self.random = set()
         self.current = None
 
     def pytest_configure(self, config):
@@ -71,6 +74,8 @@ class _Recorder:
 
     def pytest_runtest_setup(self, item):
         self.current = item.nodeid
+        if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+            self.random.add(item.nodeid)
 
     def pytest_runtest_teardown(self, item):
         self.current = None
@@ -79,7 +84,8 @@ class _Recorder:
         worker = os.environ.get("PYTEST_XDIST_WORKER")
         out = self.out if not worker else f"{self.out}.{worker}"
         with open(out, "w") as f:
-            json.dump({k: sorted(v) for k, v in sorted(self.paths.items())}, f, indent=0)
+            json.dump({"tests": {k: sorted(v) for k, v in sorted(self.paths.items())},
+                       "random": sorted(self.random)}, f, indent=0)
 
 
 def plugin():
@@ -88,19 +94,22 @@ def plugin():
     return _Recorder(out) if out else None
 
 
-def _load(path: str) -> dict:
+def _load(path: str):
+    """The tests' paths and the random tests of one run (its xdist workers' files merged)."""
     import glob
 
-    merged = {}
+    tests, random = {}, set()
     for name in [path, *sorted(glob.glob(path + ".gw*"))]:
         if os.path.exists(name):
             with open(name) as f:
-                merged.update(json.load(f))
-    return merged
+                run = json.load(f)
+            tests.update(run["tests"])
+            random.update(run["random"])
+    return tests, random
 
 
 def _report(first: str, second: str | None = None) -> int:
-    runs = _load(first)
+    runs, random = _load(first)
     by_path = defaultdict(list)
     for test, paths in runs.items():
         for p in paths:
@@ -111,14 +120,15 @@ def _report(first: str, second: str | None = None) -> int:
           f"{len(runs) - len(own)} run only paths other tests run too")
     if second is None:
         return 0
-    other = defaultdict(list)
-    for test, paths in _load(second).items():
-        for p in paths:
-            other[p].append(test)
-    lost = sorted(set(by_path) - set(other))
-    print(f"{second}: {len(other)} distinct paths; {len(lost)} of {first}'s are not run there")
+    other = {p for paths in _load(second)[0].values() for p in paths}
+    fixed = {p: [t for t in ts if t not in random] for p, ts in by_path.items()}
+    fixed = {p: ts for p, ts in fixed.items() if ts}
+    lost = sorted(set(fixed) - other)
+    drawn = len(set(by_path) - set(fixed) - other)
+    print(f"{second}: {len(other)} distinct paths; of {first}'s {len(fixed)} paths of fixed tests, "
+          f"{len(lost)} are not run there ({drawn} paths only random tests drew are not either)")
     for p in lost:
-        print("  lost:", p, "<-", by_path[p][0])
+        print("  lost:", p, "<-", fixed[p][0])
     return 1 if lost else 0
 
 
