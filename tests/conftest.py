@@ -100,7 +100,7 @@ def assert_modeling_files_unpatched() -> None:
     the Llama-4 query-scale function): every switched model was switched back."""
     import sys
 
-    from yarn_triton.integrations.transformers import _Q_SCALE_FUNCTION, ROPE_FUNCTIONS
+    from yarn_triton.integrations.transformers.support import _Q_SCALE_FUNCTION, ROPE_FUNCTIONS
 
     for name, mod in list(sys.modules.items()):
         if not name.startswith("transformers.models.") or ".modeling_" not in name:

@@ -39,7 +39,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import yarn_triton.integrations.transformers as yti  # noqa: E402
+from yarn_triton.integrations.transformers import qk_norm as yti_qk_norm, sites as yti_sites  # noqa: E402
 import yarn_triton.integrations.transformers.handle as yti_handle  # noqa: E402
 from yarn_triton import RopeParams  # noqa: E402
 from yarn_triton.integrations.transformers import (  # noqa: E402
@@ -315,7 +315,7 @@ def test_3d_positions_match_and_switch_back(model_type, monkeypatch):
         fused_norm = MODEL_SUPPORT[model_type].fuse_qk_norm
         for m in model.modules():  # the q/k norms wait for the rope call, as the table says
             if m._modules.get("q_norm") is not None:
-                assert isinstance(m.q_norm, yti._DeferredQKNorm) == fused_norm
+                assert isinstance(m.q_norm, yti_qk_norm._DeferredQKNorm) == fused_norm
         logits, hidden = forward(model, ids, pos)
         disable_fused_rope(model)
         for mod, name, fn in forbidden:  # the switch put back what it found
@@ -351,7 +351,7 @@ def test_qk_norm_in_the_rope_pass(model_type, monkeypatch):
     fuse_norms(monkeypatch, model_type)
     unit = RECIPES[model_type].qk_norm == "1 + weight"
     model = make_model(model_type)
-    sites = yti._qk_norm_sites(model)
+    sites = yti_qk_norm._qk_norm_sites(model)
     assert sites and all(u == unit for _, u in sites)
     ids, pos = mrope_inputs()
     ref_logits, ref_hidden = forward(model, ids, pos)
@@ -360,7 +360,7 @@ def test_qk_norm_in_the_rope_pass(model_type, monkeypatch):
     try:
         for m in model.modules():
             if m._modules.get("q_norm") is not None:
-                assert isinstance(m.q_norm, yti._DeferredQKNorm) and m.q_norm.weight is norms[id(m)][0].weight
+                assert isinstance(m.q_norm, yti_qk_norm._DeferredQKNorm) and m.q_norm.weight is norms[id(m)][0].weight
                 assert m.q_norm.unit_offset == m.k_norm.unit_offset == unit
         originals = [n for pair in norms.values() for n in pair]
         with attention_norms_forbidden(originals), recorded_rope_calls(monkeypatch) as calls:
@@ -518,7 +518,7 @@ def test_qwen3_5_training_step_gradients(monkeypatch):
     ref_loss, ref_grads = step()
     enable_fused_rope(model)
     try:
-        assert all(isinstance(m.q_norm, yti._DeferredQKNorm) for m in model.modules()
+        assert all(isinstance(m.q_norm, yti_qk_norm._DeferredQKNorm) for m in model.modules()
                    if m._modules.get("q_norm") is not None)
         loss, grads = step()
     finally:
@@ -543,7 +543,7 @@ def test_params_without_or_with_other_sections_are_refused():
     with pytest.raises(ValueError, match="does not match"):
         enable_fused_rope(model, plain.with_mrope((2, 3, 3), interleaved=True))
     assert not is_fused_rope_enabled(model)
-    assert yti._row("qwen3_vl") is MODEL_SUPPORT["qwen3_vl_text"]  # a flat (text settings on top) config
+    assert yti_sites._row("qwen3_vl") is MODEL_SUPPORT["qwen3_vl_text"]  # a flat (text settings on top) config
     enable_fused_rope(model, ours.with_mrope((4, 2, 2), interleaved=True))  # the same as the model's
     try:
         x = torch.zeros(1, 2, 8, device=DEVICE)

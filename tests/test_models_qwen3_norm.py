@@ -28,7 +28,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import yarn_triton.integrations.transformers as yti  # noqa: E402
+from yarn_triton.integrations.transformers import qk_norm as yti_qk_norm  # noqa: E402
 import yarn_triton.op as yt_op  # noqa: E402
 from yarn_triton.integrations.transformers import (  # noqa: E402
     MODEL_SUPPORT,
@@ -112,8 +112,8 @@ def _clean():
     """Every test leaves the modeling files unpatched and no norm pending."""
     yield
     assert_modeling_files_unpatched()
-    assert getattr(yti._QK_NORM, "attn", None) is None
-    assert getattr(yti._QK_NORM, "q", None) is None and getattr(yti._QK_NORM, "k", None) is None
+    assert getattr(yti_qk_norm._QK_NORM, "attn", None) is None
+    assert getattr(yti_qk_norm._QK_NORM, "q", None) is None and getattr(yti_qk_norm._QK_NORM, "k", None) is None
 
 
 def test_table_and_docs_say_the_norm_is_fused():
@@ -141,8 +141,8 @@ def test_norm_fused_outputs_match_and_switch_back(model_type):
         enable_fused_rope(model)
         assert model.state_dict().keys() == state.keys()  # same checkpoint keys while switched
         for a, q, k in originals:
-            assert isinstance(a.q_norm, yti._DeferredQKNorm) and a.q_norm.weight is q.weight
-            assert isinstance(a.k_norm, yti._DeferredQKNorm) and a.k_norm.weight is k.weight
+            assert isinstance(a.q_norm, yti_qk_norm._DeferredQKNorm) and a.q_norm.weight is q.weight
+            assert isinstance(a.k_norm, yti_qk_norm._DeferredQKNorm) and a.k_norm.weight is k.weight
         norms = [n for _, q, k in originals for n in (q, k)]
         with attention_norms_forbidden(norms) as others, counting("apply_qk_norm_rope_") as fused, \
                 counting("apply_rope_") as plain:

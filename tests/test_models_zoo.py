@@ -565,6 +565,7 @@ def test_query_scale_moves_into_the_rope_call(monkeypatch, dtype):
     beside it still scales by itself. Logits match: float32 to 1e-5; bf16 no further from
     the float32 model than transformers' own bf16 path (one rounding instead of two)."""
     import yarn_triton.integrations.transformers as yt
+    from yarn_triton.integrations.transformers import q_scale as yt_q_scale
     import yarn_triton.integrations.transformers.handle as yt_handle  # owns _rope (FusedRopePositions.rotate)
     from yarn_triton import QueryScale
 
@@ -580,7 +581,7 @@ def test_query_scale_moves_into_the_rope_call(monkeypatch, dtype):
         try:
             out = forward(switched, ids, pos)[0]
             assert calls == [QueryScale(0.1, OMAX)] * 2  # once per layer, in the rope call
-            assert yt._HANDOVER.positions is None  # handed over and consumed
+            assert yt_q_scale._HANDOVER.positions is None  # handed over and consumed
         finally:
             disable_fused_rope(switched)
     assert torch.equal(forward(plain, ids, pos)[0], ref)
@@ -613,7 +614,7 @@ def test_query_scale_under_autograd():
 def test_query_scale_config_the_op_cannot_take_stays_transformers():
     """A config whose scale the fused op does not take (original max not an integer) is
     switched without moving the scale: transformers' own multiply runs, results match."""
-    from yarn_triton.integrations.transformers import _q_scale_of
+    from yarn_triton.integrations.transformers.q_scale import _q_scale_of
 
     model = make_model("ministral3")
     rp = dict(model.config.rope_parameters)
@@ -650,7 +651,7 @@ def test_mistral4_query_scale_fused_without_grad(monkeypatch, interleave):
     heads (rotary_at="end", with the query scale), so q_nope is scaled in memory too; the
     modeling file's get_llama_4_attn_scale and rope functions never run; logits match the
     unswitched model at positions past original_max_position_embeddings."""
-    import yarn_triton.integrations.transformers as yti
+    from yarn_triton.integrations.transformers import q_scale as yt_q_scale
     import yarn_triton.op as yt_op  # the integration calls the op through this module object
     from yarn_triton import QueryScale
 
@@ -668,7 +669,7 @@ def test_mistral4_query_scale_fused_without_grad(monkeypatch, interleave):
         enable_fused_rope(model)
         try:
             out = forward(model, ids, pos)[0]
-            assert yti._HANDOVER.positions is None  # handed over and consumed
+            assert yt_q_scale._HANDOVER.positions is None  # handed over and consumed
         finally:
             disable_fused_rope(model)
     cfg = model.config
@@ -729,7 +730,7 @@ def test_mistral4_whole_heads_view_only_for_the_split_layout():
     """The dispatcher's whole-head view: for q_rot split off [B, H, S, nope + rope] heads
     it is those heads; for a q_rot with nothing (or something else) before it, None (then
     the unfused path runs)."""
-    from yarn_triton.integrations.transformers import _whole_heads
+    from yarn_triton.integrations.transformers.q_scale import _whole_heads
 
     nope, rope = 16, 8
     q_states = torch.randn(2, 7, 4, nope + rope).transpose(1, 2)  # [B, H, S, D] view, as Mistral-4

@@ -103,15 +103,11 @@ The package, one concern per module, each importing only those listed before it:
 
 import transformers  # noqa: F401  (this integration is only imported when transformers is wanted)
 
-# Re-exported: the public names, and the private ones the tests read (they patch names in
-# the module that owns them).
+# The public names. Private ones live in their own module, where tests read and patch them.
 from .handle import FusedRopePositions
-from .q_scale import _HANDOVER, _q_scale_of, _whole_heads  # noqa: F401
-from .qk_norm import _QK_NORM, _DeferredQKNorm, _qk_norm_sites  # noqa: F401
 from .rotary import FusedRotaryEmbedding
-from .sites import _row, plain_function  # noqa: F401
+from .sites import plain_function
 from .support import (
-    _Q_SCALE_FUNCTION,  # noqa: F401
     MODEL_SUPPORT,
     ROPE_FUNCTIONS,
     SUPPORTED_MODEL_TYPES,
