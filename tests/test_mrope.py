@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import yarn_triton as yt
+from yarn_triton.kernels.rope_kernel import INTERPRETED
 from yarn_triton.reference import mrope_cos_sin_cache, qk_norm_rope_reference, rope_reference
 
 from conftest import TOL, rel_err, requires_cuda
@@ -115,7 +116,7 @@ def test_stream_choice_matches_transformers_rotary(kind, gen):
     q = torch.randn(2, 4, 9, cos.shape[-1] if kind != "qwen3.5" else 256, generator=gen)
     k = torch.randn(2, 2, 9, q.shape[-1], generator=gen)
     hq, hk = m.apply_rotary_pos_emb(q, k, cos, sin)
-    dev = "cpu" if yt.op.INTERPRETED or not torch.cuda.is_available() else "cuda"
+    dev = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
     qq, kk = q.transpose(1, 2).to(dev), k.transpose(1, 2).to(dev)
     yt.apply_rope_(qq, kk, pos.to(dev), params, precise_angles=False)  # float32 angles, as transformers
     assert rel_err(qq, hq.transpose(1, 2)) < 1e-5 and rel_err(kk, hk.transpose(1, 2)) < 1e-5

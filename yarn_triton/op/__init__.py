@@ -22,10 +22,7 @@ a re-export here (``CHECK_CU_SEQLENS``, ``uses_kernel``) changes nothing; patch
 ``checks.CHECK_CU_SEQLENS``, ``launch.uses_kernel``, ``plans._PLANS``/``_PLANS_MAX``.
 """
 
-from ..kernels.rope_kernel import INTERPRETED, LaunchConfig, Operand, launch_rope
-from ..reference import (LAYOUTS, apply_rope_reference_, packed_token_mask, positions_from_offsets,
-                         rms_norm_reference)
-from ..rope import RopeParams
+from ..reference import LAYOUTS
 from .overlap import may_overlap, self_overlapping  # (the transformers integration uses these)
 from .checks import (CHECK_CU_SEQLENS, ROTARY_AT, Norm, Offsets, QueryScale, check_cu_seqlens_values,
                      check_norm_args, check_q_scale, check_rope_args, check_rotary_at, mrope_spec)
