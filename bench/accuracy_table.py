@@ -45,8 +45,9 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from yarn_triton import RopeParams, apply_rope_, op  # noqa: E402  (after TRITON_INTERPRET)
-from yarn_triton.kernels import rope_kernel as rk  # noqa: E402
-from yarn_triton.kernels.rope_kernel import INTERPRETED, LaunchConfig  # noqa: E402
+from yarn_triton.kernels import launcher  # noqa: E402
+from yarn_triton.kernels.configs import LaunchConfig  # noqa: E402
+from yarn_triton.kernels.rope_kernel import INTERPRETED  # noqa: E402
 from yarn_triton.reference import cos_sin_cache, rope_reference, rotate_half  # noqa: E402
 
 POSITIONS = [("4K", 4096), ("32K", 32768), ("128K", 131072), ("1M", 1 << 20), ("16M", 1 << 24), ("1G", 1 << 30)]
@@ -107,14 +108,14 @@ def sixteen_bit_cos_sin():
     unit on a GPU), also for the float32 probe, where its error is visible; the launch
     plans of the ordinary path are set aside meanwhile (as
     ``test_special_function_unit_path_keeps_the_bound`` does)."""
-    sixteen = rk._sincos(torch.bfloat16, torch.bfloat16)
-    saved_sincos, saved_plans = rk._sincos, op.plans._PLANS
-    rk._sincos = lambda *dtypes: sixteen
+    sixteen = launcher._sincos(torch.bfloat16, torch.bfloat16)
+    saved_sincos, saved_plans = launcher._sincos, op.plans._PLANS
+    launcher._sincos = lambda *dtypes: sixteen
     op.plans._PLANS = type(saved_plans)()
     try:
         yield
     finally:
-        rk._sincos, op.plans._PLANS = saved_sincos, saved_plans
+        launcher._sincos, op.plans._PLANS = saved_sincos, saved_plans
 
 
 def measure(params: RopeParams, p_end: int, window: int, device: str, cfg) -> dict:

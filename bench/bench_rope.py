@@ -591,7 +591,7 @@ def main(argv=None) -> int:
     except Exception as e:
         log(f"Liger RMSNorm not available ({type(e).__name__})")
 
-    from yarn_triton.kernels.rope_kernel import tuned_configs
+    from yarn_triton.kernels.launcher import tuned_configs
 
     def with_picks(run, *a):
         """``run(*a)``'s row, plus the launch shapes the tuner picked for it (tokens per

@@ -27,7 +27,7 @@ from bench_rope import (MROPE_MODELS, MROPE_TOKENS, SHAPES, copy_bandwidth, empt
                         graph_us, hf_apply, make_inputs, make_mrope_inputs, transformers_inputs)
 
 import yarn_triton as yt  # noqa: E402
-from yarn_triton.kernels import rope_kernel as rk  # noqa: E402
+from yarn_triton.kernels import configs, launcher  # noqa: E402
 
 EXTRA = [(64, 1, 1, 8), (32, 2, 1, 8), (32, 1, 1, 8), (16, 4, 1, 8), (16, 2, 1, 8), (8, 2, 1, 4), (8, 4, 1, 4),
          (2, 1, 32, 1), (1, 2, 16, 1), (1, 4, 8, 1), (1, 1, 16, 1), (8, 1, 8, 2), (16, 1, 4, 4), (4, 1, 16, 1),
@@ -151,7 +151,7 @@ def main() -> None:
         res = {"floor_us": nbytes / bw * 1e6}
         yt.apply_rope_(q, k, pos, p, layout=layout)  # the tuner's pick
         res["tuned"] = best(lambda: yt.apply_rope_(q, k, pos, p, layout=layout))
-        res["tuned_cfg"] = [str(c) for c in rk.tuned_configs().values()][-1:]
+        res["tuned_cfg"] = [str(c) for c in launcher.tuned_configs().values()][-1:]
         if kind == "mrope":
             res["torch mul_"] = best(lambda: (q[..., :rot].mul_(1.0), k[..., :rot].mul_(1.0)))
         else:
@@ -177,10 +177,10 @@ def main() -> None:
             res["torch.compile out of place"] = best(lambda: compiled(qv, kv, cos, sin))
         if liger is not None and layout == "neox" and kind not in ("mla", "mrope"):  # its kernel rotates whole heads
             res["liger"] = best(lambda: liger(qv, kv, cos, sin))
-        for bt, bh, g, w in list(dict.fromkeys(rk._CANDIDATES + EXTRA)) if args.configs else []:
+        for bt, bh, g, w in list(dict.fromkeys(configs._CANDIDATES + EXTRA)) if args.configs else []:
             if bt > 2 * max(T, 1) or g > max(hq, hk):
                 continue
-            cfg = rk.LaunchConfig(bt, bh, w, 1, g)
+            cfg = configs.LaunchConfig(bt, bh, w, 1, g)
             res[f"cfg {bt},{bh},{g},w{w}"] = best(lambda: yt.apply_rope_(q, k, pos, p, layout=layout, config=cfg))
         out["shapes"][name] = res
         nums = sorted((v, key) for key, v in res.items() if isinstance(v, float) and key.startswith("cfg"))

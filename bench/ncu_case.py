@@ -15,7 +15,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_rope import SHAPES, make_inputs  # noqa: E402
 
 import yarn_triton as yt  # noqa: E402
-from yarn_triton.kernels.rope_kernel import LaunchConfig  # noqa: E402
+from yarn_triton.kernels.configs import LaunchConfig  # noqa: E402
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ import yarn_triton as yt  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_rope import decode_host_inputs  # noqa: E402
 from yarn_triton import op  # noqa: E402
-from yarn_triton.kernels import rope_kernel as rk  # noqa: E402
+from yarn_triton.kernels import launcher  # noqa: E402
 
 
 def per_call_us(fn, calls: int, sync) -> float:
@@ -182,7 +182,7 @@ def main() -> None:
     compiled = None if cpu else launch._aligned
     if compiled is not None:
         args = [q.data_ptr(), q.data_ptr(), k.data_ptr(), k.data_ptr(), pos.data_ptr(), plan.inv_ptr,
-                plan.inv_ptr, plan.inv_ptr, plan.inv_ptr, *launch.args[rk._N_PTRS:], *launch._constexprs]
+                plan.inv_ptr, plan.inv_ptr, plan.inv_ptr, *launch.args[launcher._N_PTRS:], *launch._constexprs]
         stream = torch._C._cuda_getCurrentRawStream(q.device.index)
         g0, g1, g2 = launch.grid
         rows["  compiled launcher alone"] = lambda: compiled.run(
@@ -194,7 +194,7 @@ def main() -> None:
     elif not cpu:
         print("(the plan's pointers are not all 16-byte aligned: no 'compiled launcher alone' row)")
 
-    real_call = rk.PreparedLaunch.__call__
+    real_call = launcher.PreparedLaunch.__call__
 
     timed = {}
     for name, fn in rows.items():
@@ -202,21 +202,21 @@ def main() -> None:
         if not cpu and name in stub_rows:  # the stub swapped in around this row's timing loop
             timed[name + " [launch stubbed]"] = fn
     if cpu:  # every launch stubbed for the whole run
-        rk.PreparedLaunch.__call__ = lambda self, ptrs, pos_base, tensors: None
+        launcher.PreparedLaunch.__call__ = lambda self, ptrs, pos_base, tensors: None
     samples = {name: [] for name in timed}
     try:
         for _ in range(a.rounds):
             for name, fn in timed.items():
                 if name.endswith("[launch stubbed]"):
-                    rk.PreparedLaunch.__call__ = lambda self, ptrs, pos_base, tensors: None
+                    launcher.PreparedLaunch.__call__ = lambda self, ptrs, pos_base, tensors: None
                     try:
                         samples[name].append(per_call_us(fn, a.calls, sync))
                     finally:
-                        rk.PreparedLaunch.__call__ = real_call
+                        launcher.PreparedLaunch.__call__ = real_call
                 else:
                     samples[name].append(per_call_us(fn, a.calls, sync))
     finally:
-        rk.PreparedLaunch.__call__ = real_call
+        launcher.PreparedLaunch.__call__ = real_call
 
     where = "CPU, TRITON_INTERPRET=1, every launch stubbed" if cpu else torch.cuda.get_device_name()
     print(f"host time per call, median of {a.rounds} x {a.calls} calls ({where}; torch {torch.__version__})")

@@ -51,9 +51,10 @@ class _Recorder:
         self.current = None
 
     def pytest_configure(self, config):
-        from yarn_triton.kernels import rope_kernel as rk
+        from yarn_triton.kernels import configs, launcher
+        from yarn_triton.kernels.rope_kernel import rope_kernel
 
-        real, recorder = rk.rope_kernel, self
+        real, recorder = rope_kernel, self
 
         class _Spy:
             """Stands in for the kernel object: records each launch's switches."""
@@ -70,7 +71,12 @@ class _Recorder:
                     return launch(*args, **kwargs)
                 return call
 
-        rk.rope_kernel = _Spy()
+        # every module that launches the kernel reads it by its own global name: the
+        # launcher, and configs (the tuner's timing runs)
+        spy = _Spy()
+        for module in (configs, launcher):
+            assert module.rope_kernel is real, module.__name__
+            module.rope_kernel = spy
 
     def pytest_runtest_setup(self, item):
         self.current = item.nodeid

@@ -22,8 +22,9 @@ import torch
 from conftest import TOL, rel_err
 from yarn_triton import RopeParams, apply_rope_
 from yarn_triton import op
-from yarn_triton.kernels import rope_kernel as rk
-from yarn_triton.kernels.rope_kernel import INTERPRETED, LaunchConfig
+from yarn_triton.kernels import launcher
+from yarn_triton.kernels.configs import LaunchConfig
+from yarn_triton.kernels.rope_kernel import INTERPRETED
 from yarn_triton.reference import cos_sin_cache, rope_reference
 
 BOUND = 2e-6  # absolute, on cos and sin (scaled by max(1, cos_sin_scale))
@@ -162,7 +163,7 @@ def test_special_function_unit_path_keeps_the_bound(kdev, gen, monkeypatch, name
     float32 probe so that errors far below a bf16 step are visible: the same bound as the
     polynomials', at every int32 position. With float32 angles (``precise=False``) the
     truth is the float32-angle cache's, as for that path's own test below."""
-    monkeypatch.setattr(rk, "_sincos", lambda *dtypes: 2 if INTERPRETED else 1)
+    monkeypatch.setattr(launcher, "_sincos", lambda *dtypes: 2 if INTERPRETED else 1)
     monkeypatch.setattr(op.plans, "_PLANS", type(op.plans._PLANS)())  # no plan built with the polynomials
     params = PARAMS[name]()
     pos = _positions(gen, n_random=400)

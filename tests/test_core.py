@@ -348,15 +348,17 @@ def test_one_step_and_head_loop_agree(case, layout, kdev, gen):
     """The kernel's ONE_STEP switch (no head loop, no prefetch of a next step) and its
     head loop both give the reference's result: in place; out of place with pass-through
     channels (partial rotary, the tail copied by the same steps); with the fused norm."""
-    from yarn_triton.kernels import rope_kernel as rk
+    from yarn_triton.kernels import configs
+    from yarn_triton.kernels.launcher import Operand, launch_rope
+    from yarn_triton.kernels.rope_kernel import rope_kernel
     from yarn_triton.op import layout_switches
     from yarn_triton.reference import qk_norm_rope_reference
 
     (bt, bh, g), q_one, k_one = ONE_STEP_CASES[case]
-    cfg = rk.LaunchConfig(bt, bh, 1, 1, g)
-    heads = [0] * len(rk.rope_kernel.arg_names)
-    heads[rk._NQ], heads[rk._NK] = 12, 3
-    meta = rk._meta(cfg, heads)
+    cfg = configs.LaunchConfig(bt, bh, 1, 1, g)
+    heads = [0] * len(rope_kernel.arg_names)
+    heads[configs._NQ], heads[configs._NK] = 12, 3
+    meta = configs._meta(cfg, heads)
     assert (meta["Q_ONE_STEP"], meta["K_ONE_STEP"]) == (q_one, k_one)
 
     p = yt.RopeParams.yarn(32, 10000.0, 8.0, 2048, mscale=0.9, mscale_all_dim=0.7)
@@ -371,11 +373,11 @@ def test_one_step_and_head_loop_agree(case, layout, kdev, gen):
 
     oq, ok = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))  # poisoned outputs
     in_pairs, out_pairs = layout_switches(layout)
-    rk.launch_rope(rk.Operand(q, q.stride(), oq, oq.stride()), rk.Operand(k, k.stride(), ok, ok.stride()),
-                   p.inv_freq_on(kdev), p.cos_sin_scale, n_tokens=10, seq_len=5, half=16, in_pairs=in_pairs,
-                   out_pairs=out_pairs, inverse=False, precise=True, per_token_positions=pos,
-                   pos_strides=pos.stride(), offsets=None, offsets_stride=0, pos_base=0, cu_seqlens=None,
-                   config=cfg, autotune=False)
+    launch_rope(Operand(q, q.stride(), oq, oq.stride()), Operand(k, k.stride(), ok, ok.stride()),
+                p.inv_freq_on(kdev), p.cos_sin_scale, n_tokens=10, seq_len=5, half=16, in_pairs=in_pairs,
+                out_pairs=out_pairs, inverse=False, precise=True, per_token_positions=pos,
+                pos_strides=pos.stride(), offsets=None, offsets_stride=0, pos_base=0, cu_seqlens=None,
+                config=cfg, autotune=False)
     assert rel_err(oq, rq) < TOL[torch.float32] and rel_err(ok, rk_) < TOL[torch.float32]
 
     wq, wk = torch.rand(48, generator=gen) + 0.5, torch.rand(48, generator=gen) + 0.5

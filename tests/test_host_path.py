@@ -10,7 +10,8 @@ import torch
 
 import yarn_triton as yt
 from yarn_triton import op
-from yarn_triton.kernels import rope_kernel as rk
+from yarn_triton.kernels import launcher as kl
+from yarn_triton.kernels.rope_kernel import rope_kernel
 from yarn_triton.reference import qk_norm_rope_reference, rope_reference
 
 from conftest import TOL, rel_err, requires_cuda
@@ -92,11 +93,11 @@ def test_specialization_classes_do_not_grow_with_token_counts():
     """The compiled-kernel key specializes an integer as Triton does (is it 1, a multiple
     of 16, 64-bit wide?), and not at all for token counts and positions: 10,000 distinct
     token counts fall into a handful of classes."""
-    n_tokens = rk.rope_kernel.arg_names.index("n_tokens")
-    q_ss = rk.rope_kernel.arg_names.index("q_ss")
-    assert len({rk._int_class(n_tokens, t) for t in range(1, 10_001)}) == 1
-    assert len({rk._int_class(q_ss, t) for t in range(1, 10_001)}) == 3
-    assert rk._int_class(n_tokens, 1 << 40) != rk._int_class(n_tokens, 5)  # width still counts
+    n_tokens = rope_kernel.arg_names.index("n_tokens")
+    q_ss = rope_kernel.arg_names.index("q_ss")
+    assert len({kl._int_class(n_tokens, t) for t in range(1, 10_001)}) == 1
+    assert len({kl._int_class(q_ss, t) for t in range(1, 10_001)}) == 3
+    assert kl._int_class(n_tokens, 1 << 40) != kl._int_class(n_tokens, 5)  # width still counts
 
 
 @requires_cuda
@@ -104,13 +105,13 @@ def test_compiled_cache_stays_small_over_10000_token_counts(gen):
     p = _params()
     q = torch.randn(10_000, 2, 64, generator=gen).to("cuda", torch.bfloat16)
     k = torch.randn(10_000, 1, 64, generator=gen).to("cuda", torch.bfloat16)
-    before = rk.compiled_cache_size()
+    before = kl.compiled_cache_size()
     for t in range(1, 10_001):
         yt.apply_rope_(q[:t], k[:t], None, p, offsets=t)
     torch.cuda.synchronize()
-    assert rk.compiled_cache_size() - before <= 24
+    assert kl.compiled_cache_size() - before <= 24
     assert op.plan_cache_size() <= op.plans._PLANS_MAX
-    assert len(rk.tuned_configs()) <= rk._TUNED_MAX
+    assert len(kl.tuned_configs()) <= kl._TUNED_MAX
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -382,7 +383,7 @@ def test_64bit_offsets_switch(kdev, gen, monkeypatch, layout):
     """The kernel addresses in 32 bits unless some tensor spans 2**31 elements; the 64-bit
     variant (tested at full size on the GPU in test_training) runs here on small tensors
     by lowering the threshold, over strided views, partial rotary and packed sequences."""
-    monkeypatch.setattr(rk, "_INT32_SPAN", 16)
+    monkeypatch.setattr(kl, "_INT32_SPAN", 16)
     op.plans._PLANS.clear()
     p = _params(32)
     base = torch.randn(2, 9, 7, 48, generator=gen).to(kdev)
@@ -442,35 +443,35 @@ def test_direct_launch_passes_what_tritons_launcher_would(kdev, gen, monkeypatch
     monkeypatch.setattr(plan, "_aligned", None)
     monkeypatch.setattr(plan, "_direct", None)
     launcher = _Launcher36()
-    monkeypatch.setattr(rk, "INTERPRETED", False)
-    monkeypatch.setattr(rk, "FAST_LAUNCH", True)
-    monkeypatch.setattr(rk, "_RAW_STREAM", lambda device: 777)
-    monkeypatch.setattr(rk, "_HOOKED", lambda: False)
-    monkeypatch.setattr(rk, "_compile", lambda *a: _Compiled(launcher))
-    ptrs = [16 * (i + 1) for i in range(rk._N_PTRS)]
+    monkeypatch.setattr(kl, "INTERPRETED", False)
+    monkeypatch.setattr(kl, "FAST_LAUNCH", True)
+    monkeypatch.setattr(kl, "_RAW_STREAM", lambda device: 777)
+    monkeypatch.setattr(kl, "_HOOKED", lambda: False)
+    monkeypatch.setattr(kl, "_compile", lambda *a: _Compiled(launcher))
+    ptrs = [16 * (i + 1) for i in range(kl._N_PTRS)]
     plan(ptrs, 12345, ptrs)  # new specialization: Triton's own __call__
     plan(ptrs, 12345, ptrs)  # replay: the C function directly
     assert launcher.py_calls == 1 and len(launcher.c_calls) == 2
     via_triton, direct = launcher.c_calls
     assert direct == via_triton
     assert direct[:13] == (*plan.grid, 777, 0xF00, False, True, None, None, (1, 1, 0), None, None, None)
-    assert list(direct[13:13 + rk._N_PTRS]) == ptrs and direct[13 + rk._N_PTRS + 1] == 12345
+    assert list(direct[13:13 + kl._N_PTRS]) == ptrs and direct[13 + kl._N_PTRS + 1] == 12345
     plan(ptrs, 54321, ptrs)  # pos_base is per call
-    assert launcher.c_calls[-1][13 + rk._N_PTRS + 1] == 54321
+    assert launcher.c_calls[-1][13 + kl._N_PTRS + 1] == 54321
 
 
 def test_direct_launch_only_for_the_launcher_shape_it_knows():
     """Scratch to allocate, or another launcher signature (Triton 3.9 takes the metadata
     and hooks by name): Triton's own path."""
-    assert rk._direct_launch(_Compiled(_Launcher36())) is not None
+    assert kl._direct_launch(_Compiled(_Launcher36())) is not None
     with_scratch = _Launcher36()
     with_scratch.global_scratch_size = 256
-    assert rk._direct_launch(_Compiled(with_scratch)) is None
+    assert kl._direct_launch(_Compiled(with_scratch)) is None
 
     class Launcher39(_Launcher36):
         def __call__(self, gridX, gridY, gridZ, stream, function, kernel_metadata, launch_metadata,
                      launch_enter_hook, launch_exit_hook, *args):
             raise AssertionError
 
-    assert rk._direct_launch(_Compiled(Launcher39())) is None
-    assert rk._direct_launch(object()) is None
+    assert kl._direct_launch(_Compiled(Launcher39())) is None
+    assert kl._direct_launch(object()) is None

@@ -432,7 +432,7 @@ def test_fast_launch_matches_triton_launch_with_q_scale(monkeypatch, gen):
     """The cached-compiled-kernel launch carries the scale's arguments like Triton's own
     launcher does (bit-identical), for several original_max values (no recompile per value
     class needed to be right)."""
-    from yarn_triton.kernels import rope_kernel as rk
+    from yarn_triton.kernels import launcher
 
     p = _params(32)
     q = _randn(gen, 3, 9, 6, 40, dtype=torch.bfloat16, device="cuda")
@@ -440,7 +440,7 @@ def test_fast_launch_matches_triton_launch_with_q_scale(monkeypatch, gen):
     for qs in (QS, (0.1, 1), (0.25, 8192), (0.1, 12345)):
         outs = []
         for fast in (False, True, True):
-            monkeypatch.setattr(rk, "FAST_LAUNCH", fast)
+            monkeypatch.setattr(launcher, "FAST_LAUNCH", fast)
             qq = q.clone()
             yt.apply_rope_(qq, None, pos, p, q_scale=qs)
             yt.apply_rope_(qq, None, None, p, offsets=(1 << 31) + 5, q_scale=qs)  # int64-wide pos_base

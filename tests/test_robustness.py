@@ -27,7 +27,8 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from conftest import TOL, rel_err
 from yarn_triton import RopeParams, apply_rope_
-from yarn_triton.kernels.rope_kernel import INTERPRETED, LaunchConfig
+from yarn_triton.kernels.configs import LaunchConfig
+from yarn_triton.kernels.rope_kernel import INTERPRETED
 from yarn_triton.reference import rope_reference
 
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1

@@ -289,10 +289,10 @@ def test_more_than_2pow31_elements():
 def test_autotuned_launch_is_correct(layout, n, monkeypatch, gen):
     """The tuner times candidate shapes on scratch copies: the user's tensors see exactly
     one rotation (in place) or none (out of place), and every candidate config is right."""
-    from yarn_triton.kernels import rope_kernel as rk
+    from yarn_triton.kernels import configs, launcher
 
-    monkeypatch.setattr(rk, "AUTOTUNE", True)
-    monkeypatch.setattr(rk, "_TUNED", type(rk._TUNED)())  # tune afresh
+    monkeypatch.setattr(launcher, "AUTOTUNE", True)
+    monkeypatch.setattr(launcher, "_TUNED", type(launcher._TUNED)())  # tune afresh
     p = _params()
     q = torch.randn(1, n, 16, 40, generator=gen).to("cuda", torch.bfloat16)
     k = torch.randn(1, n, 4, 40, generator=gen).to("cuda", torch.bfloat16)
@@ -303,9 +303,9 @@ def test_autotuned_launch_is_correct(layout, n, monkeypatch, gen):
     assert torch.equal(q, q0) and torch.equal(k, k0)
     assert rel_err(oq, rq) < TOL[torch.bfloat16] and rel_err(ok, rk_) < TOL[torch.bfloat16]
     yt.apply_rope_(q, k, pos, p, layout=layout)  # tunes the in-place class
-    assert len(rk.tuned_configs()) == 2
+    assert len(launcher.tuned_configs()) == 2
     assert rel_err(q, rq) < TOL[torch.bfloat16] and rel_err(k, rk_) < TOL[torch.bfloat16]
-    for cfg in rk.candidate_configs(n, 16, 4, 16):
+    for cfg in configs.candidate_configs(n, 16, 4, 16):
         qq, kk = q0.clone(), k0.clone()
         yt.apply_rope_(qq, kk, pos, p, layout=layout, config=cfg)
         assert rel_err(qq, rq) < TOL[torch.bfloat16], str(cfg)
@@ -315,7 +315,7 @@ def test_autotuned_launch_is_correct(layout, n, monkeypatch, gen):
 def test_fast_launch_matches_triton_launch(monkeypatch, gen):
     """The cached-compiled-kernel launch gives bit-identical results to Triton's own
     launcher, across alignments, strides and dtypes that select different specializations."""
-    from yarn_triton.kernels import rope_kernel as rk
+    from yarn_triton.kernels import launcher
 
     p = _params()
     cases = []
@@ -328,7 +328,7 @@ def test_fast_launch_matches_triton_launch(monkeypatch, gen):
         pos = torch.randint(0, 1 << 24, q.shape[:2], generator=gen).to("cuda")
         outs = []
         for fast in (False, True, True):  # slow; fast (compiles, caches); fast (cache hit)
-            monkeypatch.setattr(rk, "FAST_LAUNCH", fast)
+            monkeypatch.setattr(launcher, "FAST_LAUNCH", fast)
             qq, kk = q.clone(), k.clone()
             yt.apply_rope_(qq, kk, pos, p, layout="deepseek")
             yt.apply_rope_(qq, kk, None, p, offsets=(1 << 31) + 5)  # int64-wide pos_base
@@ -342,10 +342,10 @@ def test_heads_per_step_follow_head_counts(gen):
     """One launch shape, two GQA head counts of the same integer class: each operand's
     heads per step is capped by its heads per group, so the compiled kernels differ and
     the fast path must not hand one's kernel to the other."""
-    from yarn_triton.kernels import rope_kernel as rk
+    from yarn_triton.kernels.configs import LaunchConfig
 
     p = _params()
-    cfg = rk.LaunchConfig(2, 8, 1, 1, 2)
+    cfg = LaunchConfig(2, 8, 1, 1, 2)
     for hk in (6, 2, 6):
         q = torch.randn(1, 33, 12, 40, generator=gen).to("cuda", torch.bfloat16)
         k = torch.randn(1, 33, hk, 40, generator=gen).to("cuda", torch.bfloat16)

@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from ..kernels.rope_kernel import LaunchConfig
+from ..kernels.configs import LaunchConfig
 from ..rope import RopeParams
 from . import plans as _plans
 from .checks import Norm, Offsets, QueryScale, _check_call, _check_config, _check_cu, mrope_spec

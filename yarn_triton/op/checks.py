@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from ..kernels.rope_kernel import LaunchConfig
+from ..kernels.configs import LaunchConfig
 from ..reference import LAYOUTS
 from ..rope import RopeParams
 from .overlap import may_overlap, self_overlapping

@@ -13,7 +13,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from ..kernels.rope_kernel import INTERPRETED, Operand, launch_rope
+from ..kernels.launcher import Operand, launch_rope
+from ..kernels.rope_kernel import INTERPRETED
 from ..reference import (LAYOUTS, apply_rope_reference_, packed_token_mask, positions_from_offsets,
                          rms_norm_reference)
 from ..rope import RopeParams

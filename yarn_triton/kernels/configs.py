@@ -1,0 +1,165 @@
+"""Launch shapes of :func:`~.rope_kernel.rope_kernel`: tokens per program, heads per step,
+head groups and warps (:class:`LaunchConfig`), and how one is chosen.
+
+The launch shape (tokens per program, heads per step, head groups, warps) is picked per
+shape class by timing candidates on scratch copies (``_tune``). Here: the shape that needs
+no tuning (:func:`heuristic_config`), the candidates worth timing (:func:`candidate_configs`)
+and their timing (``_tune``), the grid (``_grid``) and each operand's heads per step
+(``_meta``). Which shape a call gets, and the tuner's picks per shape class, are the
+launcher's (``launcher.AUTOTUNE``, ``launcher._TUNED``): it keys, reads and fills them.
+
+Imports only ``rope_kernel`` (the kernel the tuner times, ``INTERPRETED``). The tuner
+launches the kernel by its name in this module.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import triton
+
+from .rope_kernel import INTERPRETED, rope_kernel
+
+__all__ = ["LaunchConfig", "candidate_configs", "heuristic_config"]
+
+
+# --------------------------------------------------------------------------------------
+# Launch shapes: a heuristic default, or the tuner's pick among candidates
+# --------------------------------------------------------------------------------------
+def _tok_class(n_tokens: int) -> int:
+    """Autotune bucket: powers of two up to 64K tokens (beyond, the best shape is stable)."""
+    return min(_next_pow2(max(n_tokens, 1)), 1 << 16)
+
+
+# (tokens per program, heads per step, head groups, warps). A short list, so a new shape
+# class tunes in a few seconds (most of it compiling). One token and several heads per
+# step streams whole rows of q and k (the best prefill shapes on an H100); wide head steps
+# with few programs serve decode, where one round trip to memory is the whole cost.
+_CANDIDATES = [
+    # many tokens: one or a few groups, so each angle serves many heads
+    (1, 4, 8, 1), (1, 2, 16, 1), (1, 8, 4, 2), (2, 4, 8, 1), (4, 1, 8, 1), (4, 2, 2, 1), (8, 1, 8, 2),
+    (8, 4, 1, 4), (16, 1, 8, 2), (16, 2, 1, 4), (16, 4, 1, 8), (32, 1, 8, 4), (4, 1, 16, 1),
+    # few tokens (decode): many small programs, or one wide program per token
+    (1, 1, 32, 1), (1, 1, 16, 1), (2, 1, 16, 1), (4, 1, 32, 1), (1, 8, 4, 1), (1, 16, 2, 2), (1, 32, 1, 4),
+    (1, 32, 1, 2),
+    (2, 16, 1, 4), (2, 8, 4, 1), (2, 16, 2, 2), (4, 8, 4, 2),
+]
+# Tuning times candidates on scratch copies of q and k (the user's tensors are never
+# touched, and no restore copy pollutes the timing); past this size it is not worth it.
+_TUNE_SCRATCH_MAX_BYTES = 1 << 30
+
+
+def candidate_configs(n_tokens: int, n_q_heads: int, n_k_heads: int, half_pad: int) -> list:
+    """The launch shapes worth timing for a shape: no more tokens per program or head
+    groups than there are tokens or heads, and at most 64 fp32 values per thread per step
+    (more spill)."""
+    heads = _next_pow2(max(n_q_heads, n_k_heads, 1))
+    toks = _tok_class(n_tokens)
+    keep = [LaunchConfig(bt, bh, w, 1, g) for bt, bh, g, w in _CANDIDATES
+            if g <= heads and bh <= heads and bt <= toks and bt * bh * 2 * half_pad <= 64 * 32 * w]
+    return keep or [LaunchConfig(1, 1, 1, 1, 1)]
+
+
+def _scratch(t: torch.Tensor) -> torch.Tensor:
+    """Random data in a tensor of ``t``'s sizes and strides: the same access pattern."""
+    return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device).normal_()
+
+
+def _grid(n_tokens: int, cfg: "LaunchConfig") -> Tuple[int, int, int]:
+    return (_cdiv(n_tokens, cfg.block_t) * cfg.head_groups, 1, 1)
+
+
+def _tune(args: tuple, switches: dict, n_tokens: int, configs: list) -> Optional["LaunchConfig"]:
+    """The fastest of ``configs`` for this launch, timed on scratch copies of the q/k
+    operands (positions, weights and ``inv_freq`` are only read, so the real ones serve).
+    Every candidate is timed as a CUDA graph of back-to-back launches: host noise would
+    decide an eager timing of a decode launch, and single launches after an L2 flush (what
+    ``do_bench`` times) miss the steady state of an in-place pass, whose dirty lines are
+    written back while the next launch runs. On an H100 that once ranked the Qwen3.5 M-RoPE
+    prefill's candidates so that the pick took 32.1 us back to back where the best took
+    29.7. None when the scratch would be too large."""
+    operands = args[:4]
+    if sum(t.numel() * t.element_size() for t in operands) > _TUNE_SCRATCH_MAX_BYTES:
+        return None
+    copies: dict = {}  # one scratch per distinct tensor (in place: input is output)
+    for t in operands:
+        if t.numel() and id(t) not in copies:
+            copies[id(t)] = _scratch(t)
+    targs = (*[copies.get(id(t), t) for t in operands], *args[4:])
+    best, best_ms = None, float("inf")
+    for cfg in configs:
+        def run(cfg=cfg):
+            rope_kernel[_grid(n_tokens, cfg)](*targs, **switches, **_meta(cfg, targs), num_warps=cfg.num_warps,
+                                              num_stages=cfg.num_stages)
+        try:
+            run()  # compiles
+            ms = triton.testing.do_bench_cudagraph(run, rep=10, return_mode="median")
+        except Exception:  # noqa: BLE001  (a shape the compiler rejects, e.g. out of resources)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    return best
+
+
+def _next_pow2(n: int) -> int:
+    # plain Python: triton.next_power_of_2 / triton.cdiv are jit-callable and cost
+    # microseconds each on the host
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class LaunchConfig(NamedTuple):
+    """Launch shape: tokens per program, heads per step, warps, pipelining stages, and the
+    number of programs that share one block of tokens (each takes a slice of the heads)."""
+
+    block_t: int
+    block_h: int
+    num_warps: int
+    num_stages: int = 1
+    head_groups: int = 1
+
+
+# Few tokens: enough one-warp programs to cover the machine (132 SMs on an H100).
+_PROGRAMS_WANTED = 512
+
+
+@functools.lru_cache(maxsize=1024)
+def heuristic_config(n_tokens: int, n_q_heads: int, n_k_heads: int, half: int) -> LaunchConfig:
+    """A launch shape that needs no tuning. Many tokens on a GPU: one token and 4 heads per
+    step in one-warp programs, the heads split over up to 8 groups, which streams whole
+    rows of q and k (the tuner's usual pick on an H100). Under the interpreter, whose cost
+    grows with the number of programs: 16 tokens x all heads per program (32 when the rope
+    part is 64 wide or less). Few tokens (decode): one warp per program, up to 4 tokens
+    each, and the heads split into groups until there are enough programs: latency, not
+    bandwidth, decides there."""
+    half_pad = _next_pow2(half)
+    heads = _next_pow2(max(n_q_heads, n_k_heads, 1))
+    block_t = 16 if half_pad >= 64 else 32
+    if n_tokens >= block_t * _PROGRAMS_WANTED // 4:
+        if INTERPRETED:
+            return LaunchConfig(block_t, 1, 4, 1, 1)
+        return LaunchConfig(1, min(4, heads), 1, 1, max(1, min(8, heads // 4)))
+    block_t = min(_next_pow2(max(n_tokens, 1)), 4)
+    groups = min(heads, _next_pow2(max(1, _PROGRAMS_WANTED // _cdiv(max(n_tokens, 1), block_t))))
+    return LaunchConfig(block_t, 1, 1, 1, groups)
+
+
+_NQ = rope_kernel.arg_names.index("n_q_heads")
+_NK = rope_kernel.arg_names.index("n_k_heads")
+
+
+def _meta(cfg: LaunchConfig, args: Sequence) -> dict:
+    """The launch shape's constexprs for the kernel arguments ``args``: each operand's heads
+    per step is the shape's, capped at its heads per group (power of two), and whether
+    one step covers a group (then the kernel has no head loop)."""
+    per_q = _cdiv(max(args[_NQ], 1), cfg.head_groups)
+    per_k = _cdiv(max(args[_NK], 1), cfg.head_groups)
+    q_step = min(cfg.block_h, _next_pow2(per_q))
+    k_step = min(cfg.block_h, _next_pow2(per_k))
+    return {"BLOCK_T": cfg.block_t, "Q_BLOCK_H": q_step, "K_BLOCK_H": k_step, "HEAD_GROUPS": cfg.head_groups,
+            "Q_ONE_STEP": per_q <= q_step, "K_ONE_STEP": per_k <= k_step}
