@@ -398,6 +398,8 @@ def test_64bit_offsets_switch(kdev, gen, monkeypatch, layout):
     local = torch.cat([torch.arange(4), torch.arange(7)])
     ref, _ = rope_reference(qp.cpu(), None, local, p, layout=layout, compute_dtype=torch.float64)
     assert rel_err(out, ref) < TOL[torch.float32]
+    # both launches took the 64-bit variant (the lowered threshold reached the launcher)
+    assert [plan.launch.switches["WIDE"] for plan in op.plans._PLANS.values()] == [True, True]
 
 
 class _Launcher36:
