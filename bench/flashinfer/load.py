@@ -1,0 +1,63 @@
+"""Build (once, cached) and load our torch binding of FlashInfer's position-id rope launchers.
+
+    from load import load            # bench/flashinfer/load.py, imported by path
+    fi = load()                      # fi.cos_sin_cache_(q, k, cache, pos_ids, interleave)
+                                     # fi.pos_ids_(q, k, pos_ids, rotary_dim, interleave, scale, theta)
+
+Needs FlashInfer's headers at ``.flashinfer/include`` (``bench/flashinfer/fetch_headers.sh``), a
+CUDA toolkit (nvcc) and a GPU; builds for the current GPU's arch (sm_90 on an H100) with
+FlashInfer's own JIT flags (``-O3 -use_fast_math``), into ``.flashinfer/build`` (rebuilt only when
+the source or flags change). This folder has no ``__init__.py`` on purpose: ``import flashinfer``
+must keep finding the real package, if one is installed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+INCLUDE = ROOT / ".flashinfer" / "include"
+BUILD = ROOT / ".flashinfer" / "build"
+NAME = "yarn_bench_flashinfer_rope"
+
+
+def load(verbose: bool = False):
+    import torch
+    from torch.utils.cpp_extension import load as cpp_load
+
+    if not (INCLUDE / "flashinfer" / "pos_enc.cuh").is_file():
+        raise FileNotFoundError(f"no FlashInfer headers at {INCLUDE}: run bench/flashinfer/fetch_headers.sh")
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA GPU")
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        major, minor = torch.cuda.get_device_capability()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    BUILD.mkdir(parents=True, exist_ok=True)
+    cccl = INCLUDE / "cccl"
+    return cpp_load(
+        name=NAME,
+        sources=[str(HERE / "rope_binding.cu")],
+        # FlashInfer's bundled CCCL first (as its JIT puts it), ahead of the toolkit's copy
+        extra_include_paths=[str(cccl / "libcudacxx" / "include"), str(cccl / "cub"), str(cccl / "thrust"),
+                             str(INCLUDE)],
+        extra_cflags=["-O3", "-DNDEBUG"],
+        extra_cuda_cflags=["-O3", "-DNDEBUG", "-use_fast_math", "--expt-relaxed-constexpr",
+                           "-DFLASHINFER_ENABLE_F16", "-DFLASHINFER_ENABLE_BF16",
+                           "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                           "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"],
+        build_directory=str(BUILD),
+        verbose=verbose,
+    )
+
+
+def yarn_cos_sin_cache(params, max_positions: int, device):
+    """The cache FlashInfer's YaRN users (vLLM, SGLang) build once per model:
+    float32 ``[max_positions, R]``, ``cos`` of each position's angles in the first ``R/2``
+    columns, ``sin`` in the last, both times YaRN's cos/sin scale (its mscale)."""
+    import torch
+
+    inv = params.inv_freq.to(device=device, dtype=torch.float32)
+    freqs = torch.outer(torch.arange(max_positions, device=device, dtype=torch.float32), inv)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1) * params.cos_sin_scale
