@@ -13,6 +13,12 @@ Like for like means:
 * peers that need a cos/sin table are reported twice: kernel only (``*_ms``), and with the
   table built once per model forward and spread over the model's layers (``*_e2e_ms``:
   32 layers for Llama-3-8B, 61 for DeepSeek-V3);
+* FlashInfer (our binding of its position-id launchers, ``bench/flashinfer/``, when it
+  builds) gets ``[B*S, H, D]`` token-major views of the same storage ours gets, and the
+  positions flat: ``flashinfer`` takes the fp32 ``[max_pos, R]`` YaRN cos/sin cache that its
+  users (vLLM, SGLang) build, ``flashinfer_fly`` computes plain-rope angles in the kernel
+  (it cannot express YaRN's blended inv_freq or cos/sin scale; same bytes moved). Its e2e
+  adds the cache build over the layers, though those users build it once per model load;
 * the profiler lists the GPU kernels each method launches (``kernels`` in the JSON): a
   kernel-only figure is one kernel, and any copy a peer makes of its input is counted,
   because its users pay for it;
@@ -21,8 +27,9 @@ Like for like means:
   torch op (``q.add_(0)``), all in one process.
 
 The floor is the rope part of q and k read and written once over the device-to-device copy
-bandwidth measured in the same run. FlashInfer and vLLM are not run here: neither installs
-on the device machine (see docs/performance.md).
+bandwidth measured in the same run. FlashInfer's wheel does not install on the device
+machine: its columns need ``bench/flashinfer/fetch_headers.sh`` run first (the headers its
+binding compiles against, a few MiB; see docs/performance.md). vLLM is not run here.
 
 With no GPU it says so, checks correctness through Triton's interpreter and exits 0.
 """
@@ -195,14 +202,70 @@ def make_mrope_inputs(model, T, dtype, gen):
     return q, k, pos3, params, nbytes
 
 
-def run_shape(name, shape, dtype, bw, liger, compiled_apply, log):
+FI_CACHE_POSITIONS = 128 * 1024  # positions FlashInfer's cache covers: the rows draw them below 128K
+
+
+def load_flashinfer():
+    """Our FlashInfer binding (``bench/flashinfer/load.py``, imported by its path: that folder
+    is no package, so ``import flashinfer`` still finds the real one)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flashinfer", "load.py")
+    spec = importlib.util.spec_from_file_location("fi_rope_load", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def flashinfer_methods(fi, q, k, pos, params, theta, layout, row, log) -> dict:
+    """FlashInfer's two position-id ropes on ``[nnz, H, D]`` views of ``q``/``k`` (in place,
+    as its ``*_inplace`` API), each checked against our reference first: ``flashinfer``
+    gathers YaRN's cos/sin from the fp32 cache its users build (its build time is
+    ``flashinfer_cache_us``), ``flashinfer_fly`` computes plain rope (theta, scale 1) in the
+    kernel. A method whose error is past bf16 rounding (a convention mistake) is left out;
+    the fast-math angles of the on-the-fly one are recorded (``*_rel_err``), not judged."""
+    import yarn_triton as yt
+    from yarn_triton.reference import rope_reference
+
+    assert q.shape[0] == 1 and k.shape[0] == 1
+    fq, fk = q.squeeze(0), k.squeeze(0)  # [nnz, H, D]: views, q's and k's strides
+    ids = pos.reshape(-1)
+    interleave, rot = layout == "interleaved", params.rope_dim
+    build = lambda: fi.yarn_cos_sin_cache(params, FI_CACHE_POSITIONS, q.device)  # noqa: E731
+    cache = build()
+    row["flashinfer_cache_us"] = graph_us(build)
+    row["flashinfer_cache_positions"] = FI_CACHE_POSITIONS
+    plain = yt.RopeParams.default(rot, theta)
+    cands = {"flashinfer": (params, lambda a, b: fi.ext.cos_sin_cache_(a, b, cache, ids, interleave)),
+             "flashinfer_fly": (plain, lambda a, b: fi.ext.pos_ids_(a, b, ids, rot, interleave, 1.0, theta))}
+    methods = {}
+    for m, (p, run) in cands.items():
+        try:
+            qc = torch.empty_strided(fq.shape, fq.stride(), dtype=q.dtype, device=q.device).copy_(fq)
+            kc = torch.empty_strided(fk.shape, fk.stride(), dtype=k.dtype, device=k.device).copy_(fk)
+            run(qc, kc)
+            rq, rk = rope_reference(fq.double(), fk.double(), ids, p, layout=layout, compute_dtype=torch.float64)
+            err = (((qc.double() - rq).norm() ** 2 + (kc.double() - rk).norm() ** 2)
+                   / (rq.norm() ** 2 + rk.norm() ** 2)).sqrt().item()
+            row[f"{m}_rel_err"] = err
+            if (m == "flashinfer" and err > 1e-2) or err > 0.2:
+                raise ValueError(f"relative error {err:.2e} against the reference")
+            methods[m] = lambda run=run: run(fq, fk)
+        except Exception as e:  # a peer failing is reported, not fatal
+            row[f"{m}_error"] = f"{type(e).__name__}: {e}"[:200]
+            log(f"  {row['shape']}: {m} failed: {row[f'{m}_error']}")
+    return methods
+
+
+def run_shape(name, shape, dtype, bw, liger, compiled_apply, log, fi=None):
     import yarn_triton as yt
 
     T, hq, hk, D, rot, kind, layout, layers = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, pos, nbytes = make_inputs(shape, dtype, gen)
     # cos/sin scale 1: repeated in-place timing keeps values bounded (same cost)
-    base = yt.RopeParams.yarn(rot, 500000.0, 4.0, 8192)
+    theta = 500000.0
+    base = yt.RopeParams.yarn(rot, theta, 4.0, 8192)
     params = yt.RopeParams(base.inv_freq, rot, 1.0, 1.0, "yarn")
     inv = params.inv_freq_on("cuda")
     row = {"shape": name, "tokens": T, "q_heads": hq, "k_heads": hk, "head_dim": D, "rope_dim": rot,
@@ -273,6 +336,9 @@ def run_shape(name, shape, dtype, bw, liger, compiled_apply, log):
                "torch_compile": lambda: compiled_apply(qv, kv, cos, sin)}
     if liger is not None and layout == "neox":
         methods["liger"] = lambda: liger(qv, kv, cos, sin)
+    if fi is not None and layout in ("neox", "interleaved"):  # no deepseek layout in FlashInfer
+        methods.update(flashinfer_methods(fi, q, k, pos, params, theta, layout, row, log))
+    tables = {"flashinfer": "flashinfer_cache_us", "flashinfer_fly": None}  # default: table_us
     for m, fn in methods.items():
         try:
             if kind == "decode":
@@ -281,8 +347,12 @@ def run_shape(name, shape, dtype, bw, liger, compiled_apply, log):
                 row[f"{m}_us"] = bench_ms(fn) * 1e3
                 row[f"{m}_graph_us"] = graph_us(fn)
             row[f"{m}_kernels"] = kernels_launched(fn)
+            if m.startswith("flashinfer") and (len(row[f"{m}_kernels"]) != 1
+                                               or "flashinfer" not in row[f"{m}_kernels"][0]):
+                log(f"  {name}: {m} launched {row[f'{m}_kernels']}, not FlashInfer's one kernel")
             if m not in ("ours", "ours_fp32_angles"):
-                row[f"{m}_e2e_us"] = row[f"{m}_us"] + row["table_us"] / layers
+                table = tables.get(m, "table_us")
+                row[f"{m}_e2e_us"] = row[f"{m}_us"] + (row[table] / layers if table else 0.0)
         except Exception as e:
             row[f"{m}_error"] = f"{type(e).__name__}: {e}"[:200]
             log(f"  {name}: {m} failed: {row[f'{m}_error']}")
@@ -533,13 +603,15 @@ def print_tables(meta, rows, host):
           f"copy {meta['copy_tbps']:.2f} TB/s | empty Triton kernel in a graph {meta['empty_kernel_us']:.2f} us")
     print("device time, us (decode: per call in a CUDA graph; e2e = kernel + cos/sin table / layers)")
     print(f"{'shape':20s} {'floor':>7s} {'ours':>7s} {'x floor':>7s} {'liger':>7s} {'liger e2e':>9s} "
-          f"{'torch':>7s} {'compile':>7s} {'compile e2e':>11s} {'fp32 ang':>8s}")
+          f"{'torch':>7s} {'compile':>7s} {'compile e2e':>11s} {'fp32 ang':>8s} {'fi cache':>8s} {'fi e2e':>7s} "
+          f"{'fi fly':>7s}")
     for r in rows:
         ours = r.get("ours_us", float("nan"))
         print(f"{r['shape']:20s} {r['floor_us']:7.2f} {ours:7.2f} {ours / r['floor_us']:7.3f} "
               f"{_fmt(r, 'liger_us'):>7s} {_fmt(r, 'liger_e2e_us'):>9s} {_fmt(r, 'torch_us'):>7s} "
               f"{_fmt(r, 'torch_compile_us'):>7s} {_fmt(r, 'torch_compile_e2e_us'):>11s} "
-              f"{_fmt(r, 'ours_fp32_angles_us'):>8s}")
+              f"{_fmt(r, 'ours_fp32_angles_us'):>8s} {_fmt(r, 'flashinfer_us'):>8s} {_fmt(r, 'flashinfer_e2e_us'):>7s} "
+              f"{_fmt(r, 'flashinfer_fly_us'):>7s}")
     print("host: eager wall time per call, us (1-token decode unless named)")
     for name, us in host.items():
         print(f"  {name:54s} {us:7.1f}")
@@ -555,6 +627,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-qknorm", dest="qknorm", action="store_false", help="skip the QK-norm + rope rows")
     ap.add_argument("--no-mrope", dest="mrope", action="store_false", help="skip the M-RoPE rows")
     ap.add_argument("--no-host", dest="host", action="store_false", help="skip the host-cost table")
+    ap.add_argument("--no-flashinfer", dest="flashinfer", action="store_false",
+                    help="skip the FlashInfer columns (built from .flashinfer/include: bench/flashinfer/fetch_headers.sh)")
     ap.add_argument("--sweep-only", action="store_true",
                     help="only the tokens sweep and its plot (e.g. a second device call): no rows, no host table")
     args = ap.parse_args(argv)
@@ -574,6 +648,14 @@ def main(argv=None) -> int:
     except Exception as e:
         liger = None
         log(f"Liger-Kernel not available ({type(e).__name__}): its columns are skipped")
+    fi = None
+    if args.flashinfer:
+        try:
+            fi = load_flashinfer()
+            fi.ext = fi.load()
+        except Exception as e:  # no headers, no nvcc, a build error: its columns are skipped
+            fi = None
+            log(f"FlashInfer binding not available ({type(e).__name__}: {str(e)[-300:]}): its columns are skipped")
     compiled_apply = torch.compile(hf_apply)
 
     def qk_two_ops(q, k, qw, kw, cos, sin):
@@ -606,7 +688,7 @@ def main(argv=None) -> int:
     rows = []
     for name in filter(None, args.shapes.split(",")):
         log(f"running {name} ...")
-        rows.append(with_picks(run_shape, name, SHAPES[name], dtype, bw, liger, compiled_apply, log))
+        rows.append(with_picks(run_shape, name, SHAPES[name], dtype, bw, liger, compiled_apply, log, fi))
         with open(args.out, "w") as f:  # as we go: a killed run still leaves its rows
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     host = host_costs(dtype, liger) if args.host else {}
@@ -635,7 +717,7 @@ def main(argv=None) -> int:
     if not args.no_sweep:
         for T in SWEEP_TOKENS:
             r = run_shape(f"sweep-{T}", (T, 32, 8, 128, 128, "prefill", "neox", 32), dtype, bw, liger,
-                          compiled_apply, log)
+                          compiled_apply, log, fi)
             sweep.append(r)
     save(sweep)
     if args.plot and sweep:
