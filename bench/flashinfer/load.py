@@ -38,12 +38,14 @@ def load(verbose: bool = False):
     cccl = INCLUDE / "cccl"
     return cpp_load(
         name=NAME,
-        sources=[str(HERE / "rope_binding.cu")],
-        # FlashInfer's bundled CCCL first (as its JIT puts it), ahead of the toolkit's copy
-        extra_include_paths=[str(cccl / "libcudacxx" / "include"), str(cccl / "cub"), str(cccl / "thrust"),
-                             str(INCLUDE)],
+        # the .cu sees FlashInfer's headers and its bundled CCCL (3.6, first on the path as its
+        # JIT puts it), no torch header: torch's pull in the toolkit's thrust under nvcc, and
+        # two CCCLs cannot share a translation unit; the .cpp is the torch side
+        sources=[str(HERE / "rope_binding.cpp"), str(HERE / "rope_binding.cu")],
+        extra_include_paths=[str(INCLUDE)],
         extra_cflags=["-O3", "-DNDEBUG"],
-        extra_cuda_cflags=["-O3", "-DNDEBUG", "-use_fast_math", "--expt-relaxed-constexpr",
+        extra_cuda_cflags=[f"-I{cccl / 'libcudacxx' / 'include'}", f"-I{cccl / 'cub'}", f"-I{cccl / 'thrust'}",
+                           "-O3", "-DNDEBUG", "-use_fast_math", "--expt-relaxed-constexpr",
                            "-DFLASHINFER_ENABLE_F16", "-DFLASHINFER_ENABLE_BF16",
                            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"],

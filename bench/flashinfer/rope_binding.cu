@@ -1,6 +1,9 @@
 // A small torch binding of FlashInfer's two position-id rope launchers (pos_enc.cuh,
 // flashinfer-python 0.7.4), for bench/bench_rope.py; our code, FlashInfer's headers (fetched
-// by fetch_headers.sh into .flashinfer/include, not committed).
+// by fetch_headers.sh into .flashinfer/include, not committed). This file calls the launchers
+// and sees no torch header: FlashInfer needs its bundled CCCL (3.6: cuda::fast_mod_div), and
+// torch's headers pull the toolkit's thrust under nvcc; the two CCCLs cannot share a
+// translation unit. rope_binding.cpp holds the torch side (checks, stream, Python module).
 //
 //   cos_sin_cache_(q, k, cos_sin_cache, pos_ids, interleave)
 //       BatchQKApplyRotaryPosIdsCosSinCache: cos/sin gathered from an fp32 [max_pos, R] cache
@@ -11,107 +14,69 @@
 //       theta^(-2i/R) / rope_scale (no YaRN ramp, no cos/sin scale).
 //
 // Both rotate in place, as FlashInfer's *_inplace API does (q_rope = q, k_rope = k), on the
-// current CUDA stream. q: [nnz, Hq, D], k: [nnz, Hk, D], any token and head strides, the last
-// dim contiguous; the first R channels of each head are rotated. pos_ids: [nnz] int32/int64.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+// current CUDA stream. q: [nnz, Hq, D] bfloat16, k: [nnz, Hk, D], any token and head strides,
+// the last dim contiguous; the first R channels of each head are rotated. pos_ids: [nnz]
+// int32/int64.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <exception>
+#include <string>
 
 #include <flashinfer/pos_enc.cuh>
 
-namespace {
+namespace yarn_bench_fi {
 
-void check_qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos_ids) {
-  TORCH_CHECK(q.is_cuda() && k.is_cuda() && pos_ids.is_cuda(), "q, k, pos_ids must be CUDA tensors");
-  TORCH_CHECK(q.device() == k.device() && q.device() == pos_ids.device(), "q, k, pos_ids: one device");
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "q and k must be [nnz, H, D]");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "q and k must have one dtype");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "FlashInfer's rope takes float16/bfloat16 q/k");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2), "q and k: same nnz and head dim");
-  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1, "FlashInfer's rope needs a contiguous last dim");
-  // its kernels load and store 16 bytes per thread: every head must start 16-byte aligned
-  const int64_t vec = 16 / q.element_size();
-  for (const at::Tensor* t : {&q, &k}) {
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0 &&
-                    (t->size(0) < 2 || t->stride(0) % vec == 0) && (t->size(1) < 2 || t->stride(1) % vec == 0),
-                "FlashInfer's rope needs 16-byte aligned heads (pointer and token/head strides)");
-  }
-  TORCH_CHECK(pos_ids.dim() == 1 && pos_ids.size(0) == q.size(0) && pos_ids.is_contiguous(),
-              "pos_ids must be a contiguous [nnz] tensor");
-  TORCH_CHECK(pos_ids.scalar_type() == at::kInt || pos_ids.scalar_type() == at::kLong,
-              "pos_ids must be int32 or int64");
-}
+// "" on success, else why (a CUDA error, or FlashInfer's exception for an unsupported shape)
+static thread_local std::string last_error;
 
 template <typename F>
-void dispatch(const at::Tensor& q, const at::Tensor& pos_ids, F&& f) {
-  auto by_id = [&](auto dtype_tag) {
-    using DType = decltype(dtype_tag);
-    if (pos_ids.scalar_type() == at::kInt) {
-      f(DType{}, int32_t{});
-    } else {
-      f(DType{}, int64_t{});
-    }
-  };
-  if (q.scalar_type() == at::kBFloat16) {
-    by_id(nv_bfloat16{});
-  } else {
-    by_id(half{});
+const char* guarded(const char* what, F&& f) {
+  last_error.clear();
+  try {
+    const cudaError_t err = f();
+    if (err != cudaSuccess) last_error = std::string(what) + ": " + cudaGetErrorString(err);
+  } catch (const std::exception& e) {
+    last_error = std::string(what) + ": " + e.what();
   }
+  return last_error.c_str();
 }
 
-void cos_sin_cache_(at::Tensor q, at::Tensor k, at::Tensor cos_sin_cache, at::Tensor pos_ids, bool interleave) {
-  check_qk(q, k, pos_ids);
-  TORCH_CHECK(cos_sin_cache.is_cuda() && cos_sin_cache.device() == q.device(), "cache on q's device");
-  TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat && cos_sin_cache.dim() == 2 &&
-                  cos_sin_cache.is_contiguous(),
-              "cos_sin_cache must be a contiguous float32 [max_pos, rotary_dim]");
-  const int64_t rot = cos_sin_cache.size(1);
-  TORCH_CHECK(rot % 2 == 0 && rot <= q.size(2), "rotary_dim must be even and <= head dim");
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch(q, pos_ids, [&](auto dtype_tag, auto id_tag) {
-    using DType = decltype(dtype_tag);
-    using IdType = decltype(id_tag);
-    auto* qp = static_cast<DType*>(q.data_ptr());
-    auto* kp = static_cast<DType*>(k.data_ptr());
-    const cudaError_t err = flashinfer::BatchQKApplyRotaryPosIdsCosSinCache<DType, IdType>(
-        qp, kp, qp, kp, cos_sin_cache.data_ptr<float>(), static_cast<IdType*>(pos_ids.data_ptr()),
-        q.size(0), q.size(1), k.size(1), rot, q.size(2), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), interleave, stream);
-    TORCH_CHECK(err == cudaSuccess, "BatchQKApplyRotaryPosIdsCosSinCache: ", cudaGetErrorString(err));
+// q, k: bf16, rotated in place (q_rope = q, k_rope = k); pos: int32 or int64 [nnz]
+const char* cos_sin_cache(void* q, void* k, const float* cache, const void* pos, bool pos_i64, uint32_t nnz,
+                          uint32_t hq, uint32_t hk, uint32_t rot, uint32_t head_dim, size_t q_sn, size_t q_sh,
+                          size_t k_sn, size_t k_sh, bool interleave, cudaStream_t stream) {
+  auto* qp = static_cast<nv_bfloat16*>(q);
+  auto* kp = static_cast<nv_bfloat16*>(k);
+  auto* c = const_cast<float*>(cache);
+  return guarded("BatchQKApplyRotaryPosIdsCosSinCache", [&] {
+    if (pos_i64) {
+      return flashinfer::BatchQKApplyRotaryPosIdsCosSinCache<nv_bfloat16, int64_t>(
+          qp, kp, qp, kp, c, static_cast<int64_t*>(const_cast<void*>(pos)), nnz, hq, hk, rot, head_dim, q_sn,
+          q_sh, k_sn, k_sh, q_sn, q_sh, k_sn, k_sh, interleave, stream);
+    }
+    return flashinfer::BatchQKApplyRotaryPosIdsCosSinCache<nv_bfloat16, int32_t>(
+        qp, kp, qp, kp, c, static_cast<int32_t*>(const_cast<void*>(pos)), nnz, hq, hk, rot, head_dim, q_sn, q_sh,
+        k_sn, k_sh, q_sn, q_sh, k_sn, k_sh, interleave, stream);
   });
 }
 
-void pos_ids_(at::Tensor q, at::Tensor k, at::Tensor pos_ids, int64_t rotary_dim, bool interleave, double rope_scale,
-              double rope_theta) {
-  check_qk(q, k, pos_ids);
-  const int64_t d = q.size(2);  // the cache launcher takes other head dims (through RopeQuantize)
-  TORCH_CHECK(d == 64 || d == 128 || d == 256 || d == 512,
-              "head dim ", d, ": FlashInfer's on-the-fly rope takes 64/128/256/512");
-  TORCH_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= q.size(2),
-              "rotary_dim must be even and <= head dim");
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch(q, pos_ids, [&](auto dtype_tag, auto id_tag) {
-    using DType = decltype(dtype_tag);
-    using IdType = decltype(id_tag);
-    auto* qp = static_cast<DType*>(q.data_ptr());
-    auto* kp = static_cast<DType*>(k.data_ptr());
-    const cudaError_t err = flashinfer::BatchQKApplyRotaryPosIds<DType, IdType>(
-        qp, kp, qp, kp, static_cast<IdType*>(pos_ids.data_ptr()), q.size(0), q.size(1), k.size(1), rotary_dim,
-        q.size(2), q.stride(0), q.stride(1), k.stride(0), k.stride(1), q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), interleave, static_cast<float>(rope_scale), static_cast<float>(rope_theta), stream);
-    TORCH_CHECK(err == cudaSuccess, "BatchQKApplyRotaryPosIds: ", cudaGetErrorString(err));
+const char* pos_ids(void* q, void* k, const void* pos, bool pos_i64, uint32_t nnz, uint32_t hq, uint32_t hk,
+                    uint32_t rot, uint32_t head_dim, size_t q_sn, size_t q_sh, size_t k_sn, size_t k_sh,
+                    bool interleave, float rope_scale, float rope_theta, cudaStream_t stream) {
+  auto* qp = static_cast<nv_bfloat16*>(q);
+  auto* kp = static_cast<nv_bfloat16*>(k);
+  return guarded("BatchQKApplyRotaryPosIds", [&] {
+    if (pos_i64) {
+      return flashinfer::BatchQKApplyRotaryPosIds<nv_bfloat16, int64_t>(
+          qp, kp, qp, kp, static_cast<int64_t*>(const_cast<void*>(pos)), nnz, hq, hk, rot, head_dim, q_sn, q_sh,
+          k_sn, k_sh, q_sn, q_sh, k_sn, k_sh, interleave, rope_scale, rope_theta, stream);
+    }
+    return flashinfer::BatchQKApplyRotaryPosIds<nv_bfloat16, int32_t>(
+        qp, kp, qp, kp, static_cast<int32_t*>(const_cast<void*>(pos)), nnz, hq, hk, rot, head_dim, q_sn, q_sh,
+        k_sn, k_sh, q_sn, q_sh, k_sn, k_sh, interleave, rope_scale, rope_theta, stream);
   });
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("cos_sin_cache_", &cos_sin_cache_, "FlashInfer BatchQKApplyRotaryPosIdsCosSinCache, in place",
-        py::arg("q"), py::arg("k"), py::arg("cos_sin_cache"), py::arg("pos_ids"), py::arg("interleave"));
-  m.def("pos_ids_", &pos_ids_, "FlashInfer BatchQKApplyRotaryPosIds (angles on the fly), in place", py::arg("q"),
-        py::arg("k"), py::arg("pos_ids"), py::arg("rotary_dim"), py::arg("interleave"), py::arg("rope_scale"),
-        py::arg("rope_theta"));
-}
+}  // namespace yarn_bench_fi
