@@ -60,6 +60,6 @@ def yarn_cos_sin_cache(params, max_positions: int, device):
     columns, ``sin`` in the last, both times YaRN's cos/sin scale (its mscale)."""
     import torch
 
-    inv = params.inv_freq.to(device=device, dtype=torch.float32)
+    inv = params.inv_freq_on(device)  # float32, copied to the device once (graph-capturable)
     freqs = torch.outer(torch.arange(max_positions, device=device, dtype=torch.float32), inv)
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1) * params.cos_sin_scale
