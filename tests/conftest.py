@@ -57,17 +57,23 @@ def one_per_path(cases, path, ids=None):
     paths each test launches can be listed with ``tests/kernel_paths.py``)."""
     cases = [tuple(c) for c in cases]
     if INTERPRETED:
-        groups = {}
-        for c in cases:
-            groups.setdefault(path(c), []).append(c)
-        turn = {}  # per group size, so that each position in such a group comes up in turn
-        picked = []
-        for group in groups.values():
-            i = turn[len(group)] = turn.get(len(group), -1) + 1
-            picked.append(group[i % len(group)])
-        cases = picked
+        cases = pick_one_per_path(cases, path)
     ids = ids or (lambda c: "-".join(str(v).replace("torch.", "") for v in c))
     return [pytest.param(*c, id=ids(c)) for c in cases]
+
+
+def pick_one_per_path(cases: list, path) -> list:
+    """One case of each ``path(case)``, in order of first appearance; within groups of one
+    size, the position picked turns from group to group."""
+    groups = {}
+    for c in cases:
+        groups.setdefault(path(c), []).append(c)
+    turn = {}
+    picked = []
+    for group in groups.values():
+        i = turn[len(group)] = turn.get(len(group), -1) + 1
+        picked.append(group[i % len(group)])
+    return picked
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
