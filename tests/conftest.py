@@ -47,7 +47,7 @@ requires_cuda = pytest.mark.skipif(
 )
 
 
-def one_per_path(cases, path, ids=None):
+def one_per_path(cases, path):
     """``pytest.param``s of ``cases`` (tuples of parameter values) for ``parametrize``.
 
     On a GPU every case runs. Through the interpreter, a case costs seconds, and cases that
@@ -58,8 +58,7 @@ def one_per_path(cases, path, ids=None):
     cases = [tuple(c) for c in cases]
     if INTERPRETED:
         cases = pick_one_per_path(cases, path)
-    ids = ids or (lambda c: "-".join(str(v).replace("torch.", "") for v in c))
-    return [pytest.param(*c, id=ids(c)) for c in cases]
+    return [pytest.param(*c, id="-".join(str(v).replace("torch.", "") for v in c)) for c in cases]
 
 
 def pick_one_per_path(cases: list, path) -> list:

@@ -36,8 +36,10 @@ def _path(args, kwargs) -> str:
     sw["Q_TAIL"] = int(kwargs.get("Q_TAIL_PAD", 0) > 0)
     sw["K_TAIL"] = int(kwargs.get("K_TAIL_PAD", 0) > 0)
     sw["PADDED"] = int(kwargs.get("HALF_PAD", 0) != kwargs.get("HALF", 0))
+    from yarn_triton.kernels.configs import _NK  # n_k_heads' place in the kernel's arguments
+
     q, qo, k = args[0], args[1], args[2]
-    n_k = args[17] if len(args) > 17 else 1
+    n_k = args[_NK]
     sw["dtypes"] = "/".join(str(t.dtype).replace("torch.", "") for t in (q, qo)) + (
         "/" + str(k.dtype).replace("torch.", "") if n_k else "/-")
     return ",".join(f"{key}={sw[key]}" for key in sorted(sw))
