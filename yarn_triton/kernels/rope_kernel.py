@@ -204,7 +204,13 @@ def _round_to(x, out_ty: tl.constexpr):
         return x.to(out_ty, fp_downcast_rounding="rtne")
 
 
-_INTERPRETED = tl.constexpr(not isinstance(triton.jit(lambda: None), triton.runtime.JITFunction))
+@triton.jit
+def _probe():
+    pass
+
+
+# (INTERPRETED, below, as a constexpr the kernel's helpers can branch on)
+_INTERPRETED = tl.constexpr(not isinstance(_probe, triton.runtime.JITFunction))
 
 
 @triton.jit
@@ -216,12 +222,32 @@ def _quantize(x, out_ty: tl.constexpr, qscale):
     if out_ty.is_fp8():
         FP8_MAX: tl.constexpr = 448.0 if out_ty == tl.float8e4nv else 57344.0
         y = tl.clamp(tl.math.div_rn(x, qscale), -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-        v = y.to(out_ty, fp_downcast_rounding="rtne")
-        if _INTERPRETED:  # the interpreter's e4m3 conversion turns NaN into a number; 0x7F is NaN in both formats
+        if _INTERPRETED:
+            # the interpreter's FP8 conversion carries no rounding into the exponent (0.496
+            # becomes 0.25) and turns NaN into a number: round on the float32 grid first,
+            # convert an exact value, and write NaN's bits (0x7F in both formats) directly
+            y = _round_to_fp8_grid(y, 3 if out_ty == tl.float8e4nv else 2, -6 if out_ty == tl.float8e4nv else -14)
+            v = y.to(out_ty, fp_downcast_rounding="rtne")
             v = tl.where(y != y, 0x7F, v.to(tl.uint8, bitcast=True)).to(tl.uint8).to(out_ty, bitcast=True)
+        else:
+            v = y.to(out_ty, fp_downcast_rounding="rtne")
         return v
     else:
         return _round_to(x, out_ty)
+
+
+@triton.jit
+def _round_to_fp8_grid(y, MBITS: tl.constexpr, EMIN: tl.constexpr):
+    """float32 ``y`` (finite values within the format's range, or NaN) rounded to nearest
+    even on the grid of an FP8 format with ``MBITS`` mantissa bits and smallest normal
+    exponent ``EMIN`` (subnormals below it), still float32: the step is ``2**(e - MBITS)``
+    for ``y``'s exponent ``e`` (at least EMIN), and adding then subtracting 1.5 * 2**23
+    rounds ``|y| / step`` (< 2**(MBITS + 1)) to an integer, to nearest even."""
+    a = tl.abs(y)
+    e = tl.maximum(((a.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32) - 127, EMIN)
+    step = ((e - MBITS + 127) << 23).to(tl.uint32).to(tl.float32, bitcast=True)
+    r = ((a / step + 12582912.0) - 12582912.0) * step
+    return tl.where(y < 0, -r, r)
 
 
 @triton.jit
