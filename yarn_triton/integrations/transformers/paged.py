@@ -3,21 +3,25 @@
 new keys and values into the paged KV cache run as one
 :func:`yarn_triton.apply_rope_and_cache_` call, and transformers' own write is skipped.
 
-How (one attention call at a time; nothing of transformers is copied beyond the three-line
-read-back of its full-attention update):
+How (one attention call at a time; of transformers' code only the read-back of its
+full-attention update, two ``index_select`` calls, is repeated here):
 
 1. a forward pre-hook on each attention module of a vetted model type
    (:data:`PAGED_MODEL_TYPES`) sees the call's ``cache`` keyword: a
    ``PagedAttentionCache`` on its index path (``block_table`` None), and a full-attention
    layer whose update is transformers' own (:func:`_writer`), arms the deferral and shadows,
    for this call only, the ``update`` method that writes the layer's cache: the layer's
-   ``FullAttentionCacheAllocator`` (transformers >= 5.2x, called by the attention code) or
+   ``FullAttentionCacheAllocator`` (transformers 5.25, called by the attention code) or
    the ``PagedAttentionCache`` itself (5.17, called by the ``paged|*`` attention
    interface). Both take ``(key_states, value_states, layer_idx, read_index,
-   write_index)`` and write with ``index_copy_(0, write_index, ...)`` into one flat
-   ``[slots, kv_heads, head_dim]`` tensor per layer: seen as ``[slots, 1, kv_heads,
-   head_dim]`` it is the fused op's paged cache with blocks of one token, and
-   ``write_index`` its ``slot_mapping``;
+   write_index)`` and write with ``index_copy_(0, write_index, ...)`` into a flat
+   ``[slots, kv_heads, head_dim]`` tensor per layer for keys and one for values. 5.17's
+   are two tensors: seen as ``[slots, 1, kv_heads, head_dim]`` they are the fused op's
+   caches (blocks of one slot) and ``write_index`` its ``slot_mapping``. 5.25's are views
+   of one buffer whose blocks hold each layer's key page then its value page: the op gets
+   ``[blocks, page_size, kv_heads, head_dim]`` views of the layer's pages
+   (:func:`_page_views`) and the write index mapped onto them (:func:`_page_slots`, once
+   per forward);
 2. the rope dispatcher of that call hands its q and k to :func:`_defer` instead of rotating
    them (plain rope only: no deferred q/k norm, query scale, inverse rotation, M-RoPE, or
    autograd), and the attention code goes on with them unrotated;
@@ -29,8 +33,8 @@ read-back of its full-attention update):
    not taken up (attention code other than expected): never a silent unrotated q or k.
 
 Everything else -- sliding-window layers, MLA caches, the flash decode fast path
-(``block_table``), torch.compile'd forwards, other caches -- keeps the switch's plain
-path: rope in place, then transformers' write.
+(``block_table``), torch.compile'd forwards, other caches, cache layouts other than these
+two -- keeps the switch's plain path: rope in place, then transformers' write.
 """
 
 from __future__ import annotations
@@ -58,24 +62,31 @@ PAGED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "phi3", "gpt_oss", "
 _UPDATE_ARGS = ("key_states", "value_states", "layer_idx", "read_index", "write_index")
 
 # Per thread: ``writer``, the :class:`_Writer` of the attention call now running (set by its
-# pre-hook), and ``pending``, the rope deferred in that call.
+# pre-hook); ``slots``, the last write index mapped by :func:`_page_slots`.
 _PAGED = threading.local()
 # attention module -> its hook handles
 _HOOKS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
 class _Writer:
-    """The cache write of one layer in one attention call: ``target`` (the object whose
-    ``update`` writes it), the layer's flat caches, and whether ``update`` takes per-group
-    lists of indices and ``[1, H, T, D]`` states (transformers 5.17's
-    ``PagedAttentionCache.update``) or the layer's own ``[T, H, D]`` (the allocators')."""
+    """The cache write of one layer in one attention call.
 
-    __slots__ = ("target", "layer_idx", "k_cache", "v_cache", "group", "original", "pending")
+    ``target``: the object whose ``update`` writes the layer's cache; ``k_flat``/``v_flat``:
+    the flat ``[slots, H, D]`` tensors that update indexes with ``write_index`` and
+    ``read_index``; ``k_cache``/``v_cache``: the same slots as the fused op's
+    ``[blocks, block_size, H, D]`` caches; ``page``: None when ``write_index`` is their
+    slot mapping as it is, else ``(rows, page_size)`` (:func:`_page_views`); ``group``:
+    None when ``update`` gets the layer's ``[T, H, D]`` states and index tensors (the
+    allocators'), else the layer group whose entry of per-group index lists it takes, with
+    ``[1, H, T, D]`` states (transformers 5.17's ``PagedAttentionCache.update``);
+    ``pending``: the rope deferred to this write, ``(q, k, handle, layout)``."""
 
-    def __init__(self, target, layer_idx: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 group: Optional[int]) -> None:
-        self.target, self.layer_idx, self.group = target, layer_idx, group
-        self.k_cache, self.v_cache = k_cache, v_cache
+    __slots__ = ("target", "layer_idx", "k_flat", "v_flat", "k_cache", "v_cache", "page", "group", "original",
+                 "pending")
+
+    def __init__(self, target, layer_idx, k_flat, v_flat, k_cache, v_cache, page, group) -> None:
+        self.target, self.layer_idx, self.page, self.group = target, layer_idx, page, group
+        self.k_flat, self.v_flat, self.k_cache, self.v_cache = k_flat, v_flat, k_cache, v_cache
         self.original = target.update
         self.pending = None
 
@@ -88,7 +99,7 @@ class _Writer:
         if self.group is not None:  # 5.17: [1, H, T, D] states, one index tensor per layer group
             key_states, value_states = (x.transpose(1, 2).squeeze(0) for x in (key_states, value_states))
             read_index, write_index = read_index[self.group], write_index[self.group]
-        q, k, positions, params, layout = pending
+        q, k, handle, layout = pending
         if not (key_states.data_ptr() == k.data_ptr() and key_states.shape == k.shape[1:]
                 and key_states.stride() == k.stride()[1:]):
             raise RuntimeError(
@@ -97,12 +108,53 @@ class _Writer:
                 "(disable_fused_rope)"
             )
         v = value_states.unsqueeze(0)
-        k_cache, v_cache = self.k_cache.unsqueeze(1), self.v_cache.unsqueeze(1)  # blocks of one slot
-        _op.apply_rope_and_cache_(q, _unit_strides_like(k, q), _unit_strides_like(v, q), positions, params,
-                                  k_cache, v_cache, write_index, layout=layout)
-        if read_index.numel() == 0:  # no cache read: the new tokens' keys, rotated, from their slots
-            return self.k_cache.index_select(0, write_index), value_states
-        return self.k_cache.index_select(0, read_index), self.v_cache.index_select(0, read_index)
+        slots = write_index if self.page is None else _page_slots(handle, write_index, *self.page)
+        positions = handle.positions if handle.positions.device == q.device else handle.positions.to(q.device)
+        _op.apply_rope_and_cache_(q, _unit_strides_like(k, q), _unit_strides_like(v, q), positions, handle.params,
+                                  self.k_cache, self.v_cache, slots, layout=layout)
+        # transformers' read-back: each sequence's whole cache by read_index. With no cache
+        # read transformers hands on the new keys and values as they came; here the keys
+        # come, rotated, from their slots.
+        if read_index.numel() == 0:
+            return self.k_flat.index_select(0, write_index), value_states
+        return self.k_flat.index_select(0, read_index), self.v_flat.index_select(0, read_index)
+
+
+def _page_views(k_flat: torch.Tensor, v_flat: torch.Tensor, rows: int, page: int):
+    """The fused op's caches over transformers 5.25's full-attention layout, or None when
+    the tensors are not laid out so.
+
+    There each block of the cache holds, for every layer of the group, a page of ``page``
+    keys then a page of ``page`` values: ``rows`` slots in all. A layer's ``k_flat`` /
+    ``v_flat`` start at its key / value page of block 0, so flat slot ``s`` lies in block
+    ``s // rows`` at ``s % rows`` (``< page``). As flat tensors the keys and values
+    interleave; as ``[blocks, page, H, D]`` views with blocks ``rows`` slots apart (the last
+    block's pages included, past the flat views' ends) they are disjoint."""
+    if k_flat.shape[1:] != v_flat.shape[1:] or page < 1 or rows < 2 * page:
+        return None
+    h, d = k_flat.shape[1:]
+    unit = (h * d, d, 1)
+    if (k_flat.stride() != unit or v_flat.stride() != unit
+            or v_flat.storage_offset() - k_flat.storage_offset() != page * h * d):
+        return None
+    blocks = -(-k_flat.shape[0] // rows)
+    size = k_flat.untyped_storage().nbytes() // k_flat.element_size()
+    if blocks < 1 or v_flat.storage_offset() + ((blocks - 1) * rows + page) * h * d > size:
+        return None
+    shape, strides = (blocks, page, h, d), (rows * h * d, h * d, d, 1)
+    return k_flat.as_strided(shape, strides), v_flat.as_strided(shape, strides)
+
+
+def _page_slots(handle: FusedRopePositions, write_index: torch.Tensor, rows: int, page: int) -> torch.Tensor:
+    """``write_index`` (flat slots, ``rows`` to a block) as slots of the ``page``-slot blocks
+    of :func:`_page_views`: ``s - (s // rows) * (rows - page)``. Mapped once per forward:
+    all layers of a forward get the same rope handle and the same write index tensor."""
+    memo = getattr(_PAGED, "slots", None)
+    if memo is not None and memo[0] is handle and memo[1] is write_index and memo[2] == (rows, page):
+        return memo[3]
+    slots = write_index - torch.div(write_index, rows, rounding_mode="floor") * (rows - page)
+    _PAGED.slots = (handle, write_index, (rows, page), slots)
+    return slots
 
 
 _SIGNATURES: dict = {}
@@ -124,7 +176,8 @@ def _takes_update_args(cls) -> bool:
 def _writer(cache, layer_idx) -> Optional[_Writer]:
     """The :class:`_Writer` of layer ``layer_idx`` of ``cache``, or None where the fused write
     does not apply: not a ``PagedAttentionCache`` with transformers' own ``update``, not a
-    full-attention layer with transformers' own update, or ``update`` already shadowed."""
+    full-attention layer with transformers' own update, a layout other than 5.17's or 5.25's,
+    or ``update`` already shadowed."""
     try:
         from transformers.generation.continuous_batching import PagedAttentionCache
     except ImportError:  # pragma: no cover - transformers without continuous batching
@@ -133,7 +186,7 @@ def _writer(cache, layer_idx) -> Optional[_Writer]:
             or not isinstance(layer_idx, int)):
         return None
     allocators = getattr(cache, "layer_to_allocator", None)
-    if allocators is not None:  # transformers >= 5.2x: one cache allocator per attention type
+    if allocators is not None:  # transformers 5.25: one cache allocator per attention type
         try:
             from transformers.generation.continuous_batching.cache_allocators import FullAttentionCacheAllocator
         except ImportError:  # pragma: no cover
@@ -142,20 +195,25 @@ def _writer(cache, layer_idx) -> Optional[_Writer]:
         views = getattr(target, "_kv_token_views", {}).get(layer_idx)
         if type(target).update is not FullAttentionCacheAllocator.update or views is None:
             return None  # sliding window (reads before it writes), MLA latents, ...
-        k_cache, v_cache = views
+        k_flat, v_flat = views
+        page = (getattr(target, "block_physical_stride", 0), getattr(target, "tokens_per_page", 0))
         group = None
     else:  # transformers 5.17: per-layer-group caches, update(..., read_index=[...], write_index=[...])
         groups = getattr(cache, "layer_index_to_group_indices", {})
         if layer_idx not in groups or getattr(cache, "sliding_windows", {}).get(layer_idx) != 1:
             return None
         group, j = groups[layer_idx]
-        k_cache, v_cache = cache.key_cache[j], cache.value_cache[j]
-        target = cache
+        k_flat, v_flat = cache.key_cache[j], cache.value_cache[j]
+        target, page = cache, None
     if "update" in vars(target) or not _takes_update_args(type(target)):
         return None
-    if k_cache.dim() != 3 or v_cache.dim() != 3:
+    if not (isinstance(k_flat, torch.Tensor) and isinstance(v_flat, torch.Tensor)
+            and k_flat.dim() == 3 and v_flat.dim() == 3):
         return None
-    return _Writer(target, layer_idx, k_cache, v_cache, group)
+    caches = (k_flat.unsqueeze(1), v_flat.unsqueeze(1)) if page is None else _page_views(k_flat, v_flat, *page)
+    if caches is None:
+        return None
+    return _Writer(target, layer_idx, k_flat, v_flat, *caches, page, group)
 
 
 def _defer(q: torch.Tensor, k: Optional[torch.Tensor], handle: FusedRopePositions, layout: str, head_axis: int,
@@ -172,13 +230,10 @@ def _defer(q: torch.Tensor, k: Optional[torch.Tensor], handle: FusedRopePosition
         return False
     qv, kv = q.movedim(head_axis, -2), k.movedim(head_axis, -2)
     if (qv.dim() != 4 or qv.shape[0] != 1 or kv.shape[:-2] != qv.shape[:-2]  # continuous batching packs [1, T]
-            or kv.shape[-2:] != writer.k_cache.shape[-2:] or q.dtype != writer.k_cache.dtype
-            or q.device != writer.k_cache.device):
+            or kv.shape[-2:] != writer.k_flat.shape[-2:] or q.dtype != writer.k_flat.dtype
+            or q.device != writer.k_flat.device):
         return False
-    positions = handle.positions
-    if positions.device != q.device:
-        positions = positions.to(q.device)
-    writer.pending = (qv, kv, positions, handle.params, layout)
+    writer.pending = (qv, kv, handle, layout)
     return True
 
 
