@@ -321,6 +321,68 @@ def test_rope_and_cache_matches_reference(dtype, cache, layout, rotary, storage,
                           rot=rot, k_scale=ks, v_scale=vs)
 
 
+@pytest.mark.parametrize("variant", ["head_loops", "wide", "mrope", "row_per_token"])
+def test_cache_write_kernel_variants(variant, kdev, gen, monkeypatch):
+    """The cache write on the kernel's other paths: head loops (a launch shape with fewer
+    head groups than heads: q, k and v walked several heads a step), 64-bit offsets
+    (threshold lowered: the slot division in 64 bits), M-RoPE positions ``[3, T]``, and
+    batched decode (``[B, 1, H, D]`` with offsets: one token per row)."""
+    from yarn_triton.kernels import launcher as kl
+
+    cdt = E4M3 if variant in ("head_loops", "mrope") else torch.float32
+    T, hq, hk, d, dv, nb, bs = 6, 4, 2, 32, 32, 4, 4
+    p = _params(32)
+    config = None
+    if variant == "head_loops":
+        from yarn_triton.kernels.configs import LaunchConfig
+
+        config = LaunchConfig(2, 1, 1, 1, 1)
+    if variant == "wide":
+        monkeypatch.setattr(kl, "_INT32_SPAN", 16)
+    if variant == "mrope":
+        p = yt.RopeParams(p.inv_freq, p.rope_dim, p.cos_sin_scale, mrope_section=(6, 5, 5))
+        pos = _positions(gen, (3, T))
+        truth_pos = pos
+    elif variant == "row_per_token":
+        T = 3
+        offs = _positions(gen, (T,))
+        pos = None
+        truth_pos = offs[:, None]
+    else:
+        pos = truth_pos = _positions(gen, (T,))
+    tokens = (T, 1) if variant == "row_per_token" else (T,)
+    q, k, v = _qkv(gen, tokens, hq, hk, d, dv, torch.float32, kdev)
+    slots = _slots(gen, T, nb * bs, 1).reshape(tokens)
+    caches = _Caches("nhd", nb, bs, hk, d, dv, cdt, gen, kdev)
+    ks, vs = _maybe_scale(k, cdt, "tensor1"), _maybe_scale(v, cdt, "float")
+    q0, k0, v0 = q.cpu().clone(), k.cpu().clone(), v.cpu().clone()
+    if variant == "mrope":
+        tq, tk = rope_reference(q0.to(F64), k0.to(F64), truth_pos, p, compute_dtype=F64)
+    else:
+        tq, tk = _truth(q, k, truth_pos.expand(tokens), p, "neox")
+    launches = []
+    real = kl.PreparedLaunch.__init__
+
+    def spy(self, args, switches, cfg, grid):
+        launches.append(dict(switches, **{"cfg": cfg}))
+        real(self, args, switches, cfg, grid)
+    monkeypatch.setattr(kl.PreparedLaunch, "__init__", spy)
+    kw = dict(offsets=offs.to(kdev)) if variant == "row_per_token" else {}
+    res = yt.apply_rope_and_cache_(q, k, v, None if pos is None else pos.to(kdev), p, *caches.views,
+                                   slots.to(kdev), k_scale=ks, v_scale=vs, config=config, **kw)
+    _check_rope_and_cache(res, q=q, q0=q0, k0=k0, v0=v0, k=k, v=v, caches=caches, slots=slots, tq=tq, tk=tk,
+                          rot=32, k_scale=ks, v_scale=vs)
+    if kdev == "cpu" and not KERNEL_DEVICE:
+        return
+    sw = launches[-1]
+    assert sw["CACHE"]
+    if variant == "head_loops":  # one group, one head a step: every operand's heads in a loop
+        assert sw["cfg"] == config, sw
+    else:
+        key, value = {"wide": ("WIDE", True), "mrope": ("MROPE", 1), "row_per_token": ("ROWS", 2)}[variant]
+        assert sw[key] == value, sw
+
+
 def test_fused_qkv_views_with_another_v_head_dim(kdev, gen):
     """q [T, 4, 64], k [T, 2, 64] and v [T, 2, 32] sliced from one fused projection
     [T, 4*64 + 2*64 + 2*32] (a model whose v head dim differs from q/k's) are disjoint
