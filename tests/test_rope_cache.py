@@ -734,6 +734,60 @@ def test_mla_rope_and_cache_matches_reference(form, dtype, cache, scale_kind, la
                slots=slots, tq=tq, tk=tk, R=R, L=L, scale=sc, token_mask=mask)
 
 
+@pytest.mark.parametrize("with_nope,q_out_dtype", [(True, E4M3), (False, E5M2), (True, "same")],
+                         ids=["nope-e4m3", "pe-e5m2", "nope-same"])
+def test_mla_q_out(with_nope, q_out_dtype, kdev, gen):
+    """MLA with ``q_out``: the rotated q_pe (and, given ``q_nope``, the no-rope channels
+    before it in the same q, copied) go to q_out, FP8 with a device ``q_scale`` (which
+    saturates some values) or q's dtype; q is left as it was; the cache as without it."""
+    dtype, H, nope, R, L, nb, bs = torch.bfloat16, 2, 16, 16, 32, 3, 4
+    p = _params(R)
+    q, q_pe, k_pe, kv_c = _mla_inputs(gen, (6,), H, nope, R, L, dtype, kdev, False, False)
+    slots = _slots(gen, 6, nb * bs, 1)
+    pos = _positions(gen, (6,))
+    cache = _Caches("mla", nb, bs, 1, L + R, None, E4M3, gen, kdev)
+    sc = _maybe_scale(torch.cat((kv_c.reshape(-1), k_pe.reshape(-1))), E4M3, "float")
+    odt = dtype if q_out_dtype == "same" else q_out_dtype
+    width = nope + R if with_nope else R
+    q_out = torch.full((6, H, width + 8), float("nan"), device=kdev).to(odt)[..., :width]  # strided, poisoned
+    qs = None if odt == dtype else _scale(q, odt, "tensor1")
+    q0, k_pe0, kv_c0 = q.cpu().clone(), k_pe.cpu().clone(), kv_c.cpu().clone()
+    tq, tk = rope_reference(q_pe.cpu().to(F64), k_pe.cpu().to(F64).reshape(6, 1, R), pos, p, layout="deepseek",
+                            compute_dtype=F64)
+    res = yt.apply_mla_rope_and_cache_(q_pe, k_pe, kv_c, pos.to(kdev), p, cache.views[0], slots.to(kdev),
+                                       scale=sc, q_out=q_out, q_scale=qs,
+                                       q_nope=q[..., :nope] if with_nope else None)
+    assert res[0] is q_out and res[1].data_ptr() == cache.views[0].data_ptr()
+    _assert_exact("q", q.cpu(), q0)
+    _assert_unchanged(["k_pe", "kv_c"], [k_pe, kv_c], [_bits(k_pe0), _bits(kv_c0)])
+    got = q_out.cpu()
+    _assert_rotated("q_out rope part", got[..., -R:], tq, odt, qs)
+    if with_nope:
+        _assert_exact("q_out nope part", got[..., :nope], _quant_input(q0[..., :nope], odt, qs))
+    ok, s = _valid(slots, cache.n_slots)
+    (rows,) = cache.rows(s)
+    _assert_exact("kv_cache kv_c part", rows[:, :L], _quant_input(kv_c0.reshape(-1, L)[ok], E4M3, sc))
+    _assert_rotated("kv_cache k_pe part", rows[:, L:], tk.reshape(-1, R)[ok], E4M3, sc)
+    cache.assert_untouched_except(s)
+
+
+def test_mla_q_nope_must_precede_q_pe(gen):
+    """q_nope is read with q_pe as one head: a q_nope from another tensor, or without
+    q_out, raises ValueError before anything is written."""
+    p = _params(16)
+    q, q_pe, k_pe, kv_c = _mla_inputs(gen, (4,), 2, 16, 16, 32, torch.bfloat16, "cpu", False, False)
+    cache = torch.zeros(2, 4, 48, dtype=torch.bfloat16)
+    pos, slots = torch.arange(4), torch.arange(4)
+    q0, c0 = q.clone(), cache.clone()
+    other = _randn(gen, 4, 2, 32, dtype=torch.bfloat16)[..., :16]
+    for kw, match in ((dict(q_nope=q[..., :16]), "q_out"),
+                      (dict(q_nope=other, q_out=torch.empty(4, 2, 32, dtype=torch.bfloat16)), "q_nope"),
+                      (dict(q_nope=q[..., :16], q_out=torch.empty(4, 2, 48, dtype=torch.bfloat16)), "q_out")):
+        with pytest.raises(ValueError, match=match):
+            yt.apply_mla_rope_and_cache_(q_pe, k_pe, kv_c, pos, p, cache, slots, **kw)
+        assert torch.equal(q, q0) and torch.equal(cache, c0)
+
+
 @pytest.mark.parametrize("cache", ["same", E4M3], ids=_name)
 def test_mla_deepseek_v3_shape(cache, kdev, gen):
     """DeepSeek-V3's MLA shapes, 2 tokens: q [T, H, 192] with q_pe = q[..., 128:], kv_c

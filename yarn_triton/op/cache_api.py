@@ -16,7 +16,7 @@ import torch
 
 from ..kernels.configs import LaunchConfig
 from ..rope import RopeParams
-from .cache_checks import CacheCall, _check_slots, check_cache_call, mla_views
+from .cache_checks import CacheCall, _check_slots, check_cache_call, mla_views, mla_whole_q
 from .checks import Offsets, _check_config, _check_cu, check_rope_args, mrope_spec
 from .launch import CacheTarget, _execute
 from .library import COMPILER_SEES_KERNEL, _define
@@ -41,11 +41,11 @@ def _scale_of(t: Optional[torch.Tensor], f: float) -> Union[float, torch.Tensor]
 # the reference (or the interpreter).
 # --------------------------------------------------------------------------------------
 def _run(q, qo, k, v, k_cache, v_cache, slots, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot,
-         layout, precise, mrope, qq_t, qq_f, kq_t, kq_f, vq_t, vq_f, traced) -> None:
+         layout, precise, mrope, qq_t, qq_f, kq_t, kq_f, vq_t, vq_f, traced, rotary_at="start") -> None:
     cache = CacheTarget(v, k_cache, v_cache, slots, _scale_of(qq_t, qq_f), _scale_of(kq_t, kq_f),
                         _scale_of(vq_t, vq_f))
     _execute(q, qo, k, None, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, False,
-             precise, traced=traced, mrope=mrope, cache=cache)
+             precise, traced=traced, mrope=mrope, cache=cache, rotary_at=rotary_at)
 
 
 @torch.library.custom_op("yarn_triton::rope_and_cache_host_", mutates_args=("q", "q_out", "k_cache", "v_cache"))
@@ -77,38 +77,49 @@ def _rope_and_cache_impl(
                                                    precise, mrope, qq_t, qq_f, kq_t, kq_f, vq_t, vq_f)
 
 
-@torch.library.custom_op("yarn_triton::mla_rope_and_cache_host_", mutates_args=("q_pe", "kv_cache"))
+def _run_mla(q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, slots, positions, offsets, cu_seqlens, inv_freq, scale,
+             pos_base, rot, layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, traced) -> None:
+    """The MLA call as the GQA one: one-head k and v, the two halves of the cache as the k
+    and v caches, and with ``q_nope`` the whole q (its rope part last) into ``q_out``."""
+    k, v, k_cache, v_cache = mla_views(q_pe, k_pe, kv_c, kv_cache)
+    q = q_pe if q_nope is None else mla_whole_q(q_pe, q_nope, q_out)
+    _run(q, q if q_out is None else q_out, k, v, k_cache, v_cache, slots, positions, offsets, cu_seqlens, inv_freq,
+         scale, pos_base, rot, layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, sc_t, sc_f, traced,
+         "start" if q_nope is None else "end")
+
+
+@torch.library.custom_op("yarn_triton::mla_rope_and_cache_host_", mutates_args=("q_pe", "q_out", "kv_cache"))
 def _mla_host_op(
-    q_pe: torch.Tensor, k_pe: torch.Tensor, kv_c: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor,
-    positions: Optional[torch.Tensor], offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-    inv_freq: torch.Tensor, scale: float, pos_base: int, rotary_dim: int, layout: str, precise: bool,
-    mrope: Optional[List[int]], sc_t: Optional[torch.Tensor], sc_f: float,
+    q_pe: torch.Tensor, q_nope: Optional[torch.Tensor], q_out: Optional[torch.Tensor], k_pe: torch.Tensor,
+    kv_c: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor, positions: Optional[torch.Tensor],
+    offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor, scale: float,
+    pos_base: int, rotary_dim: int, layout: str, precise: bool, mrope: Optional[List[int]],
+    qq_t: Optional[torch.Tensor], qq_f: float, sc_t: Optional[torch.Tensor], sc_f: float,
 ) -> None:
     """The MLA cache write outside the compiler's view (CPU tensors, old torch)."""
-    k, v, k_cache, v_cache = mla_views(q_pe, k_pe, kv_c, kv_cache)
-    _run(q_pe, q_pe, k, v, k_cache, v_cache, slots, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-         rotary_dim, layout, precise, mrope, None, 1.0, sc_t, sc_f, sc_t, sc_f, False)
+    _run_mla(q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, slots, positions, offsets, cu_seqlens, inv_freq, scale,
+             pos_base, rotary_dim, layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, False)
 
 
 def _mla_impl(
-    q_pe: torch.Tensor, k_pe: torch.Tensor, kv_c: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor,
-    positions: Optional[torch.Tensor], offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-    inv_freq: torch.Tensor, scale: float, pos_base: int, rotary_dim: int, layout: str, precise: bool,
-    mrope: Optional[List[int]], sc_t: Optional[torch.Tensor], sc_f: float,
+    q_pe: torch.Tensor, q_nope: Optional[torch.Tensor], q_out: Optional[torch.Tensor], k_pe: torch.Tensor,
+    kv_c: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor, positions: Optional[torch.Tensor],
+    offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor, scale: float,
+    pos_base: int, rotary_dim: int, layout: str, precise: bool, mrope: Optional[List[int]],
+    qq_t: Optional[torch.Tensor], qq_f: float, sc_t: Optional[torch.Tensor], sc_f: float,
 ) -> None:
     if COMPILER_SEES_KERNEL and q_pe.device.type == "cuda":
-        k, v, k_cache, v_cache = mla_views(q_pe, k_pe, kv_c, kv_cache)
-        _run(q_pe, q_pe, k, v, k_cache, v_cache, slots, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-             rotary_dim, layout, precise, mrope, None, 1.0, sc_t, sc_f, sc_t, sc_f, True)
+        _run_mla(q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, slots, positions, offsets, cu_seqlens, inv_freq, scale,
+                 pos_base, rotary_dim, layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, True)
     else:
-        torch.ops.yarn_triton.mla_rope_and_cache_host_(q_pe, k_pe, kv_c, kv_cache, slots, positions, offsets,
-                                                       cu_seqlens, inv_freq, scale, pos_base, rotary_dim, layout,
-                                                       precise, mrope, sc_t, sc_f)
+        torch.ops.yarn_triton.mla_rope_and_cache_host_(q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, slots, positions,
+                                                       offsets, cu_seqlens, inv_freq, scale, pos_base, rotary_dim,
+                                                       layout, precise, mrope, qq_t, qq_f, sc_t, sc_f)
 
 
 _rope_and_cache_op = _define("yarn_triton::rope_and_cache_", ("q", "q_out", "k_cache", "v_cache"),
                              _rope_and_cache_impl)
-_mla_op = _define("yarn_triton::mla_rope_and_cache_", ("q_pe", "kv_cache"), _mla_impl)
+_mla_op = _define("yarn_triton::mla_rope_and_cache_", ("q_pe", "q_out", "kv_cache"), _mla_impl)
 
 
 # --------------------------------------------------------------------------------------
@@ -232,6 +243,9 @@ def apply_mla_rope_and_cache_(
     *,
     layout: str = "deepseek",
     scale: Scale = None,
+    q_out: Optional[torch.Tensor] = None,
+    q_scale: Scale = None,
+    q_nope: Optional[torch.Tensor] = None,
     offsets: Offsets = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     precise_angles: bool = True,
@@ -251,29 +265,42 @@ def apply_mla_rope_and_cache_(
         kv_cache: ``[num_blocks, block_size, L + R]``, q_pe's dtype or FP8, any strides.
         scale: with an FP8 cache (required there, refused otherwise): both parts stored as
             ``x / scale`` saturated, as in :func:`apply_rope_and_cache_`.
+        q_out: the rotated ``q_pe`` goes there instead (``[*T, H, R]``, q_pe's dtype or FP8
+            with ``q_scale``) and q_pe is left as it was; with ``q_nope`` (``[*T, H, Nq]``,
+            the no-rope part of the same q: ``q[..., :Nq]`` where ``q_pe`` is
+            ``q[..., Nq:]``), ``q_out`` is ``[*T, H, Nq + R]`` and gets both, ``q_nope``'s
+            channels copied (quantized) and the rotated ``q_pe`` after them: an FP8 q for
+            FP8 attention, in the same launch.
         layout: ``"deepseek"`` (default: pairs in, halves out, as DeepSeek's
             checkpoints need), ``"neox"`` or ``"interleaved"``.
         positions, params, offsets, cu_seqlens, precise_angles, check_slots,
             check_cu_seqlens, config: as in :func:`apply_rope_and_cache_`.
 
     Returns:
-        ``(q_pe, kv_cache)``, the same tensors, written.
+        ``(q_pe or q_out, kv_cache)``, the same tensors, written.
     """
     k, v, k_cache, v_cache = mla_views(q_pe, k_pe, kv_c, kv_cache)
-    rot = _prepare(q_pe, k, positions, params, layout, None, offsets, cu_seqlens, True, check_cu_seqlens, config)
+    q = q_pe if q_nope is None else mla_whole_q(q_pe, q_nope, q_out)
+    if q_nope is not None and q_out is not None and q_out.shape != q.shape:
+        raise ValueError(f"q_out must be [*T, H, Nq + R] = {tuple(q.shape)} (q_nope's channels, then q_pe's), "
+                         f"got {tuple(q_out.shape)}")
+    rot = _prepare(q, k, positions, params, layout, None, offsets, cu_seqlens, q_out is None, check_cu_seqlens,
+                   config)
     names = {"k": "k_pe", "v": "kv_c", "k_cache": "kv_cache[..., L:]", "v_cache": "kv_cache[..., :L]",
              "k_scale": "scale", "v_scale": "scale"}
     # (the two halves of kv_cache are disjoint views: only the rest is checked for overlap)
-    call = check_cache_call(q_pe, k, v, k_cache, v_cache, slot_mapping, None, scale, scale, None, names=names)
+    call = check_cache_call(q, k, v, k_cache, v_cache, slot_mapping, q_out, scale, scale, q_scale, names=names)
     _check_slots(call.slots, check_slots, kv_cache.shape[0] * kv_cache.shape[1])
     off_t, pos_base = _split_offsets(offsets)
     inv_freq = params.inv_freq_on(q_pe.device)
     if torch.compiler.is_compiling():
         torch.ops.yarn_triton.mla_rope_and_cache_(
-            q_pe, k_pe, kv_c, kv_cache, call.slots, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale,
-            pos_base, rot, layout, precise_angles, _mrope_list(params), *_scale_args(call.k_quant))
+            q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, call.slots, positions, off_t, cu_seqlens, inv_freq,
+            params.cos_sin_scale, pos_base, rot, layout, precise_angles, _mrope_list(params),
+            *_scale_args(call.q_quant), *_scale_args(call.k_quant))
     else:
-        _execute(q_pe, q_pe, k, None, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base, rot,
-                 layout, False, precise_angles, config, mrope=mrope_spec(params),
-                 cache=_target(call, v, k_cache, v_cache))
-    return q_pe, kv_cache
+        _execute(q, q if q_out is None else q_out, k, None, positions, off_t, cu_seqlens, inv_freq,
+                 params.cos_sin_scale, pos_base, rot, layout, False, precise_angles, config,
+                 mrope=mrope_spec(params), cache=_target(call, v, k_cache, v_cache),
+                 rotary_at="start" if q_nope is None else "end")
+    return (q_pe if q_out is None else q_out), kv_cache

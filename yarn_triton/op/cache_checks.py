@@ -164,6 +164,29 @@ def _check_slots(slots: torch.Tensor, check: Optional[bool], n_slots: int) -> No
         check_slot_values(slots, n_slots)
 
 
+def mla_whole_q(q_pe: torch.Tensor, q_nope: torch.Tensor, q_out) -> torch.Tensor:
+    """The whole q ``[*T, H, Nq + R]`` of which ``q_nope`` (``[*T, H, Nq]``) and ``q_pe`` are the
+    two parts, as one view (``q_nope``'s channels, then ``q_pe``'s), for a call that
+    writes both to ``q_out``; ValueError unless ``q_nope`` lies right before ``q_pe`` in
+    each head (``q[..., :Nq]`` and ``q[..., Nq:]`` of one q) and ``q_out`` is given."""
+    if not isinstance(q_nope, torch.Tensor):
+        raise TypeError(f"q_nope must be a torch.Tensor, got {type(q_nope).__name__}")
+    if q_out is None:
+        raise ValueError("q_nope is written to q_out (with the rotated q_pe after it): give q_out too")
+    if q_nope.dtype != q_pe.dtype or q_nope.device != q_pe.device:
+        raise ValueError(f"q_nope must have q_pe's dtype and device ({q_pe.dtype}, {q_pe.device}), "
+                         f"got {q_nope.dtype}, {q_nope.device}")
+    if q_nope.shape[:-1] != q_pe.shape[:-1] or q_nope.stride() != q_pe.stride():
+        raise ValueError(f"q_nope {tuple(q_nope.shape)} must be q[..., :Nq] of the q whose q[..., Nq:] is q_pe "
+                         f"{tuple(q_pe.shape)} (same leading dims and strides)")
+    n = q_nope.shape[-1]
+    if q_nope.untyped_storage().data_ptr() != q_pe.untyped_storage().data_ptr() or \
+            q_pe.storage_offset() != q_nope.storage_offset() + n * q_nope.stride(-1):
+        raise ValueError("q_nope must lie right before q_pe in each head (q_nope = q[..., :Nq], q_pe = q[..., Nq:] of "
+                         "one q): the kernel reads both as one head")
+    return q_nope.as_strided((*q_pe.shape[:-1], n + q_pe.shape[-1]), q_pe.stride(), q_nope.storage_offset())
+
+
 def mla_views(q_pe, k_pe, kv_c, kv_cache) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(k, v, k_cache, v_cache)`` of an MLA call: ``k_pe`` and ``kv_c`` as one-head
     ``[*T, 1, R]`` / ``[*T, 1, L]`` tensors and the two parts of ``kv_cache`` ``[num_blocks,
@@ -194,4 +217,4 @@ def mla_views(q_pe, k_pe, kv_c, kv_cache) -> Tuple[torch.Tensor, torch.Tensor, t
     return k, v, kv_cache[..., lora:].unsqueeze(2), kv_cache[..., :lora].unsqueeze(2)
 
 
-__all__ = ["CacheCall", "check_cache_call", "check_slot_values", "mla_views", "CHECK_SLOTS"]
+__all__ = ["CacheCall", "check_cache_call", "check_slot_values", "mla_views", "mla_whole_q", "CHECK_SLOTS"]

@@ -168,7 +168,7 @@ def _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_
                               mrope if mrope is not None and mrope[0] else None, q_scale, rotary_at, cache)
     if cache is not None:
         _cache_reference(q, qo, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout,
-                         precise, mrope, cache)
+                         precise, mrope, cache, rotary_at)
         return None
     mask = None
     if positions is None:
@@ -199,13 +199,13 @@ def _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_
 
 
 def _cache_reference(q, qo, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, precise,
-                     mrope, cache: CacheTarget) -> None:
+                     mrope, cache: CacheTarget, rotary_at: str = "start") -> None:
     """The cache write in PyTorch (CPU tensors): q and k rotated in float32 by the
     reference, then rounded or quantized once into ``qo`` and the caches."""
     q32 = torch.empty(q.shape, dtype=torch.float32)
     k32 = torch.empty(k.shape, dtype=torch.float32)
     _execute(q.float(), q32, k.float(), k32, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-             rot, layout, False, precise, mrope=mrope)
+             rot, layout, False, precise, mrope=mrope, rotary_at=rotary_at)
     mask = None if cu_seqlens is None or positions is not None else packed_token_mask(q, cu_seqlens)
     if mask is not None:  # tokens past the packed sequences: q keeps them, the caches get nothing
         q32 = torch.where(mask.view(-1, 1, 1), q32, q.float())
