@@ -3,7 +3,8 @@
 from .rope import RopeParams, RopeTracker
 from .config import SUPPORTED_ROPE_TYPES, rope_params_from_config
 from .reference import rope_reference
-from .op import QueryScale, apply_qk_norm_rope, apply_qk_norm_rope_, apply_rope, apply_rope_
+from .op import (QueryScale, apply_mla_rope_and_cache_, apply_qk_norm_rope, apply_qk_norm_rope_, apply_rope,
+                 apply_rope_, apply_rope_and_cache_)
 from .module import YarnRotaryEmbedding
 from .attention import YarnGQAAttention, YarnMLAAttention
 
@@ -16,6 +17,8 @@ __all__ = [
     "apply_rope_",
     "apply_qk_norm_rope",
     "apply_qk_norm_rope_",
+    "apply_rope_and_cache_",
+    "apply_mla_rope_and_cache_",
     "QueryScale",
     "rope_reference",
     "YarnRotaryEmbedding",

@@ -80,14 +80,17 @@ def _tune(args: tuple, switches: dict, n_tokens: int, configs: list) -> Optional
     written back while the next launch runs. On an H100 that once ranked the Qwen3.5 M-RoPE
     prefill's candidates so that the pick took 32.1 us back to back where the best took
     29.7. None when the scratch would be too large."""
-    operands = args[:4]
+    # With the cache write, k's output is the cache: it is not copied (the whole cache
+    # could be large); the candidates write the scratch k's rotation into the caller's
+    # slots, which the real launch then overwrites, and v's, which it writes again.
+    operands = args[:3] if switches.get("CACHE") else args[:4]
     if sum(t.numel() * t.element_size() for t in operands) > _TUNE_SCRATCH_MAX_BYTES:
         return None
     copies: dict = {}  # one scratch per distinct tensor (in place: input is output)
     for t in operands:
         if t.numel() and id(t) not in copies:
             copies[id(t)] = _scratch(t)
-    targs = (*[copies.get(id(t), t) for t in operands], *args[4:])
+    targs = (*[copies.get(id(t), t) for t in operands], *args[len(operands):])
     best, best_ms = None, float("inf")
     for cfg in configs:
         def run(cfg=cfg):
@@ -151,6 +154,7 @@ def heuristic_config(n_tokens: int, n_q_heads: int, n_k_heads: int, half: int) -
 
 _NQ = rope_kernel.arg_names.index("n_q_heads")
 _NK = rope_kernel.arg_names.index("n_k_heads")
+_NV = rope_kernel.arg_names.index("n_v_heads")
 
 
 def _meta(cfg: LaunchConfig, args: Sequence) -> dict:
@@ -159,7 +163,10 @@ def _meta(cfg: LaunchConfig, args: Sequence) -> dict:
     one step covers a group (then the kernel has no head loop)."""
     per_q = _cdiv(max(args[_NQ], 1), cfg.head_groups)
     per_k = _cdiv(max(args[_NK], 1), cfg.head_groups)
+    per_v = _cdiv(max(args[_NV], 1), cfg.head_groups)
     q_step = min(cfg.block_h, _next_pow2(per_q))
     k_step = min(cfg.block_h, _next_pow2(per_k))
+    v_step = min(cfg.block_h, _next_pow2(per_v))
     return {"BLOCK_T": cfg.block_t, "Q_BLOCK_H": q_step, "K_BLOCK_H": k_step, "HEAD_GROUPS": cfg.head_groups,
-            "Q_ONE_STEP": per_q <= q_step, "K_ONE_STEP": per_k <= k_step}
+            "Q_ONE_STEP": per_q <= q_step, "K_ONE_STEP": per_k <= k_step,
+            "V_BLOCK_H": v_step, "V_ONE_STEP": per_v <= v_step}

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import collections
 import os
+from functools import reduce as _reduce
+from operator import or_ as _or
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -26,7 +28,7 @@ import triton
 from .configs import LaunchConfig, _grid, _meta, _next_pow2, _tok_class, _tune, candidate_configs, heuristic_config
 from .rope_kernel import INTERPRETED, rope_kernel
 
-__all__ = ["launch_rope", "Operand", "PreparedLaunch", "compiled_cache_size"]
+__all__ = ["launch_rope", "Operand", "CacheWrite", "PreparedLaunch", "compiled_cache_size"]
 
 # shape class -> LaunchConfig picked by the tuner. Bounded: the key is a shape class
 # (token bucket, head counts, head stride, layout switches, dtypes), a handful per model.
@@ -51,6 +53,25 @@ class Operand(NamedTuple):
     src_strides: Sequence[int]
     dst: torch.Tensor
     dst_strides: Sequence[int]
+
+
+class CacheWrite(NamedTuple):
+    """The serving path's cache write (the kernel's CACHE switch): k's :class:`Operand`
+    then has the k cache as its output, with (block, row in block, head, dim) strides;
+    ``v`` is v with the v cache likewise. ``slots`` holds each token's slot, addressed by
+    ``slot_strides`` (batch, seq) as the positions are. ``n_slots`` (blocks x rows) bounds
+    the slots written; ``block_size`` rows per block. ``q_quant``, ``k_quant``,
+    ``v_quant``: the scales of FP8 outputs (q's output, the caches), each a float or a
+    one-element float32 tensor on the device (1.0 where unused)."""
+
+    v: Operand
+    slots: torch.Tensor
+    slot_strides: Sequence[int]
+    n_slots: int
+    block_size: int
+    q_quant: object = 1.0
+    k_quant: object = 1.0
+    v_quant: object = 1.0
 
 
 _INT32_SPAN = 1 << 31
@@ -110,19 +131,17 @@ class PreparedLaunch:
 
     def __call__(self, ptrs: Sequence[int], pos_base: int, tensors: Sequence[torch.Tensor]) -> None:
         """Launch on the current stream of the tensors' device. ``ptrs``: data pointers of
-        the 9 pointer arguments; ``tensors``: the same as tensors, used only when a new
+        the ``_N_PTRS`` pointer arguments; ``tensors``: the same as tensors, used only when a new
         specialization must be compiled."""
         if INTERPRETED or not FAST_LAUNCH:  # Triton's own launcher (the interpreter's too)
             rope_kernel[self.grid](*self._args(tensors, pos_base), **self.switches, **_meta(self.cfg, self.args),
                                    num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
             return
-        p0, p1, p2, p3, p4, p5, p6, p7, p8 = ptrs
         narrow = -(1 << 31) <= pos_base < (1 << 31)
-        common = not (p0 | p1 | p2 | p3 | p4 | p5 | p6 | p7 | p8) & 15 and narrow
+        common = not _reduce(_or, ptrs) & 15 and narrow
         if common and self._direct is not None and not _HOOKED():
             launch, head = self._direct
-            launch(*self.grid, _RAW_STREAM(self.device), *head, p0, p1, p2, p3, p4, p5, p6, p7, p8,
-                   self.args[_N_PTRS], pos_base, *self._tail)
+            launch(*self.grid, _RAW_STREAM(self.device), *head, *ptrs, self.args[_N_PTRS], pos_base, *self._tail)
             return
         compiled = self._aligned if common else None
         if compiled is None:
@@ -170,6 +189,27 @@ def _direct_launch(compiled) -> Optional[tuple]:
     return launch, head
 
 
+def _cache_pointers(cache: Optional[CacheWrite], filler: torch.Tensor) -> tuple:
+    """The kernel's pointer arguments of the cache write: slots, v, the v cache and the
+    three scales (``filler``, never read, where there is no cache or the scale is a
+    float)."""
+    if cache is None:
+        return (filler,) * 6
+    return (cache.slots, cache.v.src, cache.v.dst,
+            *(sc if isinstance(sc, torch.Tensor) else filler for sc in (cache.q_quant, cache.k_quant, cache.v_quant)))
+
+
+def _cache_args(cache: Optional[CacheWrite], filler: torch.Tensor) -> tuple:
+    """The kernel's scalar arguments of the cache write (zeros and ones without one)."""
+    if cache is None:
+        return (1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0, 1.0, 1.0)
+    v = cache.v
+    return (cache.n_slots, cache.block_size, v.src.shape[-2], *v.src_strides[:2], *v.src_strides[2:],
+            *v.dst_strides, *cache.slot_strides,
+            *(1.0 if isinstance(sc, torch.Tensor) else float(sc) for sc in (cache.q_quant, cache.k_quant,
+                                                                             cache.v_quant)))
+
+
 def launch_rope(
     q: Operand,
     k: Optional[Operand],
@@ -200,6 +240,7 @@ def launch_rope(
     pos_stream_stride: int = 0,
     q_scale: Optional[Tuple[float, int]] = None,
     tail_first: bool = False,
+    cache: Optional[CacheWrite] = None,
 ) -> Optional[PreparedLaunch]:
     """Launch :func:`rope_kernel` on already-validated arguments.
 
@@ -231,6 +272,9 @@ def launch_rope(
     ``tail_first``: the rotary part of each head is its last ``2 * half`` channels (the
     pass-through ones come first); the operands still address whole heads.
 
+    ``cache``: the serving path (:class:`CacheWrite`): k's output operand is the k cache,
+    written at each token's slot, and v is copied to the v cache at the same slots.
+
     Returns the :class:`PreparedLaunch` of this call for the caller to replay, or None
     when the launch cannot be replayed that way (tracing, nothing to do).
     """
@@ -241,7 +285,7 @@ def launch_rope(
     inplace = q.dst is q.src
     rot = 2 * half
     q_tail, q_tail_pad = _tail(q, rot, norm or q_scale is not None or not inplace)
-    k_tail, k_tail_pad = _tail(k, rot, norm or not inplace)
+    k_tail, k_tail_pad = _tail(k, rot, norm or not inplace or cache is not None)
     if tail_first:
         # the kernel steps over the tail to the rotary part: it needs the tail's width even
         # where it does not touch those channels. No tail at all: the usual layout
@@ -254,12 +298,16 @@ def launch_rope(
         dummy = q.src.new_empty(1) if traced else None
         k = Operand(dummy if traced else q.src, (0, 0, 0, 0), dummy if traced else q.dst, (0, 0, 0, 0))
     sincos = _sincos(q.dst.dtype, k.dst.dtype)
+    v = None if cache is None else cache.v
+    n_v_heads = 0 if v is None else v.src.shape[-2]
+    v_dim = 0 if v is None else v.src.shape[-1]
     tune = config is None and autotune and AUTOTUNE and not INTERPRETED
     if tune or traced:
         # Tuning runs once per shape class; later calls launch its pick directly.
         tune_key = (_tok_class(n_tokens), n_q_heads, n_k_heads, q.src_strides[2], k.src_strides[2],
                     half, in_pairs, out_pairs, inplace, cu_seqlens is not None, norm, mrope[0],
-                    q.src.dtype, q.dst.dtype, k.src.dtype, q_scale is not None, tail_first, sincos)
+                    q.src.dtype, q.dst.dtype, k.src.dtype, q_scale is not None, tail_first, sincos,
+                    None if v is None else (n_v_heads, v_dim, k.dst.dtype, v.dst.dtype))
         config = config or _TUNED.get(tune_key)
         # never tune while tracing or inside a CUDA graph capture (the timing runs would be
         # captured): the heuristic's shape then
@@ -277,12 +325,14 @@ def launch_rope(
         inv_freq,
         inv_freq if q_weight is None else q_weight,
         inv_freq if k_weight is None else k_weight,
+        *_cache_pointers(cache, inv_freq),
         float(scale), int(pos_base), float(eps),
         n_tokens, seq_len, n_seqs, _tok_class(n_tokens),
         n_q_heads, n_k_heads, q_tail, k_tail,
         *q.src_strides, *q.dst_strides, *k.src_strides, *k.dst_strides,
         pos_sb, pos_ss, pos_stream_stride,
         *((0.0, 1) if q_scale is None else (float(q_scale[0]), int(q_scale[1]))),
+        *_cache_args(cache, inv_freq),
     )
     switches = dict(
         HALF=half, HALF_PAD=_next_pow2(half),
@@ -294,6 +344,10 @@ def launch_rope(
         TAIL_FIRST=tail_first, SINCOS=sincos,
         WIDE=max(_extent(t) for t in args[:_N_PTRS]) >= _INT32_SPAN,
         ROWS=0 if varlen else (1 if seq_len == n_tokens else (2 if seq_len == 1 else 0)),
+        CACHE=cache is not None, V_DIM=v_dim, V_PAD=_next_pow2(v_dim) if v_dim else 1,
+        QUANT_PTRS=0 if cache is None else sum(bit for bit, sc in ((1, cache.q_quant), (2, cache.k_quant),
+                                                                   (4, cache.v_quant))
+                                               if isinstance(sc, torch.Tensor)),
     )
 
     if traced:
@@ -313,13 +367,14 @@ def launch_rope(
 
 # YARN_TRITON_HW_SINCOS=0 keeps the polynomials for 16-bit outputs too (to compare).
 HW_SINCOS = os.environ.get("YARN_TRITON_HW_SINCOS", "1") != "0"
-_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _sincos(*out_dtypes: torch.dtype) -> int:
     """The kernel's SINCOS switch for outputs of these dtypes: the special-function unit
-    only where every output is 16-bit, whose rounding step near 1 is 500 (fp16) to 4000
-    (bf16) times its error; float32 outputs keep the polynomials."""
+    only where every output is 16-bit or narrower, whose rounding step near 1 is 500
+    (fp16) to 4000 (bf16) times its error and more for FP8; float32 outputs keep the
+    polynomials."""
     if not HW_SINCOS or any(d not in _SIXTEEN_BIT for d in out_dtypes):
         return 0
     return 2 if INTERPRETED else 1
@@ -335,7 +390,8 @@ def _sincos(*out_dtypes: torch.dtype) -> int:
 # through the compiled kernel's own launcher with no re-derivation.
 # --------------------------------------------------------------------------------------
 FAST_LAUNCH = os.environ.get("YARN_TRITON_FAST_LAUNCH", "1") != "0"
-_N_PTRS = 9  # q, qo, k, ko, pos, cu, inv_freq, qw, kw come first in rope_kernel's signature
+# q, qo, k, ko, pos, cu, inv_freq, qw, kw, slot, v, vc, qq, kq, vq come first in rope_kernel's signature
+_N_PTRS = 15
 # integer arguments Triton does not specialize on value (only on 32/64-bit width)
 _UNSPECIALIZED = frozenset(rope_kernel.arg_names.index(n) for n in
                            ("scale", "pos_base", "eps", "n_tokens", "seq_len", "n_seqs", "tok_class", "qs_omax"))

@@ -40,6 +40,14 @@ Compile-time switches select the variant, not copies of the kernel:
 * ``Q_ONE_STEP`` / ``K_ONE_STEP``: one step of heads covers the operand's group (the
   host knows the head counts): the head loop and its prefetch go, about a quarter of a
   decode program's instructions.
+* ``CACHE``: the serving path's KV-cache write (:func:`_cache_rows`). k's rotated heads
+  go to ``ko_ptr``, a paged cache, at the token's slot ``s = slot_mapping[t]`` (block
+  ``s // block_size``, row ``s % block_size``; tokens whose slot is negative or past the
+  cache write nothing) instead of back into k, which is only read; v's heads are copied
+  to ``vc_ptr`` at the same slots (``V_DIM`` channels, ``V_PAD`` padded). An output of an
+  FP8 dtype stores ``x / scale`` saturated to the format's range (:func:`_quantize`),
+  the scale per operand (q, k, v) a float argument or, by ``QUANT_PTRS`` bit 1/2/4, a
+  one-element float32 tensor read on the device (CUDA graphs replay new scales).
 * ``WIDE``: 64-bit element offsets, only when some tensor spans 2**31 elements (32-bit
   arithmetic halves the instructions before a decode launch's first load). ``ROWS``: 1 for
   a one-row batch, 2 for one token per row, where the token -> (row, index) division
@@ -197,6 +205,98 @@ def _round_to(x, out_ty: tl.constexpr):
 
 
 @triton.jit
+def _probe():
+    pass
+
+
+# (INTERPRETED, below, as a constexpr the kernel's helpers can branch on)
+_INTERPRETED = tl.constexpr(not isinstance(_probe, triton.runtime.JITFunction))
+
+
+@triton.jit
+def _quantize(x, out_ty: tl.constexpr, qscale):
+    """float32 -> the stored value of dtype ``out_ty``. FP8: ``x / qscale`` (IEEE division,
+    as torch divides), saturated to the format's finite range (448 e4m3fn, 57344 e5m2;
+    NaN stays NaN), rounded to nearest even: what vLLM's cache write stores. Other dtypes:
+    rounded, ``qscale`` unused."""
+    if out_ty.is_fp8():
+        FP8_MAX: tl.constexpr = 448.0 if out_ty == tl.float8e4nv else 57344.0
+        y = tl.clamp(tl.math.div_rn(x, qscale), -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+        if _INTERPRETED:
+            # the interpreter's FP8 conversion carries no rounding into the exponent (0.496
+            # becomes 0.25) and turns NaN into a number: round on the float32 grid first,
+            # convert an exact value, and write NaN's bits (0x7F in both formats) directly
+            y = _round_to_fp8_grid(y, 3 if out_ty == tl.float8e4nv else 2, -6 if out_ty == tl.float8e4nv else -14)
+            v = y.to(out_ty, fp_downcast_rounding="rtne")
+            v = tl.where(y != y, 0x7F, v.to(tl.uint8, bitcast=True)).to(tl.uint8).to(out_ty, bitcast=True)
+        else:
+            v = y.to(out_ty, fp_downcast_rounding="rtne")
+        return v
+    else:
+        return _round_to(x, out_ty)
+
+
+@triton.jit
+def _round_to_fp8_grid(y, MBITS: tl.constexpr, EMIN: tl.constexpr):
+    """float32 ``y`` (finite values within the format's range, or NaN) rounded to nearest
+    even on the grid of an FP8 format with ``MBITS`` mantissa bits and smallest normal
+    exponent ``EMIN`` (subnormals below it), still float32: the step is ``2**(e - MBITS)``
+    for ``y``'s exponent ``e`` (at least EMIN), and adding then subtracting 1.5 * 2**23
+    rounds ``|y| / step`` (< 2**(MBITS + 1)) to an integer, to nearest even."""
+    a = tl.abs(y)
+    e = tl.maximum(((a.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32) - 127, EMIN)
+    step = ((e - MBITS + 127) << 23).to(tl.uint32).to(tl.float32, bitcast=True)
+    r = ((a / step + 12582912.0) - 12582912.0) * step
+    return tl.where(y < 0, -r, r)
+
+
+@triton.jit
+def _scale_of(ptr, value, FROM_PTR: tl.constexpr):
+    """A quantization scale: the float argument, or the one float32 element at ``ptr``."""
+    if FROM_PTR:
+        return tl.load(ptr).to(tl.float32)
+    else:
+        return value
+
+
+@triton.jit
+def _cache_rows(slot_ptr, slot_off, tok_mask, n_slots, block_size, WIDE: tl.constexpr):
+    """Where each token's cache entry lies: ``(block, row in block, in_cache)`` from its slot
+    ``s`` (``s // block_size``, ``s % block_size``). ``in_cache`` is false for tokens past
+    the batch and for slots outside ``[0, n_slots)`` (-1 marks padding); their block and row
+    are 0, and nothing of theirs is stored. Slots are divided in 32 bits unless WIDE (the
+    host makes the cache's slot count fit it otherwise)."""
+    slot = tl.load(slot_ptr + slot_off, mask=tok_mask, other=-1)
+    in_cache = tok_mask & (slot >= 0) & (slot < n_slots)
+    slot = _idx(tl.where(in_cache, slot, 0), WIDE)
+    blk = slot // block_size
+    return blk, slot - blk * block_size, in_cache
+
+
+@triton.jit
+def _copy_heads(src_row, dst_row, mask, h_lo, h_hi, in_sh, in_sd, out_sh, out_sd, qscale,
+                DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr,
+                ONE_STEP: tl.constexpr):
+    """Copy heads ``h_lo .. h_hi`` (``DIM`` channels) of ``BLOCK_T`` tokens from
+    ``src_row`` to ``dst_row`` (``[1, BLOCK_T, 1]`` pointers to each token's first head),
+    converted to the destination's dtype (:func:`_quantize`), ``BLOCK_H`` heads a step;
+    ``mask`` ``[1, BLOCK_T, 1]`` picks the tokens (loads and stores alike)."""
+    d = _idx(tl.arange(0, DIM_PAD), WIDE)[None, None, :]
+    out_ty = dst_row.dtype.element_ty
+    if ONE_STEP:
+        h = _idx(h_lo + tl.arange(0, BLOCK_H), WIDE)[:, None, None]
+        m = mask & (h < h_hi) & (d < DIM)
+        x = tl.load(src_row + h * in_sh + d * in_sd, mask=m, other=0.0)
+        tl.store(dst_row + h * out_sh + d * out_sd, _quantize(x.to(tl.float32), out_ty, qscale), mask=m)
+    else:
+        for h0 in range(h_lo, h_hi, BLOCK_H):
+            h = _idx(h0 + tl.arange(0, BLOCK_H), WIDE)[:, None, None]
+            m = mask & (h < h_hi) & (d < DIM)
+            x = tl.load(src_row + h * in_sh + d * in_sd, mask=m, other=0.0)
+            tl.store(dst_row + h * out_sh + d * out_sd, _quantize(x.to(tl.float32), out_ty, qscale), mask=m)
+
+
+@triton.jit
 def _query_scale(pos, beta, omax, out_ty: tl.constexpr):
     """Llama-4 query scale ``1 + beta * log(1 + floor(pos / omax))`` of int64 positions
     ``pos`` ``[BLOCK_T, 1]``, float32. The floor is an exact integer division at any
@@ -274,20 +374,23 @@ def _norm_weights(w_ptr, tail, HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_
 
 @triton.jit
 def _rotate_step(
-    src_row, dst_row, tmask, h0, h_hi, x1, x2, in_sh, in_sd, out_sh, out_sd, c, s, tail,
-    w1, w2, wt, inv_dim, eps, row_scale,
+    src_row, dst_row, tmask, smask, h0, h_hi, x1, x2, in_sh, in_sd, out_sh, out_sd, c, s, tail,
+    w1, w2, wt, inv_dim, eps, row_scale, quant,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr, OUT_PAIRS: tl.constexpr,
     INPLACE: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     WIDE: tl.constexpr, SCALED: tl.constexpr, TAIL_FIRST: tl.constexpr,
 ):
     """One step of :func:`_rotate_heads`: heads ``h0 .. h0+BLOCK_H`` (masked past ``h_hi``),
     whose rotation pairs ``(x1, x2)`` are already loaded: normalise, rotate, scale, store
-    (and the pass-through channels where they are touched)."""
+    (and the pass-through channels where they are touched). ``tmask`` picks the tokens
+    read, ``smask`` those written (the cache path skips tokens without a slot);
+    ``quant`` is an FP8 output's scale (:func:`_quantize`)."""
     j = _idx(tl.arange(0, HALF_PAD), WIDE)[None, None, :]
     d = _idx(tl.arange(0, 2 * HALF_PAD), WIDE)[None, None, :]
     out_ty = dst_row.dtype.element_ty
     h = _idx(h0 + tl.arange(0, BLOCK_H), WIDE)[:, None, None]
     th_mask = tmask & (h < h_hi)
+    st_mask = smask & (h < h_hi)
     dst = dst_row + h * out_sh
     a1 = x1.to(tl.float32)
     a2 = x2.to(tl.float32)
@@ -309,8 +412,10 @@ def _rotate_step(
                 a2 = a2 * r * w2
             if SCALED:
                 tail_f = tail_f * row_scale[None, :, :]
-            tail_x = _round_to(tail_f, out_ty)
-        tl.store(dst + tc * out_sd, tail_x, mask=tail_mask)
+            tail_x = _quantize(tail_f, out_ty, quant)
+        elif out_ty.is_fp8():
+            tail_x = _quantize(tail_x.to(tl.float32), out_ty, quant)
+        tl.store(dst + tc * out_sd, tail_x, mask=st_mask & (t < tail))
     elif NORM:
         r = tl.rsqrt(tl.sum(a1 * a1 + a2 * a2, axis=2) * inv_dim + eps)[:, :, None]
         a1 = a1 * r * w1
@@ -322,17 +427,17 @@ def _rotate_step(
         y2 = y2 * row_scale[None, :, :]
     if OUT_PAIRS:
         y = tl.reshape(tl.join(y1, y2), [BLOCK_H, BLOCK_T, 2 * HALF_PAD])
-        tl.store(dst + d * out_sd, _round_to(y, out_ty), mask=th_mask & (d < 2 * HALF))
+        tl.store(dst + d * out_sd, _quantize(y, out_ty, quant), mask=st_mask & (d < 2 * HALF))
     else:
-        half_mask = th_mask & (j < HALF)
-        tl.store(dst + j * out_sd, _round_to(y1, out_ty), mask=half_mask)
-        tl.store(dst + (j + HALF) * out_sd, _round_to(y2, out_ty), mask=half_mask)
+        half_mask = st_mask & (j < HALF)
+        tl.store(dst + j * out_sd, _quantize(y1, out_ty, quant), mask=half_mask)
+        tl.store(dst + (j + HALF) * out_sd, _quantize(y2, out_ty, quant), mask=half_mask)
 
 
 @triton.jit
 def _rotate_heads(
-    in_ptr, out_ptr, in_row, out_row, tok_mask, h_lo, h_hi, x1, x2,
-    in_sh, in_sd, out_sh, out_sd, cos, sin, tail, w_ptr, eps, row_scale,
+    in_ptr, out_ptr, in_row, out_row, tok_mask, store_mask, h_lo, h_hi, x1, x2,
+    in_sh, in_sd, out_sh, out_sd, cos, sin, tail, w_ptr, eps, row_scale, quant,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
     IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr, INPLACE: tl.constexpr, NORM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr, SCALED: tl.constexpr,
@@ -373,21 +478,22 @@ def _rotate_heads(
     src_row = in_ptr + in_row[None, :, None]
     dst_row = out_ptr + out_row[None, :, None]
     tmask = tok_mask[None, :, None]
+    smask = store_mask[None, :, None]
     if NORM:
         w1, w2, wt = _norm_weights(w_ptr, tail, HALF, HALF_PAD, TAIL_PAD, IN_PAIRS, NORM, TAIL_FIRST)
         inv_dim = 1.0 / (2 * HALF + tail)
     else:  # unused
         w1, w2, wt, inv_dim = 1.0, 1.0, 1.0, 1.0
     if ONE_STEP:
-        _rotate_step(src_row, dst_row, tmask, h_lo, h_hi, x1, x2, in_sh, in_sd, out_sh, out_sd, c, s, tail,
-                     w1, w2, wt, inv_dim, eps, row_scale, HALF, HALF_PAD, TAIL_PAD, OUT_PAIRS, INPLACE, NORM,
+        _rotate_step(src_row, dst_row, tmask, smask, h_lo, h_hi, x1, x2, in_sh, in_sd, out_sh, out_sd, c, s, tail,
+                     w1, w2, wt, inv_dim, eps, row_scale, quant, HALF, HALF_PAD, TAIL_PAD, OUT_PAIRS, INPLACE, NORM,
                      BLOCK_T, BLOCK_H, WIDE, SCALED, TAIL_FIRST)
     else:
         for h0 in range(h_lo, h_hi, BLOCK_H):
             n1, n2 = _load_heads(src_row, h0 + BLOCK_H, h_hi, tok_mask, in_sh, in_sd,
                                  HALF, HALF_PAD, IN_PAIRS, BLOCK_T, BLOCK_H, WIDE)
-            _rotate_step(src_row, dst_row, tmask, h0, h_hi, x1, x2, in_sh, in_sd, out_sh, out_sd, c, s, tail,
-                         w1, w2, wt, inv_dim, eps, row_scale, HALF, HALF_PAD, TAIL_PAD, OUT_PAIRS, INPLACE, NORM,
+            _rotate_step(src_row, dst_row, tmask, smask, h0, h_hi, x1, x2, in_sh, in_sd, out_sh, out_sd, c, s,
+                         tail, w1, w2, wt, inv_dim, eps, row_scale, quant, HALF, HALF_PAD, TAIL_PAD, OUT_PAIRS, INPLACE, NORM,
                          BLOCK_T, BLOCK_H, WIDE, SCALED, TAIL_FIRST)
             x1, x2 = n1, n2
 
@@ -395,12 +501,15 @@ def _rotate_heads(
 @triton.jit(do_not_specialize=["pos_base", "n_tokens", "seq_len", "n_seqs", "tok_class", "qs_omax"])
 def rope_kernel(
     q_ptr, qo_ptr, k_ptr, ko_ptr, pos_ptr, cu_ptr, inv_freq_ptr, qw_ptr, kw_ptr,
+    slot_ptr, v_ptr, vc_ptr, qq_ptr, kq_ptr, vq_ptr,
     scale, pos_base, eps,
     n_tokens, seq_len, n_seqs, tok_class,
     n_q_heads, n_k_heads, q_tail, k_tail,
     q_sb, q_ss, q_sh, q_sd, qo_sb, qo_ss, qo_sh, qo_sd,
     k_sb, k_ss, k_sh, k_sd, ko_sb, ko_ss, ko_sh, ko_sd,
     pos_sb, pos_ss, pos_s3, qs_beta, qs_omax,
+    n_slots, block_size, n_v_heads, v_sb, v_ss, v_sh, v_sd, vc_sb, vc_ss, vc_sh, vc_sd, slot_sb, slot_ss,
+    q_quant, k_quant, v_quant,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr,
     Q_TAIL_PAD: tl.constexpr, K_TAIL_PAD: tl.constexpr,
     IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr,
@@ -411,6 +520,8 @@ def rope_kernel(
     BLOCK_T: tl.constexpr, Q_BLOCK_H: tl.constexpr, K_BLOCK_H: tl.constexpr, HEAD_GROUPS: tl.constexpr,
     Q_SCALE: tl.constexpr, TAIL_FIRST: tl.constexpr, SINCOS: tl.constexpr,
     Q_ONE_STEP: tl.constexpr, K_ONE_STEP: tl.constexpr,
+    CACHE: tl.constexpr, V_DIM: tl.constexpr, V_PAD: tl.constexpr, QUANT_PTRS: tl.constexpr,
+    V_BLOCK_H: tl.constexpr, V_ONE_STEP: tl.constexpr,
 ):
     """Grid: ``cdiv(n_tokens, BLOCK_T) * HEAD_GROUPS`` programs.
 
@@ -425,6 +536,11 @@ def rope_kernel(
     ``[B, H, S, D]`` tensors need no copy. Offsets are 32-bit unless WIDE (some tensor spans
     2**31 elements or more). ``tok_class`` is unused
     by the body: it is the tuner's bucket of ``n_tokens``.
+
+    CACHE: ``ko_ptr`` is the paged k cache, its ``(ko_sb, ko_ss)`` the strides of a block
+    and of a row in it, and ``vc_ptr`` the v cache likewise; ``slot_ptr`` holds each
+    token's slot (addressed like the positions, by ``slot_sb``/``slot_ss``). v's
+    ``n_v_heads`` heads are split over the head groups as k's are.
     """
     # Head group fastest: the programs resident at one time then cover consecutive tokens'
     # whole rows of q and k (contiguous memory), not one group's slice of many tokens.
@@ -476,7 +592,14 @@ def rope_kernel(
     q_row = b * q_sb + s * q_ss
     qo_row = b * qo_sb + s * qo_ss
     k_row = b * k_sb + s * k_ss
-    ko_row = b * ko_sb + s * ko_ss
+    if CACHE:
+        # the slot's load runs beside the first heads' loads: only the stores wait for it
+        blk, blk_row, k_store = _cache_rows(slot_ptr, b * slot_sb + s * slot_ss, tok_mask, n_slots, block_size,
+                                            WIDE)
+        ko_row = blk * ko_sb + blk_row * ko_ss
+    else:
+        k_store = tok_mask
+        ko_row = b * ko_sb + s * ko_ss
     if TAIL_FIRST:  # each head is [tail | rotary part]: move to the rotary part
         q_row += _idx(q_tail, WIDE) * q_sd
         qo_row += _idx(q_tail, WIDE) * qo_sd
@@ -489,6 +612,16 @@ def rope_kernel(
     k_hi = tl.minimum(k_lo + k_per, n_k_heads)
     kx1, kx2 = _load_heads(k_ptr + k_row[None, :, None], k_lo, k_hi, tok_mask, k_sh, k_sd,
                            HALF, HALF_PAD, IN_PAIRS, BLOCK_T, K_BLOCK_H, WIDE)
+
+    if CACHE:
+        # v goes to its cache untouched but for the dtype: its round trip to memory
+        # overlaps the angles' wait for the positions
+        v_per = tl.cdiv(n_v_heads, HEAD_GROUPS)
+        v_lo = pid_g * v_per
+        _copy_heads(v_ptr + (b * v_sb + s * v_ss)[None, :, None],
+                    vc_ptr + (blk * vc_sb + blk_row * vc_ss)[None, :, None], k_store[None, :, None],
+                    v_lo, tl.minimum(v_lo + v_per, n_v_heads), v_sh, v_sd, vc_sh, vc_sd,
+                    _scale_of(vq_ptr, v_quant, (QUANT_PTRS & 4) != 0), V_DIM, V_PAD, V_BLOCK_H, WIDE, V_ONE_STEP)
 
     jf = tl.arange(0, HALF_PAD)
     inv_freq = tl.load(inv_freq_ptr + jf, mask=jf < HALF, other=0.0)
@@ -503,13 +636,17 @@ def rope_kernel(
     else:
         q_scale = scale
 
-    _rotate_heads(q_ptr, qo_ptr, q_row, qo_row, tok_mask, q_lo, q_hi, qx1, qx2,
+    # with CACHE, k is only read: its rotation goes to the cache (pass-through channels too)
+    K_INPLACE: tl.constexpr = INPLACE and CACHE == 0
+    _rotate_heads(q_ptr, qo_ptr, q_row, qo_row, tok_mask, tok_mask, q_lo, q_hi, qx1, qx2,
                   q_sh, q_sd, qo_sh, qo_sd, cos, sin, q_tail, qw_ptr, eps, q_scale,
+                  _scale_of(qq_ptr, q_quant, (QUANT_PTRS & 1) != 0),
                   HALF, HALF_PAD, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, Q_BLOCK_H, WIDE, Q_SCALE,
                   TAIL_FIRST, Q_ONE_STEP)
-    _rotate_heads(k_ptr, ko_ptr, k_row, ko_row, tok_mask, k_lo, k_hi, kx1, kx2,
+    _rotate_heads(k_ptr, ko_ptr, k_row, ko_row, tok_mask, k_store, k_lo, k_hi, kx1, kx2,
                   k_sh, k_sd, ko_sh, ko_sd, cos, sin, k_tail, kw_ptr, eps, scale,
-                  HALF, HALF_PAD, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, K_BLOCK_H, WIDE, False,
+                  _scale_of(kq_ptr, k_quant, (QUANT_PTRS & 2) != 0),
+                  HALF, HALF_PAD, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, K_INPLACE, NORM, BLOCK_T, K_BLOCK_H, WIDE, False,
                   TAIL_FIRST, K_ONE_STEP)
 
 

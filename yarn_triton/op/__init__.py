@@ -16,6 +16,9 @@ One concern per module, each importing only those before it::
     eager     the eager autograd Function                  (checks, launch, plans, library)
     api       the public functions                         (all of the above)
 
+    cache_checks  the serving ops' checks (v, caches, slots, FP8 scales)   (checks, overlap)
+    cache_api     the serving ops: custom ops, public functions       (checks, cache_checks, launch, library)
+
 This package re-exports the public names, which is where callers (and the transformers
 integration, at call time) look them up. Module state lives in its own module: rebinding
 a re-export here (``CHECK_CU_SEQLENS``, ``uses_kernel``) changes nothing; patch
@@ -30,5 +33,8 @@ from .launch import layout_switches, uses_kernel
 from .plans import plan_cache_size
 from .library import COMPILER_SEES_KERNEL
 from .api import apply_qk_norm_rope, apply_qk_norm_rope_, apply_rope, apply_rope_
+from .cache_checks import CHECK_SLOTS, check_slot_values
+from .cache_api import apply_mla_rope_and_cache_, apply_rope_and_cache_
 
-__all__ = ["apply_rope_", "apply_rope", "apply_qk_norm_rope_", "apply_qk_norm_rope", "QueryScale", "LAYOUTS"]
+__all__ = ["apply_rope_", "apply_rope", "apply_qk_norm_rope_", "apply_qk_norm_rope", "QueryScale", "LAYOUTS",
+           "apply_rope_and_cache_", "apply_mla_rope_and_cache_"]

@@ -9,15 +9,31 @@ tensors. Nothing here validates: callers have run :mod:`.checks` first.
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, NamedTuple, Sequence, Tuple, Union
 
 import torch
 
-from ..kernels.launcher import Operand, launch_rope
+from ..kernels.launcher import CacheWrite, Operand, launch_rope
 from ..kernels.rope_kernel import INTERPRETED
 from ..reference import (LAYOUTS, apply_rope_reference_, packed_token_mask, positions_from_offsets,
                          rms_norm_reference)
+from ..reference_cache import quantize_reference, write_cache_reference
 from ..rope import RopeParams
+
+
+class CacheTarget(NamedTuple):
+    """The serving path's extra operands: v (``[*T, Hv, Dv]``, q's token dims), the two
+    paged caches (``[num_blocks, block_size, heads, dim]``), the slots (q's token dims) and
+    the FP8 scales of q's output and the caches (floats or one-element float32 tensors;
+    1.0 where the output is not FP8). With it, k is only read: ``ko`` is unused."""
+
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slots: torch.Tensor
+    q_quant: Union[float, torch.Tensor] = 1.0
+    k_quant: Union[float, torch.Tensor] = 1.0
+    v_quant: Union[float, torch.Tensor] = 1.0
 
 
 def layout_switches(layout: str, inverse: bool = False) -> Tuple[bool, bool]:
@@ -58,11 +74,22 @@ def _operand(src, dst, token_strides):
                    dst, (d_sb, d_ss, dst.stride(-2), dst.stride(-1)))
 
 
+def _cache_write(cache: CacheTarget, v_tok: Sequence[int], slot_tok: Sequence[int]) -> CacheWrite:
+    """The launcher's :class:`CacheWrite` of ``cache``, v's and the slots' (batch, seq)
+    strides given."""
+    v = cache.v
+    kc = cache.k_cache
+    return CacheWrite(Operand(v, (*v_tok, v.stride(-2), v.stride(-1)), cache.v_cache, cache.v_cache.stride()),
+                      cache.slots, tuple(slot_tok), kc.shape[0] * kc.shape[1], kc.shape[1],
+                      cache.q_quant, cache.k_quant, cache.v_quant)
+
+
 def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_freq, scale,
                    rot, layout, inverse, precise, config, traced=False, norm=None, mrope=None, q_scale=None,
-                   rotary_at="start"):
+                   rotary_at="start", cache=None):
     """Fold the token dims and launch; returns the kernel's :class:`PreparedLaunch` (None
-    when the call took several launches or cannot be replayed)."""
+    when the call took several launches or cannot be replayed). With ``cache`` (a
+    :class:`CacheTarget`), k's rotation goes to the k cache and v to the v cache."""
     in_pairs, out_pairs = layout_switches(layout, inverse)
     common = dict(half=rot // 2, in_pairs=in_pairs, out_pairs=out_pairs, inverse=inverse,
                   precise=precise, pos_base=pos_base, cu_seqlens=cu_seqlens, config=config,
@@ -76,7 +103,13 @@ def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_f
             return (t.stride(0), t.stride(1)) if t.dim() == 4 else (0, t.stride(0))
         B, S = (q.shape[0], q.shape[1]) if q.dim() == 4 else (1, q.shape[0])
         qop = _operand(q, qo, (bs(q), bs(qo)))
-        kop = None if k is None else _operand(k, ko, (bs(k), bs(ko)))
+        if cache is None:
+            kop = None if k is None else _operand(k, ko, (bs(k), bs(ko)))
+        else:
+            sl = cache.slots
+            kop = Operand(k, (*bs(k), k.stride(-2), k.stride(-1)), cache.k_cache, cache.k_cache.stride())
+            common["cache"] = _cache_write(cache, bs(cache.v), (sl.stride(0), sl.stride(1)) if sl.dim() == 2
+                                           else (0, sl.stride(0)))
         return launch_rope(qop, kop, inv_freq, scale, n_tokens=B * S, seq_len=S,
                            per_token_positions=None, pos_strides=(0, 0), **common)
 
@@ -88,7 +121,10 @@ def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_f
         first = pos[..., 0]
     else:
         pos = first = positions.expand(tokens)
-    tensors = [q, qo, first] + ([] if k is None else [k, ko])
+    # (with the cache write, k's output is the cache: k itself stands in for its token strides)
+    tensors = [q, qo, first] + ([] if k is None else [k, k if cache is not None else ko])
+    if cache is not None:
+        tensors += [cache.v, cache.slots]
     sizes, strides = _fold_tokens(tokens, [t.stride()[: len(tokens)] for t in tensors])
     if len(sizes) > 2:
         # Three or more token dims that no stride folds together: peel the outermost.
@@ -96,13 +132,18 @@ def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_f
             pos_i = pos[i].movedim(-1, 0) if pos is not first else pos[i]
             _launch_kernel(q[i], qo[i], None if k is None else k[i], None if k is None else ko[i],
                            pos_i, offsets, pos_base, cu_seqlens, inv_freq, scale,
-                           rot, layout, inverse, precise, config, traced, norm, mrope, q_scale, rotary_at)
+                           rot, layout, inverse, precise, config, traced, norm, mrope, q_scale, rotary_at,
+                           None if cache is None else cache._replace(v=cache.v[i], slots=cache.slots[i]))
         return None
     while len(sizes) < 2:
         sizes.insert(0, 1)
         strides = [[0] + st for st in strides]
     qop = _operand(q, qo, strides[0:2])
-    kop = None if k is None else _operand(k, ko, strides[3:5])
+    if cache is None:
+        kop = None if k is None else _operand(k, ko, strides[3:5])
+    else:
+        kop = Operand(k, (*strides[3], k.stride(-2), k.stride(-1)), cache.k_cache, cache.k_cache.stride())
+        common["cache"] = _cache_write(cache, strides[5], strides[6])
     return launch_rope(qop, kop, inv_freq, scale, n_tokens=sizes[0] * sizes[1], seq_len=sizes[1],
                        per_token_positions=first, pos_strides=tuple(strides[2]), **common)
 
@@ -114,15 +155,21 @@ def uses_kernel(t: torch.Tensor) -> bool:
 
 def _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
              rot, layout, inverse, precise, config=None, traced=False, norm=None, mrope=None, q_scale=None,
-             rotary_at="start"):
+             rotary_at="start", cache=None):
     """Rotate ``q``/``k`` (RMS-normalised first when ``norm``; q scaled after when
     ``q_scale``) into ``qo``/``ko`` (the same tensors for in place); the rotary part of
     each head is its first ``rot`` channels, or its last ones for ``rotary_at="end"``.
+    With ``cache`` (a :class:`CacheTarget`) k is only read: its rotation and v go to the
+    caches at the slots, and ``qo`` (q, or an FP8 ``q_out``) gets q's.
     Returns the launch's :class:`PreparedLaunch` when it can be replayed."""
     if uses_kernel(q):
         return _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_freq, scale,
                               rot, layout, inverse, precise, config, traced, norm,
-                              mrope if mrope is not None and mrope[0] else None, q_scale, rotary_at)
+                              mrope if mrope is not None and mrope[0] else None, q_scale, rotary_at, cache)
+    if cache is not None:
+        _cache_reference(q, qo, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout,
+                         precise, mrope, cache)
+        return None
     mask = None
     if positions is None:
         positions = positions_from_offsets(q, offsets if offsets is not None else pos_base, cu_seqlens)
@@ -149,3 +196,20 @@ def _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_
     if ko is not None:
         ko.copy_(new_k)
     return None
+
+
+def _cache_reference(q, qo, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, precise,
+                     mrope, cache: CacheTarget) -> None:
+    """The cache write in PyTorch (CPU tensors): q and k rotated in float32 by the
+    reference, then rounded or quantized once into ``qo`` and the caches."""
+    q32 = torch.empty(q.shape, dtype=torch.float32)
+    k32 = torch.empty(k.shape, dtype=torch.float32)
+    _execute(q.float(), q32, k.float(), k32, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
+             rot, layout, False, precise, mrope=mrope)
+    mask = None if cu_seqlens is None or positions is not None else packed_token_mask(q, cu_seqlens)
+    if mask is not None:  # tokens past the packed sequences: q keeps them, the caches get nothing
+        q32 = torch.where(mask.view(-1, 1, 1), q32, q.float())
+    qo.copy_(quantize_reference(q32, qo.dtype, cache.q_quant))
+    slots = cache.slots.reshape(-1)
+    write_cache_reference(cache.k_cache, k32.reshape(-1, *k.shape[-2:]), slots, cache.k_quant, mask)
+    write_cache_reference(cache.v_cache, cache.v.reshape(-1, *cache.v.shape[-2:]), slots, cache.v_quant, mask)
