@@ -4,7 +4,7 @@
 kernel's compile-time switches of each launch it makes (the interpreter's or a GPU's) and
 writes them as JSON at the end: ``{"tests": {nodeid: [path, ...]}, "random": [nodeid, ...]}``,
 where a path is the switches (layout, position mode, norm, M-RoPE, q-scale, in place, one
-step, ...) plus the dtypes of q, its output and k, and "random" lists the property-based
+step, cache write, ...) plus the dtypes of q, its output and k (and the caches'), and "random" lists the property-based
 tests (hypothesis), whose paths change from run to run. ``python tests/kernel_paths.py
 paths.json [other.json]`` then counts the paths and the tests that run one of their own,
 and, given a second file, lists the paths that the first run's fixed (not random) tests
@@ -24,7 +24,7 @@ from collections import defaultdict
 
 # constexprs that size the kernel rather than choose its code: left out of a path
 _SIZES = {"HALF", "HALF_PAD", "Q_TAIL_PAD", "K_TAIL_PAD", "SEC_T", "SEC_H", "SEC_W", "BLOCK_T", "Q_BLOCK_H",
-          "K_BLOCK_H", "HEAD_GROUPS"}
+          "K_BLOCK_H", "HEAD_GROUPS", "V_DIM", "V_PAD", "V_BLOCK_H"}
 ENV = "YARN_TRITON_KERNEL_PATHS"
 
 
@@ -42,6 +42,8 @@ def _path(args, kwargs) -> str:
     n_k = args[_NK]
     sw["dtypes"] = "/".join(str(t.dtype).replace("torch.", "") for t in (q, qo)) + (
         "/" + str(k.dtype).replace("torch.", "") if n_k else "/-")
+    if kwargs.get("CACHE"):  # the cache write: the caches' dtype too
+        sw["dtypes"] += "->" + str(args[3].dtype).replace("torch.", "")
     return ",".join(f"{key}={sw[key]}" for key in sorted(sw))
 
 

@@ -64,7 +64,10 @@ def candidate_configs(n_tokens: int, n_q_heads: int, n_k_heads: int, half_pad: i
 
 def _scratch(t: torch.Tensor) -> torch.Tensor:
     """Random data in a tensor of ``t``'s sizes and strides: the same access pattern."""
-    return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device).normal_()
+    s = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+    if t.dtype.itemsize == 1:  # FP8 outputs (no normal_ kernel): random values converted
+        return s.copy_(torch.randn(t.size(), device=t.device))
+    return s.normal_()
 
 
 def _grid(n_tokens: int, cfg: "LaunchConfig") -> Tuple[int, int, int]:

@@ -40,10 +40,10 @@ class CacheCall(NamedTuple):
 def _check_scale(name: str, scale: Scale, fp8: bool, what: str, device: torch.device) -> Scale:
     if not fp8:
         if scale is not None:
-            raise ValueError(f"{name} applies to an FP8 {what} only; {what} is not FP8, so pass {name}=None")
+            raise ValueError(f"{name} applies to an FP8 {what} only; this {what} is not FP8, so pass {name}=None")
         return None
     if scale is None:
-        raise ValueError(f"{name} is required: {what} is FP8 (stored as x / {name})")
+        raise ValueError(f"{name} is required: the {what} is FP8 (stored as x / {name})")
     if isinstance(scale, torch.Tensor):
         if scale.dtype != torch.float32 or scale.numel() != 1:
             raise TypeError(f"{name} must be a one-element float32 tensor or a float, got {scale.dtype} "
@@ -122,8 +122,8 @@ def check_cache_call(q: torch.Tensor, k: torch.Tensor, v, k_cache, v_cache, slot
                          f"entries (one slot per token), got shape {tuple(slot_mapping.shape)}")
 
     fp8 = k_cache.dtype in FP8_DTYPES
-    k_quant = _check_scale(n["k_scale"], k_scale, fp8, "the cache", q.device)
-    v_quant = _check_scale(n["v_scale"], v_scale, fp8, "the cache", q.device)
+    k_quant = _check_scale(n["k_scale"], k_scale, fp8, "cache", q.device)
+    v_quant = _check_scale(n["v_scale"], v_scale, fp8, "cache", q.device)
     written = {n["k_cache"]: k_cache, n["v_cache"]: v_cache}
     read = {"q": q, n["k"]: k, n["v"]: v}
     if q_out is None:

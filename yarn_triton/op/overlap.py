@@ -57,15 +57,52 @@ def _offsets_meet(diff: int, dims: List[Tuple[int, int, int]]) -> bool:
     )
 
 
+def _rows_apart(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``a`` and ``b`` (``[*tokens, heads, dim]``) are provably disjoint as
+    column ranges of the rows of one buffer: their token dims share strides, each a
+    multiple of the row (the smallest of them), and each token's ``(heads, dim)`` block
+    lies within a row, in column windows that do not meet. Fused projections whose v
+    head dim differs from q's (``q``, ``k``, ``v`` sliced from one ``[T, width]``) are
+    such views, which the stride test below cannot decide."""
+    if a.dim() < 3 or a.dim() != b.dim() or a.element_size() != b.element_size():
+        return False
+    outer = []
+    for sa, sb, na, nb in zip(a.stride()[:-2], b.stride()[:-2], a.shape[:-2], b.shape[:-2]):
+        if na > 1 or nb > 1:
+            if sa != sb or sa <= 0:
+                return False
+            outer.append(sa)
+    if not outer:
+        return False
+    row = min(outer)
+    if any(s % row for s in outer):
+        return False
+
+    def window(t):  # elements from a token's first element to its last, or None
+        if any(s < 0 for s in t.stride()[-2:]):
+            return None
+        return sum((n - 1) * s for n, s in zip(t.shape[-2:], t.stride()[-2:])) + 1
+
+    wa, wb = window(a), window(b)
+    diff_bytes = b.data_ptr() - a.data_ptr()
+    if wa is None or wb is None or diff_bytes % a.element_size():
+        return False
+    shift = (diff_bytes // a.element_size()) % row  # where b's window starts in a's row
+    return (wa <= shift and shift + wb <= row) or (wb <= row - shift and row - shift + wa <= row)
+
+
 def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors might share an element. Exact for views with equal nested
-    strides (q/k heads of one fused projection); conservative otherwise."""
+    strides (q/k heads of one fused projection) and for column ranges of one buffer's
+    rows (:func:`_rows_apart`); conservative otherwise."""
     if a.numel() == 0 or b.numel() == 0:
         return False
     (alo, ahi), (blo, bhi) = _extent(a), _extent(b)
     if ahi <= blo or bhi <= alo:  # disjoint byte ranges (the common case, and cheapest)
         return False
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    if _rows_apart(a, b):
         return False
     if a.element_size() != b.element_size() or a.dim() != b.dim():
         return True

@@ -61,7 +61,8 @@ class _Plan:
             kw = qw if norm.k_weight is None else norm.k_weight
         ip = self.inv_ptr  # (the cache write's six pointers: unused here)
         self.launch((qp, qop, kp, kop, pos.data_ptr(), cu.data_ptr(), ip, qw.data_ptr(), kw.data_ptr(),
-                     ip, ip, ip, ip, ip, ip), pos_base, (q, qo, k, ko, pos, cu, inv, qw, kw, inv, inv, inv, inv, inv, inv))
+                     ip, ip, ip, ip, ip, ip), pos_base,
+                    (q, qo, k, ko, pos, cu, inv, qw, kw, inv, inv, inv, inv, inv, inv))
 
     def _check_disjoint(self, q, k, qp, kp) -> None:
         (qlo, qhi), (klo, khi) = self.q_span, self.k_span

@@ -71,14 +71,21 @@ attention code rotates with a module-level function of its modeling file:
    ``mrope_section`` and the model type): the fused op picks the stream per pair itself,
    and transformers' cos/sin and their recomposition are never computed. ``[B, S]`` ids
    (or ``[1, B, S]``) mean text: the same position on all three streams.
+6. under transformers' continuous batching (``generate_batch``: a ``PagedAttentionCache``
+   handed to the attention as ``cache``), for the model types in
+   :data:`~.paged.PAGED_MODEL_TYPES`, forward hooks on the attention modules have the
+   dispatcher leave q and k to the same call's write of the layer's paged cache, which
+   then runs as one :func:`yarn_triton.apply_rope_and_cache_` (q rotated in place, rope(k)
+   and v written) in place of transformers' own write; sliding-window and MLA layers, the
+   flash decode fast path and compiled forwards keep the plain path (``docs/usage.md``).
 
 The function swaps are process-wide but only change what happens for models that were
 switched; they are undone when the last switched model is switched back. The attention
-code, the KV cache, masks, the attention backend and the softmax scale stay transformers'
-own. What this relies on is checked when switching (and by the tests against the installed
-transformers): ``rotary_emb`` submodules, attention code that calls the functions above by
-name, and a rope whose ``inv_freq`` / ``attention_scaling`` match
-:meth:`RopeParams.from_config` of the model's config. Rope types whose frequencies change
+code, the KV cache (but its write in 6.), masks, the attention backend and the softmax
+scale stay transformers' own. What this relies on is checked when switching (and by the
+tests against the installed transformers): ``rotary_emb`` submodules, attention code that
+calls the functions above by name, and a rope whose ``inv_freq`` / ``attention_scaling``
+match :meth:`RopeParams.from_config` of the model's config. Rope types whose frequencies change
 with the sequence length (dynamic NTK, longrope) follow transformers' rule for picking them
 per forward through a :class:`~yarn_triton.RopeTracker`.
 
@@ -94,6 +101,7 @@ The package, one concern per module, each importing only those listed before it:
   its rotary;
 * ``q_scale`` -- the Llama-4 query scale moved into the rope call (3.);
 * ``qk_norm`` -- the q/k norms deferred to the rope call (4.);
+* ``paged`` -- the rope deferred to the paged cache write, and its hooks (6.);
 * ``dispatch`` -- the dispatcher that stands in for the rope functions (2.);
 * ``patch`` -- installing the dispatchers in the modeling files, and restoring them;
 * ``rotary`` -- :class:`FusedRotaryEmbedding` (1.);

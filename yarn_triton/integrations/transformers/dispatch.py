@@ -11,6 +11,7 @@ import torch
 
 from ... import op as _op
 from .handle import FusedRopePositions
+from .paged import _defer
 from .q_scale import _HANDOVER, _whole_heads
 from .qk_norm import _take_qk_norm
 from .sites import plain_function
@@ -63,6 +64,8 @@ class _RopeDispatch:
             return self._rotate_one(q, first, axis, inverse)
         k = a[self._k]
         norm = _take_qk_norm(q, k)
+        if _defer(q, k, first, self.layout, axis, inverse, norm):
+            return q, k  # rotated by this attention call's paged cache write (paged.py)
         if first.q_scale is not None and first.q_lead:
             return self._rotate_scaling_whole_heads(q, k, first, axis, inverse, norm)
         # the query scale (Ministral-3) is applied by the same kernel pass

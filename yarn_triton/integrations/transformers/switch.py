@@ -10,6 +10,7 @@ from typing import Dict, Optional, Tuple
 from torch import nn
 
 from ...rope import RopeParams
+from .paged import _install_paged_hooks, _remove_paged_hooks
 from .params import _site_params
 from .patch import _LOCK, _acquire, _release
 from .q_scale import _q_scale_of
@@ -111,6 +112,8 @@ def enable_fused_rope(
             )
         for attn, unit_offset in norm_sites:
             _defer_qk_norm(attn, unit_offset)
+        _install_paged_hooks(model, model_type if support is not None else None,
+                             [n for _, n, spec in specs if spec is not None and spec.pair])
     return model
 
 
@@ -119,6 +122,7 @@ def disable_fused_rope(model: nn.Module) -> nn.Module:
     ``rotary_emb`` (and ``q_norm``/``k_norm``) modules, and the modeling files' functions
     once no switched model uses them. Does nothing on a model that is not switched."""
     with _LOCK:
+        _remove_paged_hooks(model)
         _restore_qk_norms(model)
         released = False
         for parent, rotary in _rotary_sites(model):
