@@ -83,6 +83,8 @@ def test_flashinfer_table_and_kernel_counts():
     assert bc.expected_kernels("ours", "deepseek-v3", "fp8") == 2  # the op + the q store
     assert bc.expected_kernels("flashinfer", "deepseek-v3", "bf16") == 2  # rope + append
     assert bc.expected_kernels("flashinfer", "deepseek-v3", "fp8") == 1
+    assert bc.expected_kernels("liger", "llama3-8b", "bf16") == 2
+    assert bc.expected_kernels("liger", "deepseek-v3", "bf16") is None  # + its copies of strided views
 
 
 def test_q_heads_per_program():
