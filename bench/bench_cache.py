@@ -4,6 +4,10 @@
     python bench/bench_cache.py --rows decode-64 --models llama3-8b --caches fp8 --out x.json
     python bench/bench_cache.py --check-only                  # correctness of every column, no timing
 
+Needs, for its peers: Liger-Kernel (``pip install liger-kernel``; the device takes its wheel from
+``.whl``) and FlashInfer's headers at ``.flashinfer/include`` (``bench/flashinfer/fetch_headers.sh``;
+the two bindings build on first use, about a minute). A full run took 180 s on an H100.
+
 What one call does, per model: rotate q and k (MLA: q_pe and k_pe) and write k, v (MLA:
 kv_c, k_pe) to a paged cache at ``slot = block_table[seq][pos // 16] * 16 + pos % 16``.
 
