@@ -40,9 +40,8 @@ verified untouched:
 
 * ``ours``: ``apply_rope_and_cache_`` / ``apply_mla_rope_and_cache_``, one launch. In FP8 rows it
   also writes q to an FP8 ``q_out`` (``q_scale``), as FlashInfer's fused function does (q is then
-  left as it was). The MLA op has no ``q_out``: MLA FP8 ``ours`` is the op (q_pe rotated in
-  place) then our store kernel quantizing all of q to ``q_out`` (two launches; ``ours_op`` is
-  the op alone, in the JSON). Skipped, with a message, while yarn_triton lacks the op.
+  left as it was); MLA: ``q_nope`` and the rotated ``q_pe`` both, through the op's ``q_nope``.
+  Skipped, with a message, while yarn_triton lacks the op.
 * ``unfused``: ``yarn_triton.apply_rope_`` (q, k in place), then ``cache_store`` (below): k, v
   to the cache at the slots (FP8: quantized), and in FP8 rows q to ``q_out``. Two launches.
 * ``liger``: Liger-Kernel's ``LigerRopeFunction`` on the ``[B, H, S, D]`` views transformers
@@ -218,7 +217,7 @@ def expected_kernels(method: str, model: str, cache: str):
     mla = MODELS[model]["kind"] == "mla"
     if method == "liger" and mla:
         return None
-    return {"ours": 2 if mla and cache == "fp8" else 1, "ours_op": 1, "unfused": 2, "liger": 2,
+    return {"ours": 1, "unfused": 2, "liger": 2,
             "flashinfer": 1 if cache == "fp8" else 2}[method]
 
 
@@ -467,11 +466,6 @@ class Row:
             qp = [(self.q_nope, self.q_out[..., : w - r]), (q_rot, self.q_out[..., w - r:])] if self.fp8 else []
         cache_store(self.slots, kv, sc, qp, self.q_scale if self.fp8 else None)
 
-    def store_q_only(self):
-        w, r = self.q_width, self.m["rope_dim"]
-        cache_store(self.slots, (), None, [(self.q_nope, self.q_out[..., : w - r]), (self.q_pe, self.q_out[..., w - r:])],
-                    self.q_scale)
-
     # -- columns ------------------------------------------------------------------------------
     def methods(self, liger=None, fi=None) -> dict:
         """name -> (function, layout of its reference, note)."""
@@ -493,22 +487,13 @@ class Row:
             out["ours"] = (ours, self.layout, "one launch" + ("; q -> FP8 q_out" if fp8 else ""))
         else:
             kw = dict(layout=self.layout)
-            if fp8:
-                kw.update(scale=self.kv_scale)
+            if fp8:  # all of q to the FP8 q_out: q_nope's channels, then the rotated q_pe
+                kw.update(scale=self.kv_scale, q_out=self.q_out, q_scale=self.q_scale, q_nope=self.q_nope)
 
-            def ours_op():
+            def ours():
                 fused(self.q_pe, self.k_pe, self.kv_c, self.pos, self.params, self.caches.kv, self.slots, **kw)
-                return self.q_pe
-            if fp8:
-                def ours():
-                    ours_op()
-                    self.store_q_only()
-                    return self.q_out
-                out["ours"] = (ours, self.layout, "the op, then our store quantizing q to q_out (no q_out in the "
-                                                  "MLA op): two launches")
-                out["ours_op"] = (ours_op, self.layout, "the op alone (q_pe in place, no q_out)")
-            else:
-                out["ours"] = (ours_op, self.layout, "one launch")
+                return qres()
+            out["ours"] = (ours, self.layout, "one launch" + ("; q_nope and q_pe -> FP8 q_out" if fp8 else ""))
 
         def unfused():
             yt.apply_rope_(self.q_rope, self.k_rope, self.pos, self.params, layout=self.layout)
@@ -779,10 +764,6 @@ def print_table(meta, rows):
               f"{_fmt(r, 'ours_us')} {_fmt(r, 'ours_x_floor', '6.2f')} {_fmt(r, 'unfused_us')} "
               f"{_fmt(r, 'fuse_gain', '5.2f')} {_fmt(r, 'liger_us')} {_fmt(r, 'flashinfer_us')} "
               f"{_fmt(r, 'fi_over_ours', '7.2f')}")
-    for r in rows:
-        if "ours_op_us" in r:
-            print(f"{r['model']} {r['cache']} {r['row']}: ours = the op ({r['ours_op_us']:.2f} us) + our q store "
-                  "(the MLA op has no q_out)")
     tables = {r["model"]: r["fi_table_bytes"] for r in rows if "fi_table_bytes" in r}
     for model, nbytes in tables.items():
         print(f"FlashInfer's fp32 cos/sin table, {model}: {MAX_POS} positions x {MODELS[model]['rope_dim']} = "
@@ -929,7 +910,7 @@ def main(argv=None) -> int:
             for row in filter(None, args.rows.split(",")):
                 log(f"running {model} {cache} {row} ...")
                 out = run_row(model, cache, row, caches, args, liger, fi, bw, log, timing=timing)
-                bad += sum(1 for m in METHODS + ("ours_op",) if isinstance(out.get(f"{m}_check"), dict)
+                bad += sum(1 for m in METHODS if isinstance(out.get(f"{m}_check"), dict)
                            and not out[f"{m}_check"]["ok"])
                 rows.append(out)
                 with open(args.out, "w") as f:  # as we go: a killed run still leaves its rows
@@ -940,7 +921,7 @@ def main(argv=None) -> int:
     if args.check_only:
         print(f"{'model':12s} {'cache':5s} {'row':11s} {'column':10s} {'q err':>8s} {'k err':>8s} {'v err':>8s} stray")
         for r in rows:
-            for m in METHODS + ("ours_op",):
+            for m in METHODS:
                 c = r.get(f"{m}_check")
                 if c:
                     print(f"{r['model']:12s} {r['cache']:5s} {r['row']:11s} {m:10s} {c['q_err']:8.1e} "

@@ -181,8 +181,9 @@ def main() -> None:
     launch = plan.launch
     compiled = None if cpu else launch._aligned
     if compiled is not None:
-        args = [q.data_ptr(), q.data_ptr(), k.data_ptr(), k.data_ptr(), pos.data_ptr(), plan.inv_ptr,
-                plan.inv_ptr, plan.inv_ptr, plan.inv_ptr, *launch.args[launcher._N_PTRS:], *launch._constexprs]
+        ptrs = [q.data_ptr(), q.data_ptr(), k.data_ptr(), k.data_ptr(), pos.data_ptr()]
+        ptrs += [plan.inv_ptr] * (launcher._N_PTRS - len(ptrs))  # cu, inv_freq, weights, the cache write's
+        args = [*ptrs, *launch.args[launcher._N_PTRS:], *launch._constexprs]
         stream = torch._C._cuda_getCurrentRawStream(q.device.index)
         g0, g1, g2 = launch.grid
         rows["  compiled launcher alone"] = lambda: compiled.run(

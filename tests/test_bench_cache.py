@@ -80,7 +80,7 @@ def test_flashinfer_table_and_kernel_counts():
     assert bc.fi_table_bytes("llama3-8b") == 131072 * 128 * 4 == 64 * 2**20
     assert bc.fi_table_bytes("deepseek-v3") == 32 * 2**20
     assert bc.expected_kernels("ours", "llama3-8b", "fp8") == 1
-    assert bc.expected_kernels("ours", "deepseek-v3", "fp8") == 2  # the op + the q store
+    assert bc.expected_kernels("ours", "deepseek-v3", "fp8") == 1  # q_nope and q_pe to q_out in the same launch
     assert bc.expected_kernels("flashinfer", "deepseek-v3", "bf16") == 2  # rope + append
     assert bc.expected_kernels("flashinfer", "deepseek-v3", "fp8") == 1
     assert bc.expected_kernels("liger", "llama3-8b", "bf16") == 2
@@ -130,9 +130,13 @@ def _fake_gqa(shift=0):
 def _fake_mla(positions_shift=0):
     from yarn_triton.reference import rope_reference
 
-    def op(q_pe, k_pe, kv_c, positions, params, kv_cache, slot_mapping, *, layout="deepseek", scale=None, **kw):
+    def op(q_pe, k_pe, kv_c, positions, params, kv_cache, slot_mapping, *, layout="deepseek", scale=None,
+           q_out=None, q_scale=None, q_nope=None, **kw):
         rq, rk = rope_reference(q_pe, k_pe.unsqueeze(-2), positions + positions_shift, params, layout=layout)
-        q_pe.copy_(rq)
+        if q_out is None:
+            q_pe.copy_(rq)
+        else:  # q_nope's channels, then the rotated q_pe
+            q_out.view(torch.uint8).copy_(_quant(torch.cat((q_nope, rq), -1), q_scale).view(torch.uint8))
         bs, lat = kv_cache.shape[1], kv_c.shape[-1]
         s = slot_mapping
         _write(kv_cache, s // bs, s % bs, kv_c, scale, None, lat)
@@ -169,7 +173,7 @@ def test_check_passes_a_correct_op_and_catches_wrong_ones(monkeypatch, model, ca
 
     monkeypatch.setattr(yt, "apply_rope_and_cache_", _fake_gqa(), raising=False)
     monkeypatch.setattr(yt, "apply_mla_rope_and_cache_", _fake_mla(), raising=False)
-    monkeypatch.setattr(bc, "cache_store", _torch_store)  # (MLA FP8: ours stores q with it)
+    monkeypatch.setattr(bc, "cache_store", _torch_store)
     r = _row(model, cache)
     methods = r.methods()
     fn, layout, _ = methods["ours"]
@@ -177,7 +181,7 @@ def test_check_passes_a_correct_op_and_catches_wrong_ones(monkeypatch, model, ca
     assert chk["ok"], chk
     assert chk["stray_bytes"] == 0 and chk["q_err"] < bc.TOL[cache] and chk["k_err"] < bc.TOL[cache]
     if model == "deepseek-v3" and cache == "fp8":
-        assert "ours_op" in methods and r.q_width == 576
+        assert r.q_width == 576
     # inputs restored after a check: a second one sees the same
     assert r.check(fn, layout) == chk
     # wrong: one slot further on (stray bytes, wrong entries); wrong positions (rope off)
