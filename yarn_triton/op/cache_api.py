@@ -136,12 +136,29 @@ def _mrope_list(params: RopeParams) -> Optional[List[int]]:
     return list(spec) if spec[0] else None
 
 
-def _prepare(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace, check_cu, config):
-    rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace=inplace)
+def _checked(q, k, v, k_cache, v_cache, slot_mapping, q_out, k_scale, v_scale, q_scale, positions, params, layout,
+             rotary_dim, offsets, cu_seqlens, check_slots, check_cu, config, names=None) -> Tuple[int, CacheCall]:
+    """Every check of a serving call, in order (q, k and the positions; the launch shape;
+    the packed sequences; v, the caches, the slots, the scales and q_out; the slots'
+    values): ``(rotary dim, the checked cache call)``, or a clear error before any launch."""
+    rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace=q_out is None)
     if config is not None:
         _check_config(config)
     _check_cu(cu_seqlens, check_cu, q)
-    return rot
+    call = check_cache_call(q, k, v, k_cache, v_cache, slot_mapping, q_out, k_scale, v_scale, q_scale, names=names)
+    _check_slots(call.slots, check_slots, k_cache.shape[0] * k_cache.shape[1])
+    return rot, call
+
+
+def _launch_eager(q, q_out, k, v, k_cache, v_cache, call: CacheCall, positions, offsets, cu_seqlens, params, rot,
+                  layout, precise, config, rotary_at="start") -> None:
+    """The eager call: straight to the launch (no dispatcher round trip)."""
+    off_t, pos_base = _split_offsets(offsets)
+    target = CacheTarget(v, k_cache, v_cache, call.slots,
+                         *(1.0 if s is None else s for s in (call.q_quant, call.k_quant, call.v_quant)))
+    _execute(q, q if q_out is None else q_out, k, None, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
+             params.cos_sin_scale, pos_base, rot, layout, False, precise, config, mrope=mrope_spec(params),
+             cache=target, rotary_at=rotary_at)
 
 
 def apply_rope_and_cache_(
@@ -208,28 +225,18 @@ def apply_rope_and_cache_(
     raises TypeError/ValueError naming the argument before anything is written. A slot
     given to two tokens gets one of them. CUDA-graph safe without ``check_slots``.
     """
-    inplace = q_out is None
-    rot = _prepare(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace, check_cu_seqlens,
-                   config)
-    call = check_cache_call(q, k, v, k_cache, v_cache, slot_mapping, q_out, k_scale, v_scale, q_scale)
-    _check_slots(call.slots, check_slots, k_cache.shape[0] * k_cache.shape[1])
-    off_t, pos_base = _split_offsets(offsets)
-    inv_freq = params.inv_freq_on(q.device)
+    rot, call = _checked(q, k, v, k_cache, v_cache, slot_mapping, q_out, k_scale, v_scale, q_scale, positions, params,
+                         layout, rotary_dim, offsets, cu_seqlens, check_slots, check_cu_seqlens, config)
     if torch.compiler.is_compiling():
+        off_t, pos_base = _split_offsets(offsets)
         torch.ops.yarn_triton.rope_and_cache_(
-            q, q_out, k, v, k_cache, v_cache, call.slots, positions, off_t, cu_seqlens, inv_freq,
+            q, q_out, k, v, k_cache, v_cache, call.slots, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
             params.cos_sin_scale, pos_base, rot, layout, precise_angles, _mrope_list(params),
             *_scale_args(call.q_quant), *_scale_args(call.k_quant), *_scale_args(call.v_quant))
     else:
-        _execute(q, q if inplace else q_out, k, None, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale,
-                 pos_base, rot, layout, False, precise_angles, config, mrope=mrope_spec(params),
-                 cache=_target(call, v, k_cache, v_cache))
-    return (q if inplace else q_out), k_cache, v_cache
-
-
-def _target(call: CacheCall, v, k_cache, v_cache) -> CacheTarget:
-    return CacheTarget(v, k_cache, v_cache, call.slots, *(1.0 if s is None else s
-                                                          for s in (call.q_quant, call.k_quant, call.v_quant)))
+        _launch_eager(q, q_out, k, v, k_cache, v_cache, call, positions, offsets, cu_seqlens, params, rot, layout,
+                      precise_angles, config)
+    return (q if q_out is None else q_out), k_cache, v_cache
 
 
 def apply_mla_rope_and_cache_(
@@ -284,23 +291,18 @@ def apply_mla_rope_and_cache_(
     if q_nope is not None and q_out is not None and q_out.shape != q.shape:
         raise ValueError(f"q_out must be [*T, H, Nq + R] = {tuple(q.shape)} (q_nope's channels, then q_pe's), "
                          f"got {tuple(q_out.shape)}")
-    rot = _prepare(q, k, positions, params, layout, None, offsets, cu_seqlens, q_out is None, check_cu_seqlens,
-                   config)
+    # (the two halves of kv_cache are disjoint views: the check sees them as the two caches)
     names = {"k": "k_pe", "v": "kv_c", "k_cache": "kv_cache[..., L:]", "v_cache": "kv_cache[..., :L]",
              "k_scale": "scale", "v_scale": "scale"}
-    # (the two halves of kv_cache are disjoint views: only the rest is checked for overlap)
-    call = check_cache_call(q, k, v, k_cache, v_cache, slot_mapping, q_out, scale, scale, q_scale, names=names)
-    _check_slots(call.slots, check_slots, kv_cache.shape[0] * kv_cache.shape[1])
-    off_t, pos_base = _split_offsets(offsets)
-    inv_freq = params.inv_freq_on(q_pe.device)
+    rot, call = _checked(q, k, v, k_cache, v_cache, slot_mapping, q_out, scale, scale, q_scale, positions, params,
+                         layout, None, offsets, cu_seqlens, check_slots, check_cu_seqlens, config, names)
     if torch.compiler.is_compiling():
+        off_t, pos_base = _split_offsets(offsets)
         torch.ops.yarn_triton.mla_rope_and_cache_(
-            q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, call.slots, positions, off_t, cu_seqlens, inv_freq,
-            params.cos_sin_scale, pos_base, rot, layout, precise_angles, _mrope_list(params),
-            *_scale_args(call.q_quant), *_scale_args(call.k_quant))
+            q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, call.slots, positions, off_t, cu_seqlens,
+            params.inv_freq_on(q.device), params.cos_sin_scale, pos_base, rot, layout, precise_angles,
+            _mrope_list(params), *_scale_args(call.q_quant), *_scale_args(call.k_quant))
     else:
-        _execute(q, q if q_out is None else q_out, k, None, positions, off_t, cu_seqlens, inv_freq,
-                 params.cos_sin_scale, pos_base, rot, layout, False, precise_angles, config,
-                 mrope=mrope_spec(params), cache=_target(call, v, k_cache, v_cache),
-                 rotary_at="start" if q_nope is None else "end")
+        _launch_eager(q, q_out, k, v, k_cache, v_cache, call, positions, offsets, cu_seqlens, params, rot, layout,
+                      precise_angles, config, "start" if q_nope is None else "end")
     return (q_pe if q_out is None else q_out), kv_cache

@@ -15,7 +15,7 @@ from typing import Dict, NamedTuple, Optional, Tuple, Union
 import torch
 
 from ..reference_cache import FP8_DTYPES
-from .checks import _INT_DTYPES
+from .checks import _check_index_tensor
 from .overlap import may_overlap, self_overlapping
 
 Scale = Union[float, torch.Tensor, None]
@@ -107,12 +107,7 @@ def check_cache_call(q: torch.Tensor, k: torch.Tensor, v, k_cache, v_cache, slot
                          f"{tuple(k_cache.shape[:2])} and {tuple(v_cache.shape[:2])}")
 
     tokens = tuple(q.shape[:-2])
-    if not isinstance(slot_mapping, torch.Tensor):
-        raise TypeError(f"slot_mapping must be a torch.Tensor, got {type(slot_mapping).__name__}")
-    if slot_mapping.dtype not in _INT_DTYPES:
-        raise TypeError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
-    if slot_mapping.device != q.device:
-        raise ValueError(f"slot_mapping is on {slot_mapping.device} but q is on {q.device}; they must share a device")
+    _check_index_tensor("slot_mapping", slot_mapping, q.device)
     if tuple(slot_mapping.shape) == tokens:
         slots = slot_mapping
     elif slot_mapping.dim() == 1 and slot_mapping.numel() == math.prod(tokens):
