@@ -18,7 +18,8 @@ import torch
 from .rope import RopeParams
 
 __all__ = [
-    "rope_reference", "apply_rope_reference_", "positions_from_offsets", "rotate_half", "cos_sin_cache", "LAYOUTS",
+    "rope_reference", "apply_rope_reference_", "positions_from_offsets", "cp_global_index", "rotate_half",
+    "cos_sin_cache", "LAYOUTS",
     "rms_norm_reference", "qk_norm_rope_reference", "mrope_stream_of_pairs", "mrope_cos_sin_cache",
     "llama4_query_scale",
 ]
@@ -249,6 +250,7 @@ def positions_from_offsets(
     q: torch.Tensor,
     offsets: Union[int, torch.Tensor, None] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
+    cp: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Explicit int64 positions for the implicit forms (reference path only; the kernel
     derives them itself).
@@ -257,6 +259,10 @@ def positions_from_offsets(
       sequence ``i`` is ``t - cu_seqlens[i] (+ offsets[i])``; tokens outside
       ``[cu_seqlens[0], cu_seqlens[-1])`` get position -1 (the kernel leaves them untouched).
     * otherwise ``q`` ``[B, S, H, D]`` (or ``[S, H, D]``): ``s (+ offsets[b])``.
+
+    ``cp = (cp_size, cp_rank)``: each sequence is that rank's head-tail shard of a
+    context-parallel split (chunks ``cp_rank`` and ``2 * cp_size - 1 - cp_rank`` of
+    ``2 * cp_size``): the index in it is replaced by the global one (:func:`cp_global_index`).
     """
     dev = q.device
     if cu_seqlens is not None:
@@ -264,6 +270,8 @@ def positions_from_offsets(
         t = torch.arange(q.shape[0], device=dev)
         seq = (torch.searchsorted(cu, t, right=True) - 1).clamp(0, max(cu.numel() - 2, 0))
         pos = t - cu[seq]
+        if cp is not None:
+            pos = cp_global_index(pos, cu[seq + 1] - cu[seq], cp)
         if isinstance(offsets, torch.Tensor):
             pos = pos + offsets.to(device=dev, dtype=torch.int64)[seq]
         elif offsets:
@@ -271,6 +279,8 @@ def positions_from_offsets(
         return pos
     S = q.shape[-3]
     pos = torch.arange(S, device=dev, dtype=torch.int64)
+    if cp is not None:
+        pos = cp_global_index(pos, S, cp)
     if q.dim() == 4:
         pos = pos.expand(q.shape[0], S)
         if isinstance(offsets, torch.Tensor):
@@ -278,6 +288,18 @@ def positions_from_offsets(
     if not isinstance(offsets, torch.Tensor) and offsets:
         pos = pos + int(offsets)
     return pos
+
+
+def cp_global_index(local: torch.Tensor, n_local: Union[int, torch.Tensor], cp: Tuple[int, int]) -> torch.Tensor:
+    """Global indices in their sequences of the tokens at indices ``local`` of context-parallel
+    shards of ``n_local`` tokens (an int, or one per token), for ``cp = (cp_size, cp_rank)``:
+    a head-tail shard is chunks ``cp_rank`` and ``2 * cp_size - 1 - cp_rank`` of the
+    ``2 * cp_size`` equal chunks of its global sequence (torch's ``_HeadTailLoadBalancer``,
+    TransformerEngine's ``cp_size``/``cp_rank``), so ``n_local`` is two chunks."""
+    size, rank = cp
+    chunk = torch.as_tensor(n_local, dtype=torch.int64, device=local.device) // 2
+    local = local.to(torch.int64)
+    return local + chunk * torch.where(local < chunk, rank, 2 * size - 2 - rank)
 
 
 def packed_token_mask(q: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -241,6 +241,7 @@ def launch_rope(
     q_scale: Optional[Tuple[float, int]] = None,
     tail_first: bool = False,
     cache: Optional[CacheWrite] = None,
+    cp: Optional[Tuple[int, int]] = None,
 ) -> Optional[PreparedLaunch]:
     """Launch :func:`rope_kernel` on already-validated arguments.
 
@@ -275,6 +276,11 @@ def launch_rope(
     ``cache``: the serving path (:class:`CacheWrite`): k's output operand is the k cache,
     written at each token's slot, and v is copied to the v cache at the same slots.
 
+    ``cp``: ``(cp_size, cp_rank)`` with derived positions (no ``per_token_positions``):
+    each sequence (a batch row of ``seq_len`` tokens, or a ``cu_seqlens`` range) is that
+    rank's head-tail shard of a context-parallel split, and its tokens get their global
+    positions (the kernel's CP switch); None for none.
+
     Returns the :class:`PreparedLaunch` of this call for the caller to replay, or None
     when the launch cannot be replayed that way (tracing, nothing to do).
     """
@@ -307,7 +313,7 @@ def launch_rope(
         tune_key = (_tok_class(n_tokens), n_q_heads, n_k_heads, q.src_strides[2], k.src_strides[2],
                     half, in_pairs, out_pairs, inplace, cu_seqlens is not None, norm, mrope[0],
                     q.src.dtype, q.dst.dtype, k.src.dtype, q_scale is not None, tail_first, sincos,
-                    None if v is None else (n_v_heads, v_dim, k.dst.dtype, v.dst.dtype))
+                    None if v is None else (n_v_heads, v_dim, k.dst.dtype, v.dst.dtype), cp is not None)
         config = config or _TUNED.get(tune_key)
         # never tune while tracing or inside a CUDA graph capture (the timing runs would be
         # captured): the heuristic's shape then
@@ -333,6 +339,7 @@ def launch_rope(
         pos_sb, pos_ss, pos_stream_stride,
         *((0.0, 1) if q_scale is None else (float(q_scale[0]), int(q_scale[1]))),
         *_cache_args(cache, inv_freq),
+        *((1, 0) if cp is None else (int(cp[0]), int(cp[1]))),
     )
     switches = dict(
         HALF=half, HALF_PAD=_next_pow2(half),
@@ -348,6 +355,7 @@ def launch_rope(
         QUANT_PTRS=0 if cache is None else sum(bit for bit, sc in ((1, cache.q_quant), (2, cache.k_quant),
                                                                    (4, cache.v_quant))
                                                if isinstance(sc, torch.Tensor)),
+        CP=cp is not None,
     )
 
     if traced:
@@ -394,7 +402,8 @@ FAST_LAUNCH = os.environ.get("YARN_TRITON_FAST_LAUNCH", "1") != "0"
 _N_PTRS = 15
 # integer arguments Triton does not specialize on value (only on 32/64-bit width)
 _UNSPECIALIZED = frozenset(rope_kernel.arg_names.index(n) for n in
-                           ("scale", "pos_base", "eps", "n_tokens", "seq_len", "n_seqs", "tok_class", "qs_omax"))
+                           ("scale", "pos_base", "eps", "n_tokens", "seq_len", "n_seqs", "tok_class", "qs_omax",
+                            "cp_size", "cp_rank"))
 _COMPILED: "collections.OrderedDict" = collections.OrderedDict()
 _COMPILED_MAX = 128
 

@@ -32,6 +32,13 @@ Compile-time switches select the variant, not copies of the kernel:
 * ``POS_MODE``: 0 reads a position per token; 1 derives it as ``pos_base + index in the
   sequence (+ offsets[seq] when HAS_OFFSETS)``. ``VARLEN`` finds each token's sequence in
   ``cu_seqlens`` (packed ``[T, H, D]`` batches) by binary search.
+* ``CP`` (with POS_MODE 1): the sequences are rank ``cp_rank``'s shards of a context-parallel
+  head-tail split over ``cp_size`` ranks (torch's ``_HeadTailLoadBalancer``,
+  TransformerEngine's ``cp_size``/``cp_rank``): each global sequence was cut into
+  ``2 * cp_size`` chunks and the rank holds chunks ``cp_rank`` and ``2 * cp_size - 1 -
+  cp_rank``, so a local sequence of ``L`` tokens (``seq_len``, or its ``cu_seqlens`` range)
+  is two chunks of ``c = L // 2`` and its index ``i`` is the global index ``i + c * cp_rank``
+  (first chunk) or ``i + c * (2 * cp_size - 2 - cp_rank)`` (second) (:func:`_cp_index`).
 * ``Q_SCALE``: multiply every channel of q's heads (the pass-through ones too) by the
   Llama-4 query scale of the token's position, ``1 + qs_beta * log(1 + floor(pos /
   qs_omax))`` (``_query_scale``); k is not scaled.
@@ -192,6 +199,18 @@ def _find_sequence(cu_ptr, tok, n_seqs):
         hi = tl.where(active & ok, hi, tl.where(active, mid - 1, hi))
         span = span // 2
     return lo
+
+
+@triton.jit
+def _cp_index(local, n_local, cp_size, cp_rank):
+    """The global index in its sequence (int64) of the token at index ``local`` of a
+    context-parallel shard of ``n_local`` tokens: chunks ``cp_rank`` and ``2 * cp_size - 1 -
+    cp_rank`` of the ``2 * cp_size`` equal chunks of the global sequence, each ``n_local //
+    2`` long (the host, or ``check_cu_seqlens`` for packed sequences, makes ``n_local``
+    even)."""
+    chunk = n_local.to(tl.int64) // 2
+    i = local.to(tl.int64)
+    return i + chunk * tl.where(i < chunk, cp_rank, 2 * cp_size - 2 - cp_rank).to(tl.int64)
 
 
 @triton.jit
@@ -517,7 +536,8 @@ def _rotate_heads(
             x1, x2 = n1, n2
 
 
-@triton.jit(do_not_specialize=["pos_base", "n_tokens", "seq_len", "n_seqs", "tok_class", "qs_omax"])
+@triton.jit(do_not_specialize=["pos_base", "n_tokens", "seq_len", "n_seqs", "tok_class", "qs_omax", "cp_size",
+                                 "cp_rank"])
 def rope_kernel(
     q_ptr, qo_ptr, k_ptr, ko_ptr, pos_ptr, cu_ptr, inv_freq_ptr, qw_ptr, kw_ptr,
     slot_ptr, v_ptr, vc_ptr, qq_ptr, kq_ptr, vq_ptr,
@@ -528,7 +548,7 @@ def rope_kernel(
     k_sb, k_ss, k_sh, k_sd, ko_sb, ko_ss, ko_sh, ko_sd,
     pos_sb, pos_ss, pos_s3, qs_beta, qs_omax,
     n_slots, block_size, n_v_heads, v_sb, v_ss, v_sh, v_sd, vc_sb, vc_ss, vc_sh, vc_sd, slot_sb, slot_ss,
-    q_quant, k_quant, v_quant,
+    q_quant, k_quant, v_quant, cp_size, cp_rank,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr,
     Q_TAIL_PAD: tl.constexpr, K_TAIL_PAD: tl.constexpr,
     IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr,
@@ -540,7 +560,7 @@ def rope_kernel(
     Q_SCALE: tl.constexpr, TAIL_FIRST: tl.constexpr, SINCOS: tl.constexpr,
     Q_ONE_STEP: tl.constexpr, K_ONE_STEP: tl.constexpr,
     CACHE: tl.constexpr, V_DIM: tl.constexpr, V_PAD: tl.constexpr, QUANT_PTRS: tl.constexpr,
-    V_BLOCK_H: tl.constexpr, V_ONE_STEP: tl.constexpr,
+    V_BLOCK_H: tl.constexpr, V_ONE_STEP: tl.constexpr, CP: tl.constexpr,
 ):
     """Grid: ``cdiv(n_tokens, BLOCK_T) * HEAD_GROUPS`` programs.
 
@@ -560,6 +580,9 @@ def rope_kernel(
     and of a row in it, and ``vc_ptr`` the v cache likewise; ``slot_ptr`` holds each
     token's slot (addressed like the positions, by ``slot_sb``/``slot_ss``). v's
     ``n_v_heads`` heads are split over the head groups as k's are.
+
+    CP: ``cp_size``/``cp_rank`` name the context-parallel shard that each sequence is (the
+    positions POS_MODE 1 derives are then global ones); otherwise they are unused (1, 0).
     """
     # Head group fastest: the programs resident at one time then cover consecutive tokens'
     # whole rows of q and k (contiguous memory), not one group's slice of many tokens.
@@ -578,6 +601,7 @@ def rope_kernel(
         end = tl.load(cu_ptr + seq + 1, mask=tok_mask & (seq < n_seqs), other=0)
         tok_mask = tok_mask & (tok >= start) & (tok < end)  # padding past cu[-1] is left alone
         local = tok - start
+        n_local = end - start
     else:
         if ROWS == 1:  # one row (batch 1): no division on the way to the first load
             b = tl.zeros_like(tok)
@@ -591,6 +615,7 @@ def rope_kernel(
             s = tok - b * seq_len
         seq = b
         local = s
+        n_local = seq_len
 
     if MROPE:
         pos = _mrope_positions(pos_ptr, b * pos_sb + s * pos_ss, pos_s3, tok_mask, HALF_PAD, MROPE,
@@ -598,7 +623,10 @@ def rope_kernel(
     elif POS_MODE == 0:
         pos = tl.load(pos_ptr + b * pos_sb + s * pos_ss, mask=tok_mask, other=0).to(tl.int64)[:, None]
     else:
-        pos = local.to(tl.int64) + pos_base
+        if CP:  # a head-tail shard: each of its two chunks at its place in the global sequence
+            pos = _cp_index(local, n_local, cp_size, cp_rank) + pos_base
+        else:
+            pos = local.to(tl.int64) + pos_base
         if HAS_OFFSETS:
             pos += tl.load(pos_ptr + seq * pos_sb, mask=tok_mask, other=0).to(tl.int64)
         pos = pos[:, None]

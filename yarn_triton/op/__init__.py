@@ -27,7 +27,7 @@ a re-export here (``CHECK_CU_SEQLENS``, ``uses_kernel``) changes nothing; patch
 
 from ..reference import LAYOUTS
 from .overlap import may_overlap, self_overlapping  # (the transformers integration uses these)
-from .checks import (CHECK_CU_SEQLENS, ROTARY_AT, Norm, Offsets, QueryScale, check_cu_seqlens_values,
+from .checks import (CHECK_CU_SEQLENS, ROTARY_AT, Norm, Offsets, QueryScale, check_cp, check_cu_seqlens_values,
                      check_norm_args, check_q_scale, check_rope_args, check_rotary_at, mrope_spec)
 from .launch import layout_switches, uses_kernel
 from .plans import plan_cache_size

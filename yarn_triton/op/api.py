@@ -20,7 +20,7 @@ from . import plans as _plans
 from .checks import Norm, Offsets, QueryScale, _check_call, _check_config, _check_cu, mrope_spec
 from .eager import _EAGER_ROPE_APPLY, _EagerRope, _eager_copy
 from .launch import _execute
-from .library import _q_scale_args
+from .library import _cp_args, _q_scale_args
 from .plans import _remember, _signature
 
 
@@ -45,29 +45,29 @@ def _mrope_arg(params) -> Optional[List[int]]:
 
 
 def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse,
-                  check_cu, config, norm, q_scale=None, rotary_at="start"):
+                  check_cu, config, norm, q_scale=None, rotary_at="start", cp=None):
     """In-place rope (and norm, and query scale): the fast path for a known signature, else
     the full one."""
     compiling = torch.compiler.is_compiling()
     key = None
     if not compiling:
         key = _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise,
-                         inverse, config, True, norm, q_scale, rotary_at)
+                         inverse, config, True, norm, q_scale, rotary_at, cp)
         plan = _plans._PLANS.get(key) if key is not None else None
         if plan is not None and not _needs_grad(q, k, norm):
-            _check_cu(cu_seqlens, check_cu, q)
+            _check_cu(cu_seqlens, check_cu, q, cp)
             _plans._PLANS.move_to_end(key)
             plan.run(q, k, positions, offsets if type(offsets) is torch.Tensor else None, cu_seqlens,
                      offsets if type(offsets) is int else 0, norm=norm)
             return q, k
     rot, q_scale = _check_call(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, norm, q_scale,
-                               rotary_at, inplace=True)
+                               rotary_at, inplace=True, cp=cp)
     if config is not None:
         _check_config(config)
-    _check_cu(cu_seqlens, check_cu, q)
+    _check_cu(cu_seqlens, check_cu, q, cp)
     if _needs_grad(q, k, norm):
         out = _rope_copy(q, k, positions, params, layout, rot, offsets, cu_seqlens, precise, inverse, False, norm,
-                         q_scale, rotary_at)
+                         q_scale, rotary_at, cp)
         q.copy_(out[0])
         if k is not None:
             k.copy_(out[1])
@@ -78,44 +78,44 @@ def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqle
         args = (None, None, 0.0, 0) if norm is None else (norm.q_weight, norm.k_weight, float(norm.eps), norm.kind)
         torch.ops.yarn_triton.rope_(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale,
                                     pos_base, rot, layout, inverse, precise, *args, _mrope_arg(params),
-                                    *_q_scale_args(q_scale), rotary_at)
+                                    *_q_scale_args(q_scale), rotary_at, *_cp_args(cp))
     else:  # eager: straight to the launch, no dispatcher round trip
         launch = _execute(q, q, k, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base,
                           rot, layout, inverse, precise, config, norm=norm, mrope=mrope_spec(params),
-                          q_scale=q_scale, rotary_at=rotary_at)
+                          q_scale=q_scale, rotary_at=rotary_at, cp=cp)
         _remember(key, launch, params, inv_freq, q, k)
     return q, k
 
 
 def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, check_cu, norm,
-               q_scale=None, rotary_at="start"):
+               q_scale=None, rotary_at="start", cp=None):
     """Out-of-place, differentiable rope (and norm, and query scale). Eager: a known signature skips the
     checks (they passed for it) and replays its plan inside :class:`_EagerRope`, or
     without autograd when nothing needs a gradient; torch.compile: the custom op."""
     if torch.compiler.is_compiling():
         rot, q_scale = _check_call(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, norm, q_scale,
-                                   rotary_at, inplace=False)
+                                   rotary_at, inplace=False, cp=cp)
         off_t, pos_base = _split_offsets(offsets)
         nargs = (None, None, 0.0, 0) if norm is None else (norm.q_weight, norm.k_weight, float(norm.eps), norm.kind)
         out = torch.ops.yarn_triton.rope(q, k, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
                                          params.cos_sin_scale, pos_base, rot, layout, bool(inverse), precise, *nargs,
-                                         _mrope_arg(params), *_q_scale_args(q_scale), rotary_at)
+                                         _mrope_arg(params), *_q_scale_args(q_scale), rotary_at, *_cp_args(cp))
         return out[0], (out[1] if k is not None else None)
     key = _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, None,
-                     False, norm, q_scale, rotary_at)
+                     False, norm, q_scale, rotary_at, cp)
     plan = _plans._PLANS.get(key)  # (None when key is None)
     if plan is None:
         rot, q_scale = _check_call(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, norm, q_scale,
-                                   rotary_at, inplace=False)
+                                   rotary_at, inplace=False, cp=cp)
         inv_freq = params.inv_freq_on(q.device)
     else:  # the signature passed these checks before; the plan holds params' inv_freq on q's device
         rot = params.rope_dim
         inv_freq = plan.inv_freq
     if cu_seqlens is not None:
-        _check_cu(cu_seqlens, check_cu, q)
+        _check_cu(cu_seqlens, check_cu, q, cp)
     off_t, pos_base = (None, 0) if offsets is None else _split_offsets(offsets)
     args = (positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base, rot, layout, bool(inverse),
-            precise, params, q_scale, rotary_at)
+            precise, params, q_scale, rotary_at, cp)
     # Outside functorch transforms and forward-mode AD (which the Function refuses, and
     # must keep refusing), Function.apply's Python wrapper adds nothing, and a call where
     # nothing needs a gradient gets the same result without the Function.
@@ -144,6 +144,7 @@ def apply_rope_(
     config: Optional[LaunchConfig] = None,
     q_scale: Optional[QueryScale] = None,
     rotary_at: str = "start",
+    cp: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Rotate q and k in place with rotary position embeddings (one kernel launch).
 
@@ -192,6 +193,25 @@ def apply_rope_(
             rotates the rope part and scales the whole head). Applies to q and k alike (a
             head with ``D == rotary_dim`` is the same either way). ValueError for any other
             value, raised before anything is written.
+        cp: ``(cp_size, cp_rank)``, with ``positions=None``: q and k hold rank ``cp_rank``'s
+            shard of a context-parallel split over ``cp_size`` ranks with head-tail load
+            balancing (torch's ``context_parallel`` / ``_HeadTailLoadBalancer``,
+            TransformerEngine's ``cp_size``/``cp_rank``): each global sequence was cut into
+            ``2 * cp_size`` equal chunks and the rank holds chunks ``cp_rank`` and
+            ``2 * cp_size - 1 - cp_rank``, one after the other. Every local sequence (each
+            row of ``[B, S, H, D]`` / ``[S, H, D]``, or each ``cu_seqlens`` range of a packed
+            ``[T, H, D]``, where ``cu_seqlens`` describes the local tokens: TransformerEngine's
+            global ``cu_seqlens`` divided by ``cp_size``) is thus two chunks of ``L / 2``
+            tokens, and its token ``i`` gets the global position ``offset + i + (L / 2) *
+            cp_rank`` (first chunk) or ``offset + i + (L / 2) * (2 * cp_size - 2 - cp_rank)``
+            (second): the rotation the unsharded sequence gives those tokens. The kernel
+            derives it (no positions tensor). ``offsets`` (int or per sequence) is the global
+            position of each sequence's first token. ``L`` must be even: ValueError for an
+            odd ``S``; odd packed lengths are found by ``check_cu_seqlens`` (else their
+            positions are unspecified). ``cp_size`` 1 is the unsharded call. TypeError unless
+            a tuple of two ints, ValueError unless ``cp_size >= 1`` and ``0 <= cp_rank <
+            cp_size``, or when ``positions`` is given (positions sharded with q already hold
+            the global positions: pass them alone).
 
     Returns:
         ``(q, k)``, the same tensors, rotated. Under autograd the rotation is recorded (as
@@ -204,7 +224,7 @@ def apply_rope_(
     such calls (q and k disjoint in memory; data alignment) run again.
     """
     return _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles,
-                         inverse, check_cu_seqlens, config, None, q_scale, rotary_at)
+                         inverse, check_cu_seqlens, config, None, q_scale, rotary_at, cp)
 
 
 def apply_rope(
@@ -222,6 +242,7 @@ def apply_rope(
     check_cu_seqlens: Optional[bool] = None,
     q_scale: Optional[QueryScale] = None,
     rotary_at: str = "start",
+    cp: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Out-of-place, differentiable :func:`apply_rope_`: returns new rotated ``(q, k)``
     (``k`` None when not given), in one pass over the inputs (channels past the rotary
@@ -230,10 +251,11 @@ def apply_rope(
     The backward pass is the inverse rotation, by the same kernel, recomputing angles from
     the positions (and, with ``q_scale``, scaling q's gradient by the same factor: the
     gradient of a pass-through channel is ``s * grad`` with ``q_scale``, ``grad`` without,
-    wherever ``rotary_at`` puts them); nothing else is saved.
+    wherever ``rotary_at`` puts them; with ``cp``, the same shard's positions); nothing
+    else is saved.
     """
     return _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles, inverse,
-                      check_cu_seqlens, None, q_scale, rotary_at)
+                      check_cu_seqlens, None, q_scale, rotary_at, cp)
 
 
 def _make_norm(q_weight, k_weight, eps, unit_offset) -> Norm:
@@ -261,6 +283,7 @@ def apply_qk_norm_rope_(
     config: Optional[LaunchConfig] = None,
     q_scale: Optional[QueryScale] = None,
     rotary_at: str = "start",
+    cp: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-head RMSNorm of q and k, then rope, in place and in one pass (Qwen3 attention).
 
@@ -280,6 +303,7 @@ def apply_qk_norm_rope_(
         rotary_at: as in :func:`apply_rope_`. The norm always covers the whole head with
             the whole ``[D]`` weight: with ``"end"`` the pass-through channels take
             ``weight[:D - rotary_dim]`` and the rotary part ``weight[D - rotary_dim:]``.
+        cp: as in :func:`apply_rope_` (a context-parallel shard's global positions).
         Everything else: as in :func:`apply_rope_` (strides, fused-projection views, head
         counts, dtypes, layouts, partial rotary and the three position forms).
 
@@ -288,7 +312,7 @@ def apply_qk_norm_rope_(
     """
     return _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles,
                          False, check_cu_seqlens, config, _make_norm(q_weight, k_weight, eps, unit_offset), q_scale,
-                         rotary_at)
+                         rotary_at, cp)
 
 
 def apply_qk_norm_rope(
@@ -309,6 +333,7 @@ def apply_qk_norm_rope(
     check_cu_seqlens: Optional[bool] = None,
     q_scale: Optional[QueryScale] = None,
     rotary_at: str = "start",
+    cp: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Out-of-place, differentiable :func:`apply_qk_norm_rope_`: returns new ``(q, k)``.
 
@@ -317,4 +342,4 @@ def apply_qk_norm_rope(
     Arguments as in :func:`apply_qk_norm_rope_`.
     """
     return _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles, False,
-                      check_cu_seqlens, _make_norm(q_weight, k_weight, eps, unit_offset), q_scale, rotary_at)
+                      check_cu_seqlens, _make_norm(q_weight, k_weight, eps, unit_offset), q_scale, rotary_at, cp)

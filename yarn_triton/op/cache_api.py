@@ -17,9 +17,9 @@ import torch
 from ..kernels.configs import LaunchConfig
 from ..rope import RopeParams
 from .cache_checks import CacheCall, _check_slots, check_cache_call, mla_views, mla_whole_q
-from .checks import Offsets, _check_config, _check_cu, check_rope_args, mrope_spec
+from .checks import Offsets, _check_config, _check_cu, check_cp, check_rope_args, mrope_spec
 from .launch import CacheTarget, _execute
-from .library import COMPILER_SEES_KERNEL, _define
+from .library import COMPILER_SEES_KERNEL, _cp_args, _cp_of, _define
 
 Scale = Union[float, torch.Tensor, None]
 
@@ -41,11 +41,12 @@ def _scale_of(t: Optional[torch.Tensor], f: float) -> Union[float, torch.Tensor]
 # the reference (or the interpreter).
 # --------------------------------------------------------------------------------------
 def _run(q, qo, k, v, k_cache, v_cache, slots, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot,
-         layout, precise, mrope, qq_t, qq_f, kq_t, kq_f, vq_t, vq_f, traced, rotary_at="start") -> None:
+         layout, precise, mrope, qq_t, qq_f, kq_t, kq_f, vq_t, vq_f, traced, rotary_at="start", cp_size=1,
+         cp_rank=0) -> None:
     cache = CacheTarget(v, k_cache, v_cache, slots, _scale_of(qq_t, qq_f), _scale_of(kq_t, kq_f),
                         _scale_of(vq_t, vq_f))
     _execute(q, qo, k, None, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, False,
-             precise, traced=traced, mrope=mrope, cache=cache, rotary_at=rotary_at)
+             precise, traced=traced, mrope=mrope, cache=cache, rotary_at=rotary_at, cp=_cp_of(cp_size, cp_rank))
 
 
 @torch.library.custom_op("yarn_triton::rope_and_cache_host_", mutates_args=("q", "q_out", "k_cache", "v_cache"))
@@ -54,11 +55,13 @@ def _host_op(
     v_cache: torch.Tensor, slots: torch.Tensor, positions: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
     cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor, scale: float, pos_base: int, rotary_dim: int,
     layout: str, precise: bool, mrope: Optional[List[int]], qq_t: Optional[torch.Tensor], qq_f: float,
-    kq_t: Optional[torch.Tensor], kq_f: float, vq_t: Optional[torch.Tensor], vq_f: float,
+    kq_t: Optional[torch.Tensor], kq_f: float, vq_t: Optional[torch.Tensor], vq_f: float, cp_size: int = 1,
+    cp_rank: int = 0,
 ) -> None:
     """The cache write outside the compiler's view (CPU tensors, old torch)."""
     _run(q, q if q_out is None else q_out, k, v, k_cache, v_cache, slots, positions, offsets, cu_seqlens, inv_freq,
-         scale, pos_base, rotary_dim, layout, precise, mrope, qq_t, qq_f, kq_t, kq_f, vq_t, vq_f, False)
+         scale, pos_base, rotary_dim, layout, precise, mrope, qq_t, qq_f, kq_t, kq_f, vq_t, vq_f, False,
+         cp_size=cp_size, cp_rank=cp_rank)
 
 
 def _rope_and_cache_impl(
@@ -66,26 +69,28 @@ def _rope_and_cache_impl(
     v_cache: torch.Tensor, slots: torch.Tensor, positions: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
     cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor, scale: float, pos_base: int, rotary_dim: int,
     layout: str, precise: bool, mrope: Optional[List[int]], qq_t: Optional[torch.Tensor], qq_f: float,
-    kq_t: Optional[torch.Tensor], kq_f: float, vq_t: Optional[torch.Tensor], vq_f: float,
+    kq_t: Optional[torch.Tensor], kq_f: float, vq_t: Optional[torch.Tensor], vq_f: float, cp_size: int = 1,
+    cp_rank: int = 0,
 ) -> None:
     if COMPILER_SEES_KERNEL and q.device.type == "cuda":
         _run(q, q if q_out is None else q_out, k, v, k_cache, v_cache, slots, positions, offsets, cu_seqlens,
-             inv_freq, scale, pos_base, rotary_dim, layout, precise, mrope, qq_t, qq_f, kq_t, kq_f, vq_t, vq_f, True)
+             inv_freq, scale, pos_base, rotary_dim, layout, precise, mrope, qq_t, qq_f, kq_t, kq_f, vq_t, vq_f, True,
+             cp_size=cp_size, cp_rank=cp_rank)
     else:
         torch.ops.yarn_triton.rope_and_cache_host_(q, q_out, k, v, k_cache, v_cache, slots, positions, offsets,
                                                    cu_seqlens, inv_freq, scale, pos_base, rotary_dim, layout,
-                                                   precise, mrope, qq_t, qq_f, kq_t, kq_f, vq_t, vq_f)
+                                                   precise, mrope, qq_t, qq_f, kq_t, kq_f, vq_t, vq_f, cp_size, cp_rank)
 
 
 def _run_mla(q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, slots, positions, offsets, cu_seqlens, inv_freq, scale,
-             pos_base, rot, layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, traced) -> None:
+             pos_base, rot, layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, traced, cp_size=1, cp_rank=0) -> None:
     """The MLA call as the GQA one: one-head k and v, the two halves of the cache as the k
     and v caches, and with ``q_nope`` the whole q (its rope part last) into ``q_out``."""
     k, v, k_cache, v_cache = mla_views(q_pe, k_pe, kv_c, kv_cache)
     q = q_pe if q_nope is None else mla_whole_q(q_pe, q_nope, q_out)
     _run(q, q if q_out is None else q_out, k, v, k_cache, v_cache, slots, positions, offsets, cu_seqlens, inv_freq,
          scale, pos_base, rot, layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, sc_t, sc_f, traced,
-         "start" if q_nope is None else "end")
+         "start" if q_nope is None else "end", cp_size, cp_rank)
 
 
 @torch.library.custom_op("yarn_triton::mla_rope_and_cache_host_", mutates_args=("q_pe", "q_out", "kv_cache"))
@@ -94,11 +99,12 @@ def _mla_host_op(
     kv_c: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor, positions: Optional[torch.Tensor],
     offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor, scale: float,
     pos_base: int, rotary_dim: int, layout: str, precise: bool, mrope: Optional[List[int]],
-    qq_t: Optional[torch.Tensor], qq_f: float, sc_t: Optional[torch.Tensor], sc_f: float,
+    qq_t: Optional[torch.Tensor], qq_f: float, sc_t: Optional[torch.Tensor], sc_f: float, cp_size: int = 1,
+    cp_rank: int = 0,
 ) -> None:
     """The MLA cache write outside the compiler's view (CPU tensors, old torch)."""
     _run_mla(q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, slots, positions, offsets, cu_seqlens, inv_freq, scale,
-             pos_base, rotary_dim, layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, False)
+             pos_base, rotary_dim, layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, False, cp_size, cp_rank)
 
 
 def _mla_impl(
@@ -106,15 +112,17 @@ def _mla_impl(
     kv_c: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor, positions: Optional[torch.Tensor],
     offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor, scale: float,
     pos_base: int, rotary_dim: int, layout: str, precise: bool, mrope: Optional[List[int]],
-    qq_t: Optional[torch.Tensor], qq_f: float, sc_t: Optional[torch.Tensor], sc_f: float,
+    qq_t: Optional[torch.Tensor], qq_f: float, sc_t: Optional[torch.Tensor], sc_f: float, cp_size: int = 1,
+    cp_rank: int = 0,
 ) -> None:
     if COMPILER_SEES_KERNEL and q_pe.device.type == "cuda":
         _run_mla(q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, slots, positions, offsets, cu_seqlens, inv_freq, scale,
-                 pos_base, rotary_dim, layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, True)
+                 pos_base, rotary_dim, layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, True, cp_size, cp_rank)
     else:
         torch.ops.yarn_triton.mla_rope_and_cache_host_(q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, slots, positions,
                                                        offsets, cu_seqlens, inv_freq, scale, pos_base, rotary_dim,
-                                                       layout, precise, mrope, qq_t, qq_f, sc_t, sc_f)
+                                                       layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, cp_size,
+                                                       cp_rank)
 
 
 _rope_and_cache_op = _define("yarn_triton::rope_and_cache_", ("q", "q_out", "k_cache", "v_cache"),
@@ -137,28 +145,31 @@ def _mrope_list(params: RopeParams) -> Optional[List[int]]:
 
 
 def _checked(q, k, v, k_cache, v_cache, slot_mapping, q_out, k_scale, v_scale, q_scale, positions, params, layout,
-             rotary_dim, offsets, cu_seqlens, check_slots, check_cu, config, names=None) -> Tuple[int, CacheCall]:
-    """Every check of a serving call, in order (q, k and the positions; the launch shape;
-    the packed sequences; v, the caches, the slots, the scales and q_out; the slots'
-    values): ``(rotary dim, the checked cache call)``, or a clear error before any launch."""
+             rotary_dim, offsets, cu_seqlens, check_slots, check_cu, config, names=None,
+             cp=None) -> Tuple[int, CacheCall]:
+    """Every check of a serving call, in order (q, k and the positions; the context-parallel
+    shard; the launch shape; the packed sequences; v, the caches, the slots, the scales and
+    q_out; the slots' values): ``(rotary dim, the checked cache call)``, or a clear error
+    before any launch."""
     rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace=q_out is None)
+    check_cp(cp, q, positions, cu_seqlens)
     if config is not None:
         _check_config(config)
-    _check_cu(cu_seqlens, check_cu, q)
+    _check_cu(cu_seqlens, check_cu, q, cp)
     call = check_cache_call(q, k, v, k_cache, v_cache, slot_mapping, q_out, k_scale, v_scale, q_scale, names=names)
     _check_slots(call.slots, check_slots, k_cache.shape[0] * k_cache.shape[1])
     return rot, call
 
 
 def _launch_eager(q, q_out, k, v, k_cache, v_cache, call: CacheCall, positions, offsets, cu_seqlens, params, rot,
-                  layout, precise, config, rotary_at="start") -> None:
+                  layout, precise, config, rotary_at="start", cp=None) -> None:
     """The eager call: straight to the launch (no dispatcher round trip)."""
     off_t, pos_base = _split_offsets(offsets)
     target = CacheTarget(v, k_cache, v_cache, call.slots,
                          *(1.0 if s is None else s for s in (call.q_quant, call.k_quant, call.v_quant)))
     _execute(q, q if q_out is None else q_out, k, None, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
              params.cos_sin_scale, pos_base, rot, layout, False, precise, config, mrope=mrope_spec(params),
-             cache=target, rotary_at=rotary_at)
+             cache=target, rotary_at=rotary_at, cp=cp)
 
 
 def apply_rope_and_cache_(
@@ -183,6 +194,7 @@ def apply_rope_and_cache_(
     check_slots: Optional[bool] = None,
     check_cu_seqlens: Optional[bool] = None,
     config: Optional[LaunchConfig] = None,
+    cp: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rope of q and k and the paged KV-cache write of k and v, in one kernel launch.
 
@@ -196,9 +208,9 @@ def apply_rope_and_cache_(
         q: ``[*T, Hq, D]`` float32/float16/bfloat16, any strides, CUDA (or CPU).
         k: ``[*T, Hk, D]``, q's token dims and dtype. v: ``[*T, Hk, Dv]``, the same.
         positions, params, layout, rotary_dim, offsets, cu_seqlens, precise_angles,
-            check_cu_seqlens, config: as in :func:`apply_rope_` (every position form;
-            M-RoPE params too). With a partial rotary the pass-through channels are stored
-            as they are (and copied to ``q_out``).
+            check_cu_seqlens, config, cp: as in :func:`apply_rope_` (every position form,
+            a context-parallel shard's too; M-RoPE params too). With a partial rotary the
+            pass-through channels are stored as they are (and copied to ``q_out``).
         k_cache: ``[num_blocks, block_size, Hk, D]``, any strides: ``kv_cache.unbind(0)``
             of vLLM's cache, an HND cache ``[num_blocks, Hk, block_size, D]`` passed as
             ``.transpose(1, 2)``, or a per-sequence ``[B, L, Hk, D]`` cache (blocks of L).
@@ -226,16 +238,16 @@ def apply_rope_and_cache_(
     given to two tokens gets one of them. CUDA-graph safe without ``check_slots``.
     """
     rot, call = _checked(q, k, v, k_cache, v_cache, slot_mapping, q_out, k_scale, v_scale, q_scale, positions, params,
-                         layout, rotary_dim, offsets, cu_seqlens, check_slots, check_cu_seqlens, config)
+                         layout, rotary_dim, offsets, cu_seqlens, check_slots, check_cu_seqlens, config, cp=cp)
     if torch.compiler.is_compiling():
         off_t, pos_base = _split_offsets(offsets)
         torch.ops.yarn_triton.rope_and_cache_(
             q, q_out, k, v, k_cache, v_cache, call.slots, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
             params.cos_sin_scale, pos_base, rot, layout, precise_angles, _mrope_list(params),
-            *_scale_args(call.q_quant), *_scale_args(call.k_quant), *_scale_args(call.v_quant))
+            *_scale_args(call.q_quant), *_scale_args(call.k_quant), *_scale_args(call.v_quant), *_cp_args(cp))
     else:
         _launch_eager(q, q_out, k, v, k_cache, v_cache, call, positions, offsets, cu_seqlens, params, rot, layout,
-                      precise_angles, config)
+                      precise_angles, config, cp=cp)
     return (q if q_out is None else q_out), k_cache, v_cache
 
 
@@ -259,6 +271,7 @@ def apply_mla_rope_and_cache_(
     check_slots: Optional[bool] = None,
     check_cu_seqlens: Optional[bool] = None,
     config: Optional[LaunchConfig] = None,
+    cp: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek MLA's rope and cache write in one launch: ``q_pe`` rotated in place, and
     for each token with a slot in the cache ``kv_cache[s // bs, s % bs] = [kv_c[t],
@@ -281,7 +294,7 @@ def apply_mla_rope_and_cache_(
         layout: ``"deepseek"`` (default: pairs in, halves out, as DeepSeek's
             checkpoints need), ``"neox"`` or ``"interleaved"``.
         positions, params, offsets, cu_seqlens, precise_angles, check_slots,
-            check_cu_seqlens, config: as in :func:`apply_rope_and_cache_`.
+            check_cu_seqlens, config, cp: as in :func:`apply_rope_and_cache_`.
 
     Returns:
         ``(q_pe or q_out, kv_cache)``, the same tensors, written.
@@ -295,14 +308,14 @@ def apply_mla_rope_and_cache_(
     names = {"k": "k_pe", "v": "kv_c", "k_cache": "kv_cache[..., L:]", "v_cache": "kv_cache[..., :L]",
              "k_scale": "scale", "v_scale": "scale"}
     rot, call = _checked(q, k, v, k_cache, v_cache, slot_mapping, q_out, scale, scale, q_scale, positions, params,
-                         layout, None, offsets, cu_seqlens, check_slots, check_cu_seqlens, config, names)
+                         layout, None, offsets, cu_seqlens, check_slots, check_cu_seqlens, config, names, cp)
     if torch.compiler.is_compiling():
         off_t, pos_base = _split_offsets(offsets)
         torch.ops.yarn_triton.mla_rope_and_cache_(
             q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, call.slots, positions, off_t, cu_seqlens,
             params.inv_freq_on(q.device), params.cos_sin_scale, pos_base, rot, layout, precise_angles,
-            _mrope_list(params), *_scale_args(call.q_quant), *_scale_args(call.k_quant))
+            _mrope_list(params), *_scale_args(call.q_quant), *_scale_args(call.k_quant), *_cp_args(cp))
     else:
         _launch_eager(q, q_out, k, v, k_cache, v_cache, call, positions, offsets, cu_seqlens, params, rot, layout,
-                      precise_angles, config, "start" if q_nope is None else "end")
+                      precise_angles, config, "start" if q_nope is None else "end", cp)
     return (q_pe if q_out is None else q_out), kv_cache

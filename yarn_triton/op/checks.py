@@ -259,9 +259,10 @@ def check_q_scale(q_scale, params: Optional[RopeParams] = None) -> QueryScale:
 CHECK_CU_SEQLENS = os.environ.get("YARN_TRITON_CHECK_CU_SEQLENS", "0") not in ("", "0")
 
 
-def check_cu_seqlens_values(cu_seqlens: torch.Tensor, n_tokens: int) -> None:
+def check_cu_seqlens_values(cu_seqlens: torch.Tensor, n_tokens: int, cp: Optional[Tuple[int, int]] = None) -> None:
     """Raise ValueError unless ``cu_seqlens`` starts at 0, never decreases and ends at or
-    before ``n_tokens``. Reads the values: one device synchronisation."""
+    before ``n_tokens`` (and, with a context-parallel ``cp`` of more than one rank, every
+    sequence's length is even: two chunks). Reads the values: one device synchronisation."""
     cu = cu_seqlens.detach().to("cpu", torch.int64)
     if cu[0].item() != 0:
         raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0]={cu[0].item()}")
@@ -272,20 +273,53 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, n_tokens: int) -> None:
                          f"< cu_seqlens[{i}]={cu[i].item()}")
     if cu[-1].item() > n_tokens:
         raise ValueError(f"cu_seqlens ends at {cu[-1].item()}, past the {n_tokens} tokens of q")
+    if cp is not None and cp[0] > 1 and (steps % 2 != 0).any():
+        i = int(torch.nonzero(steps % 2 != 0)[0, 0])
+        raise ValueError(f"with cp={tuple(cp)}, every local sequence is two chunks of its global sequence "
+                         f"and must have an even length; sequence {i} has {steps[i].item()} tokens "
+                         f"(cu_seqlens[{i}]={cu[i].item()}, cu_seqlens[{i + 1}]={cu[i + 1].item()})")
 
 
-def _check_cu(cu_seqlens, check, q) -> None:
+def _check_cu(cu_seqlens, check, q, cp=None) -> None:
     if cu_seqlens is not None and (CHECK_CU_SEQLENS if check is None else check) \
             and not torch.compiler.is_compiling():
-        check_cu_seqlens_values(cu_seqlens, q.shape[0])
+        check_cu_seqlens_values(cu_seqlens, q.shape[0], cp)
+
+
+def check_cp(cp, q: torch.Tensor, positions: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor]) -> None:
+    """Raise TypeError/ValueError naming the argument unless ``cp`` is None or a
+    ``(cp_size, cp_rank)`` pair of ints with ``cp_size >= 1`` and ``0 <= cp_rank <
+    cp_size``, given without ``positions``, and (contiguous sequences, more than one rank)
+    q's sequence length is even. Packed sequences' lengths are values: checked by
+    :func:`check_cu_seqlens_values` (``check_cu_seqlens``)."""
+    if cp is None:
+        return
+    if not isinstance(cp, tuple) or len(cp) != 2 or \
+            any(isinstance(v, bool) or not isinstance(v, int) for v in cp):
+        raise TypeError(f"cp must be None or a (cp_size, cp_rank) tuple of two ints, got {cp!r}")
+    size, rank = cp
+    if size < 1:
+        raise ValueError(f"cp: cp_size must be >= 1, got cp={cp!r}")
+    if not 0 <= rank < size:
+        raise ValueError(f"cp: cp_rank must be in [0, cp_size) = [0, {size}), got cp={cp!r}")
+    if size >= 1 << 30:
+        raise ValueError(f"cp: cp_size must be below 2**30, got cp={cp!r}")
+    if positions is not None:
+        raise ValueError("cp derives each token's global position from its index in a context-parallel shard; "
+                         "it cannot be combined with positions (positions sharded with q already hold the "
+                         "global positions: pass them alone)")
+    if size > 1 and cu_seqlens is None and q.shape[-3] % 2:
+        raise ValueError(f"with cp={cp!r}, q's local sequence (the head and tail chunks of the global one) must "
+                         f"have an even length, got {q.shape[-3]} tokens in q of shape {tuple(q.shape)}")
 
 
 def _check_call(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, norm, q_scale, rotary_at,
-                inplace: bool) -> Tuple[int, Optional[QueryScale]]:
+                inplace: bool, cp=None) -> Tuple[int, Optional[QueryScale]]:
     """Every argument check of a rope / norm + rope call that does not replay a known
     signature: ``(rotary dim, normalised q_scale)``, or a clear error before any launch."""
     check_rotary_at(rotary_at)
     rot = check_rope_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, inplace=inplace)
+    check_cp(cp, q, positions, cu_seqlens)
     if norm is not None:
         check_norm_args(q, k, norm)
     if q_scale is not None:

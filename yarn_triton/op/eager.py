@@ -46,10 +46,10 @@ class _EagerRope(torch.autograd.Function):
     def backward(ctx, gq, gk):
         positions, offsets, cu_seqlens, *saved = ctx.saved_tensors
         args, _, _, norm, has_k = ctx.meta
-        _, _, _, _, _, _, rot, layout, inverse, precise, params, q_scale, rotary_at = args
+        _, _, _, _, _, _, rot, layout, inverse, precise, params, q_scale, rotary_at, cp = args
         gk = gk if has_k else None
         key = _signature(gq, gk, positions, params, layout, rot, offsets, cu_seqlens, precise, not inverse, None,
-                         False, None, q_scale, rotary_at)
+                         False, None, q_scale, rotary_at, cp)
         # q_out = s * R(x) per token: dx = R^T(s * g), the same kernel inverted, same scale
         dq, dk = _eager_copy(gq, gk, args, not inverse, _plans._PLANS.get(key), key)
         if norm is None:
@@ -70,16 +70,16 @@ def _eager_copy(q, k, args, inverse, plan, key, norm=None):
     """Rotate ``q``/``k`` into fresh tensors, replaying ``plan`` when given, else by the full
     launch path, remembering its plan under ``key``. ``args = (positions, offsets,
     cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse, precise, params,
-    q_scale, rotary_at)``, the forward's; ``inverse`` is the direction of this call."""
+    q_scale, rotary_at, cp)``, the forward's; ``inverse`` is the direction of this call."""
     qo = torch.empty_like(q)
     ko = None if k is None else torch.empty_like(k)
     positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, _, precise, params, q_scale, \
-        rotary_at = args
+        rotary_at, cp = args
     if plan is not None:
         plan.run(q, k, positions, offsets, cu_seqlens, pos_base, qo, ko, norm)
     else:
         launch = _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
                           rot, layout, inverse, precise, norm=norm, mrope=mrope_spec(params), q_scale=q_scale,
-                          rotary_at=rotary_at)
+                          rotary_at=rotary_at, cp=cp)
         _remember(key, launch, params, inv_freq, q, k)
     return qo, ko

@@ -86,10 +86,11 @@ def _cache_write(cache: CacheTarget, v_tok: Sequence[int], slot_tok: Sequence[in
 
 def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_freq, scale,
                    rot, layout, inverse, precise, config, traced=False, norm=None, mrope=None, q_scale=None,
-                   rotary_at="start", cache=None):
+                   rotary_at="start", cache=None, cp=None):
     """Fold the token dims and launch; returns the kernel's :class:`PreparedLaunch` (None
     when the call took several launches or cannot be replayed). With ``cache`` (a
-    :class:`CacheTarget`), k's rotation goes to the k cache and v to the v cache."""
+    :class:`CacheTarget`), k's rotation goes to the k cache and v to the v cache. ``cp``
+    (derived positions only): the context-parallel shard the sequences are."""
     in_pairs, out_pairs = layout_switches(layout, inverse)
     common = dict(half=rot // 2, in_pairs=in_pairs, out_pairs=out_pairs, inverse=inverse,
                   precise=precise, pos_base=pos_base, cu_seqlens=cu_seqlens, config=config,
@@ -111,7 +112,7 @@ def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_f
             common["cache"] = _cache_write(cache, bs(cache.v), (sl.stride(0), sl.stride(1)) if sl.dim() == 2
                                            else (0, sl.stride(0)))
         return launch_rope(qop, kop, inv_freq, scale, n_tokens=B * S, seq_len=S,
-                           per_token_positions=None, pos_strides=(0, 0), **common)
+                           per_token_positions=None, pos_strides=(0, 0), cp=cp, **common)
 
     tokens = tuple(q.shape[:-2])
     if mrope is not None and positions.dim() == len(tokens) + 1:
@@ -155,24 +156,28 @@ def uses_kernel(t: torch.Tensor) -> bool:
 
 def _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
              rot, layout, inverse, precise, config=None, traced=False, norm=None, mrope=None, q_scale=None,
-             rotary_at="start", cache=None):
+             rotary_at="start", cache=None, cp=None):
     """Rotate ``q``/``k`` (RMS-normalised first when ``norm``; q scaled after when
     ``q_scale``) into ``qo``/``ko`` (the same tensors for in place); the rotary part of
     each head is its first ``rot`` channels, or its last ones for ``rotary_at="end"``.
     With ``cache`` (a :class:`CacheTarget`) k is only read: its rotation and v go to the
     caches at the slots, and ``qo`` (q, or an FP8 ``q_out``) gets q's.
+    ``cp = (cp_size, cp_rank)`` (``positions`` None): the sequences are that rank's
+    head-tail shards of a context-parallel split; their tokens take global positions.
     Returns the launch's :class:`PreparedLaunch` when it can be replayed."""
+    if cp is not None and cp[0] == 1:  # one rank: the local sequence is the global one
+        cp = None
     if uses_kernel(q):
         return _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_freq, scale,
                               rot, layout, inverse, precise, config, traced, norm,
-                              mrope if mrope is not None and mrope[0] else None, q_scale, rotary_at, cache)
+                              mrope if mrope is not None and mrope[0] else None, q_scale, rotary_at, cache, cp)
     if cache is not None:
         _cache_reference(q, qo, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout,
-                         precise, mrope, cache, rotary_at)
+                         precise, mrope, cache, rotary_at, cp)
         return None
     mask = None
     if positions is None:
-        positions = positions_from_offsets(q, offsets if offsets is not None else pos_base, cu_seqlens)
+        positions = positions_from_offsets(q, offsets if offsets is not None else pos_base, cu_seqlens, cp)
         if offsets is not None and pos_base:
             positions = positions + pos_base
         if cu_seqlens is not None:
@@ -199,13 +204,13 @@ def _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_
 
 
 def _cache_reference(q, qo, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, precise,
-                     mrope, cache: CacheTarget, rotary_at: str = "start") -> None:
+                     mrope, cache: CacheTarget, rotary_at: str = "start", cp=None) -> None:
     """The cache write in PyTorch (CPU tensors): q and k rotated in float32 by the
     reference, then rounded or quantized once into ``qo`` and the caches."""
     q32 = torch.empty(q.shape, dtype=torch.float32)
     k32 = torch.empty(k.shape, dtype=torch.float32)
     _execute(q.float(), q32, k.float(), k32, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-             rot, layout, False, precise, mrope=mrope, rotary_at=rotary_at)
+             rot, layout, False, precise, mrope=mrope, rotary_at=rotary_at, cp=cp)
     mask = None if cu_seqlens is None or positions is not None else packed_token_mask(q, cu_seqlens)
     if mask is not None:  # tokens past the packed sequences: q keeps them, the caches get nothing
         q32 = torch.where(mask.view(-1, 1, 1), q32, q.float())

@@ -45,30 +45,40 @@ def _q_scale_args(q_scale: Optional[QueryScale]) -> Tuple[float, int]:
     return (0.0, 0) if q_scale is None else (q_scale.beta, q_scale.original_max)
 
 
+def _cp_of(cp_size: int, cp_rank: int) -> Optional[Tuple[int, int]]:
+    return None if cp_size == 1 else (cp_size, cp_rank)
+
+
+def _cp_args(cp: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+    """A context-parallel shard as the ops take it: ``(cp_size, cp_rank)``, ``(1, 0)`` for none."""
+    return (1, 0) if cp is None else (int(cp[0]), int(cp[1]))
+
+
 @torch.library.custom_op("yarn_triton::rope_host_", mutates_args=("qo", "ko"))
 def _rope_host_op(
     q: torch.Tensor, qo: torch.Tensor, k: Optional[torch.Tensor], ko: Optional[torch.Tensor],
     positions: Optional[torch.Tensor], offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
     inv_freq: torch.Tensor, scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool,
     precise: bool, q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], eps: float, norm: int,
-    mrope: Optional[List[int]], qs_beta: float, qs_omax: int, rotary_at: str,
+    mrope: Optional[List[int]], qs_beta: float, qs_omax: int, rotary_at: str, cp_size: int = 1, cp_rank: int = 0,
 ) -> None:
     """Rotate q/k into qo/ko outside the compiler's view (CPU tensors, old torch)."""
     _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
              rotary_dim, layout, inverse, precise, norm=_norm_of(q_weight, k_weight, eps, norm), mrope=mrope,
-             q_scale=_q_scale_of(qs_beta, qs_omax), rotary_at=rotary_at)
+             q_scale=_q_scale_of(qs_beta, qs_omax), rotary_at=rotary_at, cp=_cp_of(cp_size, cp_rank))
 
 
 def _dispatch(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse,
-              precise, q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax, rotary_at) -> None:
+              precise, q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax, rotary_at, cp_size, cp_rank) -> None:
     if COMPILER_SEES_KERNEL and q.device.type == "cuda":
         _execute(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
                  rot, layout, inverse, precise, traced=True, norm=_norm_of(q_weight, k_weight, eps, norm),
-                 mrope=mrope, q_scale=_q_scale_of(qs_beta, qs_omax), rotary_at=rotary_at)
+                 mrope=mrope, q_scale=_q_scale_of(qs_beta, qs_omax), rotary_at=rotary_at,
+                 cp=_cp_of(cp_size, cp_rank))
     else:
         torch.ops.yarn_triton.rope_host_(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale,
                                          pos_base, rot, layout, inverse, precise, q_weight, k_weight, eps, norm,
-                                         mrope, qs_beta, qs_omax, rotary_at)
+                                         mrope, qs_beta, qs_omax, rotary_at, cp_size, cp_rank)
 
 
 def _define(name: str, mutates_args, fn):
@@ -82,10 +92,11 @@ def _rope_inplace_impl(
     offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor,
     scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool, precise: bool,
     q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], eps: float, norm: int,
-    mrope: Optional[List[int]], qs_beta: float, qs_omax: int, rotary_at: str,
+    mrope: Optional[List[int]], qs_beta: float, qs_omax: int, rotary_at: str, cp_size: int = 1, cp_rank: int = 0,
 ) -> None:
     _dispatch(q, q, k, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax, rotary_at)
+              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax, rotary_at,
+              cp_size, cp_rank)
 
 
 def _rope_impl(
@@ -93,12 +104,13 @@ def _rope_impl(
     offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor,
     scale: float, pos_base: int, rotary_dim: int, layout: str, inverse: bool, precise: bool,
     q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], eps: float, norm: int,
-    mrope: Optional[List[int]], qs_beta: float, qs_omax: int, rotary_at: str,
+    mrope: Optional[List[int]], qs_beta: float, qs_omax: int, rotary_at: str, cp_size: int = 1, cp_rank: int = 0,
 ) -> List[torch.Tensor]:
     qo = torch.empty_like(q)
     ko = None if k is None else torch.empty_like(k)
     _dispatch(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
-              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax, rotary_at)
+              rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax, rotary_at,
+              cp_size, cp_rank)
     return [qo] if ko is None else [qo, ko]
 
 
@@ -137,29 +149,35 @@ def _norm_rope_backward(q, k, q_weight, k_weight, eps, kind, gq_normed, gk_norme
 
 def _rope_setup_context(ctx, inputs, output) -> None:
     q, k, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse, precise, \
-        q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax, rotary_at = inputs
+        q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax, rotary_at, cp_size, cp_rank = inputs
     ctx.save_for_backward(positions, offsets, cu_seqlens, inv_freq, *((q, k, q_weight, k_weight) if norm else ()))
-    ctx.scalars = (scale, pos_base, rot, layout, inverse, precise, eps, norm, mrope, qs_beta, qs_omax, rotary_at)
+    ctx.scalars = (scale, pos_base, rot, layout, inverse, precise, eps, norm, mrope, qs_beta, qs_omax, rotary_at,
+                   cp_size, cp_rank)
     ctx.has_k = k is not None
 
 
 def _rope_backward(ctx, grads):
     """The inverse rotation of the incoming gradients (same kernel, INVERSE flipped),
     angles recomputed from the saved positions, scaled by the same query scale (a per-token
-    factor commutes with the rotation); then, with the norm, its backward."""
+    factor commutes with the rotation; so does the context-parallel shard's position map);
+    then, with the norm, its backward."""
     positions, offsets, cu_seqlens, inv_freq, *saved = ctx.saved_tensors
-    scale, pos_base, rot, layout, inverse, precise, eps, norm, mrope, qs_beta, qs_omax, rotary_at = ctx.scalars
+    scale, pos_base, rot, layout, inverse, precise, eps, norm, mrope, qs_beta, qs_omax, rotary_at, cp_size, \
+        cp_rank = ctx.scalars
     gq = grads[0]
     gk = grads[1] if ctx.has_k else None
     outs = torch.ops.yarn_triton.rope(gq, gk, positions, offsets, cu_seqlens, inv_freq, scale,
                                       pos_base, rot, layout, not inverse, precise, None, None, 0.0, 0, mrope,
-                                      qs_beta, qs_omax, rotary_at)
+                                      qs_beta, qs_omax, rotary_at, cp_size, cp_rank)
     dq, dk = outs[0], (outs[1] if ctx.has_k else None)
     dqw = dkw = None
     if norm:
         q, k, q_weight, k_weight = saved
         dq, dk, dqw, dkw = _norm_rope_backward(q, k, q_weight, k_weight, eps, norm, dq, dk)
-    return (dq, dk) + (None,) * 10 + (dqw, dkw, None, None, None, None, None, None)
+    grads = (dq, dk) + (None,) * 10 + (dqw, dkw) + (None,) * 8
+    # one per argument the op was called with: the dispatcher drops trailing arguments equal
+    # to their defaults (cp_size 1, cp_rank 0) before autograd sees the call
+    return grads[:len(ctx.needs_input_grad)]
 
 
 _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup_context)

@@ -98,7 +98,7 @@ def _tsig(t):
 
 
 def _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, config,
-               inplace, norm=None, q_scale=None, rotary_at="start"):
+               inplace, norm=None, q_scale=None, rotary_at="start", cp=None):
     """Everything validation and the launch geometry depend on, or None when a call is not
     eligible for the fast path (then it takes the full path, which raises on bad input)."""
     if type(q) is not torch.Tensor or (k is not None and type(k) is not torch.Tensor):
@@ -125,8 +125,11 @@ def _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
         q_scale = (q_scale[0], q_scale[1])
     if type(rotary_at) is not str:  # (a plan exists only for checked values, which are str)
         return None
+    if cp is not None:  # only an exact pair of ints keys a plan (the launch holds its values)
+        if type(cp) is not tuple or len(cp) != 2 or type(cp[0]) is not int or type(cp[1]) is not int:
+            return None
     return (id(params), layout, rotary_dim, precise, inverse, config, inplace, _tsig(q), _tsig(k),
-            _tsig(positions), off, _tsig(cu_seqlens), norm, q_scale, rotary_at)
+            _tsig(positions), off, _tsig(cu_seqlens), norm, q_scale, rotary_at, cp)
 
 
 def _remember(key, plan_launch, params, inv_freq, q, k) -> None:
