@@ -14,6 +14,7 @@ One concern per module, each importing only those before it::
     plans     launch plans and their bounded cache         (overlap, checks)
     library   torch.library ops, fake and autograd         (checks, launch)
     eager     the eager autograd Function                  (checks, launch, plans, library)
+    dtensor   DTensor placements, local shards, rewrapping (checks)
     api       the public functions                         (all of the above)
 
     cache_checks  the serving ops' checks (v, caches, slots, FP8 scales)   (checks, overlap)

@@ -4,7 +4,9 @@
 Each call picks one of three routes: a known signature replays its plan (:mod:`.plans`);
 under ``torch.compile`` the custom ops (:mod:`.library`); otherwise the full checks
 (:mod:`.checks`), then the launch (:mod:`.launch`) or, when something needs a gradient,
-the eager Function (:mod:`.eager`). Every route checks before it writes.
+the eager Function (:mod:`.eager`). Every route checks before it writes. DTensor
+arguments (off the plan path, whose tensors are plain) are checked on their global
+shapes, then run by the same routes on each rank's local shards (:mod:`.dtensor`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.autograd.forward_ad as _forward_ad
 
 from ..kernels.configs import LaunchConfig
 from ..rope import RopeParams
+from . import dtensor as _dtensor
 from . import plans as _plans
 from .checks import Norm, Offsets, QueryScale, _check_call, _check_config, _check_cu, mrope_spec
 from .eager import _EAGER_ROPE_APPLY, _EagerRope, _eager_copy
@@ -60,18 +63,25 @@ def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqle
             plan.run(q, k, positions, offsets if type(offsets) is torch.Tensor else None, cu_seqlens,
                      offsets if type(offsets) is int else 0, norm=norm)
             return q, k
+    if key is None and _dtensor.involved(q, k, positions, offsets, cu_seqlens, norm):
+        if config is not None:
+            _check_config(config)
+        if _needs_grad(q, k, norm):  # recorded as a copy of the out-of-place result, as below
+            return _copy_into(q, k, _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
+                                               precise, inverse, check_cu, norm, q_scale, rotary_at, cp))
+        loc = _local_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, check_cu, norm,
+                          q_scale, rotary_at, cp)
+        _rope_inplace(loc.q, loc.k, loc.positions, params, layout, rotary_dim, loc.offsets, loc.cu_seqlens, precise,
+                      inverse, loc.check_cu, config, loc.norm, q_scale, rotary_at)
+        return q, k
     rot, q_scale = _check_call(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, norm, q_scale,
                                rotary_at, inplace=True, cp=cp)
     if config is not None:
         _check_config(config)
     _check_cu(cu_seqlens, check_cu, q, cp)
     if _needs_grad(q, k, norm):
-        out = _rope_copy(q, k, positions, params, layout, rot, offsets, cu_seqlens, precise, inverse, False, norm,
-                         q_scale, rotary_at, cp)
-        q.copy_(out[0])
-        if k is not None:
-            k.copy_(out[1])
-        return q, k
+        return _copy_into(q, k, _rope_copy(q, k, positions, params, layout, rot, offsets, cu_seqlens, precise,
+                                           inverse, False, norm, q_scale, rotary_at, cp))
     off_t, pos_base = _split_offsets(offsets)
     inv_freq = params.inv_freq_on(q.device)
     if compiling:
@@ -87,12 +97,45 @@ def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqle
     return q, k
 
 
+def _copy_into(q, k, out):
+    q.copy_(out[0])
+    if k is not None:
+        k.copy_(out[1])
+    return q, k
+
+
+def _local_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, check_cu, norm, q_scale,
+                rotary_at, cp) -> _dtensor.LocalArgs:
+    """A call with DTensor arguments: every argument check on the global shapes, then the
+    placement checks and the arguments on this rank's shards (:mod:`.dtensor`)."""
+    if cp is not None:
+        raise ValueError("cp names a head-tail context-parallel shard held as plain tensors; DTensor q and k carry "
+                         "their shards in their placements: give one or the other")
+    _check_call(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, norm, q_scale, rotary_at,
+                inplace=False)
+    return _dtensor.local_args(q, k, positions, offsets, cu_seqlens, check_cu, norm, bool(mrope_spec(params)[0]))
+
+
+def _rope_copy_dtensor(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, check_cu,
+                       norm, q_scale, rotary_at, cp):
+    """:func:`_rope_copy` of DTensors: run on each rank's shards, the results rewrapped."""
+    loc = _local_args(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, check_cu, norm, q_scale,
+                      rotary_at, cp)
+    out = _rope_copy(loc.q, loc.k, loc.positions, params, layout, rotary_dim, loc.offsets, loc.cu_seqlens, precise,
+                     inverse, loc.check_cu, loc.norm, q_scale, rotary_at)
+    return _dtensor.rewrap(out, q, k, loc)
+
+
 def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, check_cu, norm,
                q_scale=None, rotary_at="start", cp=None):
     """Out-of-place, differentiable rope (and norm, and query scale). Eager: a known signature skips the
     checks (they passed for it) and replays its plan inside :class:`_EagerRope`, or
-    without autograd when nothing needs a gradient; torch.compile: the custom op."""
+    without autograd when nothing needs a gradient; torch.compile: the custom op. DTensor
+    arguments (never on the plan path) run on their local shards."""
     if torch.compiler.is_compiling():
+        if _dtensor.involved(q, k, positions, offsets, cu_seqlens, norm):
+            return _rope_copy_dtensor(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise,
+                                      inverse, check_cu, norm, q_scale, rotary_at, cp)
         rot, q_scale = _check_call(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, norm, q_scale,
                                    rotary_at, inplace=False, cp=cp)
         off_t, pos_base = _split_offsets(offsets)
@@ -105,6 +148,9 @@ def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
                      False, norm, q_scale, rotary_at, cp)
     plan = _plans._PLANS.get(key)  # (None when key is None)
     if plan is None:
+        if key is None and _dtensor.involved(q, k, positions, offsets, cu_seqlens, norm):
+            return _rope_copy_dtensor(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise,
+                                      inverse, check_cu, norm, q_scale, rotary_at, cp)
         rot, q_scale = _check_call(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, norm, q_scale,
                                    rotary_at, inplace=False, cp=cp)
         inv_freq = params.inv_freq_on(q.device)
