@@ -351,3 +351,27 @@ def test_torch_compile_fullgraph(gen):
     gpos = off[:, None] + torch.arange(18)
     assert rel_err(q2.detach(), _truth(q, q, gpos[:, idx1], p)[0]) < 2e-5
     assert rel_err(q3, _truth(q2.detach(), q2, gpos[:, idx2], p)[0]) < 2e-5
+
+
+def test_cp_with_dtensor_arguments_is_refused(gen):
+    """DTensor q and k name their shards by their placements: ``cp`` with them raises a
+    ValueError naming it, before anything is written (a fake process group of 2 ranks)."""
+    _, _, store = _torch_cp()
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("fake", store=store(), rank=0, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        q = DTensor.from_local(torch.randn(1, 4, 2, D, generator=gen), mesh, [Shard(2)], run_check=False)
+        k = DTensor.from_local(torch.randn(1, 4, 1, D, generator=gen), mesh, [Shard(2)], run_check=False)
+        q0, k0 = q.to_local().clone(), k.to_local().clone()
+        for fn in (yt.apply_rope_, yt.apply_rope):
+            with pytest.raises(ValueError, match="cp"):
+                fn(q, k, None, _params(), offsets=3, cp=(2, 0))
+            assert torch.equal(q.to_local(), q0) and torch.equal(k.to_local(), k0)
+    finally:
+        dist.destroy_process_group()
