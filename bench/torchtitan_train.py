@@ -1,7 +1,7 @@
 """Loss curves of torchtitan training with and without the yarn-triton switch.
 
-Trains torchtitan's llama3 and deepseek_v3 ``debugmodel`` flavors (one GPU, bf16 autocast
-as torchtitan does on a single device) for ``--steps`` steps from one seed checkpoint per
+Trains torchtitan's llama3 and deepseek_v3 ``debugmodel`` flavors (one GPU; torchtitan's
+single-device autocast, in ``--precision``) for ``--steps`` steps from one seed checkpoint per
 model, once with torchtitan's own rope and once with
 ``--experimental.custom_import yarn_triton.integrations.torchtitan``, eager and with
 ``--compile.enable``, and compares the losses step by step (``|a - b| <= --tol``). The
@@ -10,6 +10,8 @@ paths (nothing is downloaded)::
 
     python bench/torchtitan_train.py compare [--work DIR] [--models llama3,deepseek_v3]
                                              [--modes eager,compile] [--steps 30] [--tol 1e-3]
+                                             [--seq-len 2048] [--batch 8] [--out DIR]
+                                             [--precision float32|bfloat16]
     python bench/torchtitan_train.py assets DIR    # only write the tokenizer and dataset
     python bench/torchtitan_train.py check [--work DIR]   # CPU: assets through torchtitan's
                                                            # loaders, every run's arguments parsed
@@ -29,6 +31,13 @@ that the wheel does not ship. Both are plain paths:
   ``train.jsonl`` of ``{"text": ...}`` lines does (``datasets``' packaged json builder;
   offline). The loader re-loops the data, so a small file lasts any number of steps
   (3000 generated documents, ~1M tokens: 30 steps of 8 x 2048 read it about once).
+
+Precision. The check runs in float32 by default: there the two ropes differ by float32
+rounding and the curves stay together (a CPU smoke run of deepseek_v3, 30 steps of 2 x 64
+tokens: |diff| <= 4e-6). Under bfloat16 autocast a rounding difference of one bf16 ulp in
+q or k is enough to flip an MoE routing decision somewhere, and deepseek_v3's curves then
+part after some steps (the same CPU run: <= 9e-4 for 15 steps, then up to 0.7), as they
+would for any change of rounding; ``--precision bfloat16`` shows it.
 
 deepseek_v3's YaRN only runs when ``max_seq_len`` (set to ``--training.seq_len``) exceeds
 ``original_seq_len`` (4096 in the flavor). ``--ds-original-seq-len`` (default 512, 0 to keep
@@ -161,11 +170,13 @@ def train(argv: list, losses_file: str, ds_original_seq_len: int) -> None:
 # --------------------------------------------------------------------------------------
 # The comparison
 # --------------------------------------------------------------------------------------
-def _common_args(model: str, tok_dir: str, data_dir: str, steps: int, seed: int) -> list:
+def _common_args(model: str, tok_dir: str, data_dir: str, steps: int, seed: int, seq_len: int = 2048,
+                 batch: int = 8, precision: str = "bfloat16") -> list:
     return [
         "--model.name", model, "--model.flavor", "debugmodel", "--model.hf_assets_path", tok_dir,
         "--training.dataset", "c4_test", "--training.dataset_path", data_dir,
-        "--training.steps", str(steps), "--training.local_batch_size", "8", "--training.seq_len", "2048",
+        "--training.steps", str(steps), "--training.local_batch_size", str(batch), "--training.seq_len", str(seq_len),
+        "--training.mixed_precision_param", precision,  # the autocast dtype on one device
         "--lr_scheduler.warmup_steps", "2", "--metrics.log_freq", "1",
         "--debug.seed", str(seed), "--debug.deterministic", "--debug.deterministic_warn_only",
     ]
@@ -203,8 +214,9 @@ def _torchrun(args: list, losses_file: str, ds_len: int, log) -> dict:
 
 
 def compare(work: str, models: list, modes: list, steps: int, tol: float, seed: int, ds_len: int,
-            out: str | None) -> int:
+            out: str | None, seq_len: int = 2048, batch: int = 8, precision: str = "bfloat16") -> int:
     os.makedirs(work, exist_ok=True)
+    os.makedirs(out or work, exist_ok=True)
     logf = open(os.path.join(out or work, "torchtitan_train.log"), "a")
 
     def log(msg):
@@ -213,9 +225,10 @@ def compare(work: str, models: list, modes: list, steps: int, tol: float, seed: 
         logf.flush()
 
     tok_dir, data_dir = make_assets(work)
-    summary, failed = {"steps": steps, "tol": tol, "ds_original_seq_len": ds_len, "runs": {}}, False
+    summary, failed = {"steps": steps, "tol": tol, "seq_len": seq_len, "batch": batch, "precision": precision,
+                       "ds_original_seq_len": ds_len, "runs": {}}, False
     for model in models:
-        common = _common_args(model, tok_dir, data_dir, steps, seed)
+        common = _common_args(model, tok_dir, data_dir, steps, seed, seq_len, batch, precision)
         seed_ckpt = os.path.join(work, model, "seed", "checkpoint", "step-0")
         if not os.path.isdir(seed_ckpt):
             _torchrun(_seed_args(work, model, common), os.path.join(work, f"{model}-seed.json"), ds_len, log)
@@ -249,7 +262,7 @@ def compare(work: str, models: list, modes: list, steps: int, tol: float, seed: 
                 f" (tol {tol:g}; loss {a.get(1, float('nan')):.4f} -> {a.get(steps, float('nan')):.4f})")
             summary[f"{model}/{mode}/max_abs_diff"] = worst
     summary["ok"] = not failed
-    name = f"torchtitan_train_{'_'.join(models)}_{'_'.join(modes)}.json"
+    name = f"torchtitan_train_{'_'.join(models)}_{'_'.join(modes)}_{precision}.json"
     with open(os.path.join(out or work, name), "w") as f:
         json.dump(summary, f, indent=1)
     log("ALL OK" if not failed else "SOME FAILED")
@@ -299,6 +312,9 @@ def main() -> int:
         c.add_argument("--steps", type=int, default=30)
         c.add_argument("--seed", type=int, default=42)
         c.add_argument("--ds-original-seq-len", type=int, default=512)
+        c.add_argument("--seq-len", type=int, default=2048)
+        c.add_argument("--batch", type=int, default=8)
+        c.add_argument("--precision", default="float32", choices=("bfloat16", "float32"))
         if name == "compare":
             c.add_argument("--modes", default="eager,compile")
             c.add_argument("--tol", type=float, default=1e-3)
@@ -320,7 +336,7 @@ def main() -> int:
         check(args.work, models, args.steps, args.seed, args.ds_original_seq_len)
         return 0
     return compare(args.work, models, args.modes.split(","), args.steps, args.tol, args.seed,
-                   args.ds_original_seq_len, args.out)
+                   args.ds_original_seq_len, args.out, args.seq_len, args.batch, args.precision)
 
 
 if __name__ == "__main__":
