@@ -255,7 +255,7 @@ def compare(work: str, models: list, modes: list, steps: int, tol: float, seed: 
             ok = worst <= tol
             failed |= not ok
             log(f"== {model} {mode}: rope {curves['yarn_triton']['rope']}")
-            log(f"   step  torchtitan  yarn_triton  |diff|")
+            log("   step  torchtitan  yarn_triton  |diff|")
             for s in sorted(set(a) & set(b)):
                 log(f"   {s:4d}  {a[s]:10.5f}  {b[s]:11.5f}  {abs(a[s] - b[s]):.2e}")
             log(f"== {model} {mode}: max |loss diff| {worst:.2e} over {len(diffs)} steps -> {'OK' if ok else 'FAIL'}"

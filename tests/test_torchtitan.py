@@ -96,7 +96,8 @@ def _args(family, n_layers=1):
 
 
 def _model_cls(family):
-    return {"llama3": _llama3.Transformer, "qwen3": _qwen3.Qwen3Model, "deepseek_v3": _deepseek_v3.DeepSeekV3Model}[family]
+    classes = {"llama3": _llama3.Transformer, "qwen3": _qwen3.Qwen3Model, "deepseek_v3": _deepseek_v3.DeepSeekV3Model}
+    return classes[family]
 
 
 def _build(family, n_layers=1, seed=0):
@@ -296,6 +297,10 @@ def test_other_torchtitan_version_is_refused(monkeypatch):
     monkeypatch.delattr(mod, "apply_rotary_emb")
     with pytest.raises(RuntimeError, match="has no function apply_rotary_emb"):
         tt.enable()
+    monkeypatch.setitem(sys.modules, "torchtitan.models.qwen3.model.model", None)  # a torchtitan without it
+    with pytest.raises(ImportError, match="needs torchtitan 0.2.2.*importing torchtitan.models.qwen3.model.model"):
+        tt.enable()
+    assert not tt.is_enabled()
 
 
 def test_model_built_before_enable_runs_torchtitans_rope(rope_calls):

@@ -278,8 +278,9 @@ def enable(precise_angles: bool = True) -> None:
     """Switch torchtitan's llama3, qwen3 and deepseek_v3 models built from now on to the
     fused rope kernel (called by importing this module). ``precise_angles`` is passed to
     :func:`yarn_triton.apply_rope` (False: float32 ``position * inv_freq``, as torchtitan's
-    table). Calling it again only updates ``precise_angles``. Raises RuntimeError, before
-    changing anything, if the installed torchtitan's functions are not the expected ones."""
+    table). Calling it again only updates ``precise_angles``. Raises, before changing
+    anything, ImportError if a model file does not import and RuntimeError if the installed
+    torchtitan's functions are not the expected ones."""
     if not isinstance(precise_angles, bool):
         raise TypeError(f"precise_angles must be a bool, got {type(precise_angles).__name__}")
     with _LOCK:
@@ -288,7 +289,13 @@ def enable(precise_angles: bool = True) -> None:
             return
         plan = []
         for site in _SITES:
-            module = importlib.import_module(site.module)
+            try:
+                module = importlib.import_module(site.module)
+            except ImportError as e:
+                raise ImportError(
+                    f"yarn_triton.integrations.torchtitan needs torchtitan {SUPPORTED_TORCHTITAN} (and what its "
+                    f"model packages import): importing {site.module} failed: {e}"
+                ) from e
             pre = _check(site, module, site.precompute, site.precompute_args)
             rot = _check(site, module, site.rotate, site.rotate_args)
             plan.append((module.__dict__, site.precompute, pre, _make_precompute(site, pre)))
