@@ -7,6 +7,10 @@ submodule is imported, so ``import yarn_triton`` never pulls in transformers::
 
 The transformers model types the switch supports, and what it fuses in each, are listed in
 ``docs/models.md``.
+
+``yarn_triton.integrations.torchtitan`` switches torchtitan's llama3, qwen3 and deepseek_v3
+models when imported (``--experimental.custom_import yarn_triton.integrations.torchtitan``);
+it is imported by name only, never through this package's attributes.
 """
 
 __all__ = ["transformers"]

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# torchtitan training with and without the yarn-triton switch: llama3 and deepseek_v3 debug
+# models, eager and compiled, from one seed checkpoint each; loss curves compared step by
+# step (bench/torchtitan_train.py compare; see its docstring).
+#
+# Here (a CPU machine where pip reaches the registry), once: the packages the device image
+# lacks, as wheels for its Python 3.12, into .whl/ (git-ignored):
+#     bash bench/torchtitan_train.sh --fetch-wheels
+# On the device machine (one GPU; carry .whl), one call per model keeps each under 10 min:
+#     bash bench/torchtitan_train.sh llama3
+#     bash bench/torchtitan_train.sh deepseek_v3
+# Optional: second argument the modes, eager,compile (default); third the autocast dtype,
+# float32 (default: the 1e-3 check) or bfloat16 (deepseek_v3's MoE routing makes bf16
+# curves part after some steps; see bench/torchtitan_train.py). Writes the log and a JSON
+# summary to $OUT (or /tmp/torchtitan_train); exits 1 unless every curve is within 1e-3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# torchtitan 0.2.2 and what it imports that the device image (KINDS.md) does not hold
+WHEELS="torchtitan==0.2.2 tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1 torchdata==0.11.0
+        datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19"
+
+if [ "${1:-}" = "--fetch-wheels" ]; then
+  exclude=$(git rev-parse --git-path info/exclude)
+  grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"
+  # shellcheck disable=SC2086
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl $WHEELS
+  ls .whl && du -sh .whl
+  exit 0
+fi
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export CUBLAS_WORKSPACE_CONFIG=:4096:8
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+"$PY" -c "import torch, triton, torchtitan, datasets; print('torch', torch.__version__, 'triton', triton.__version__,
+'datasets', datasets.__version__, torch.cuda.get_device_name())"
+exec "$PY" bench/torchtitan_train.py compare --models "${1:-llama3,deepseek_v3}" --modes "${2:-eager,compile}" \
+  --precision "${3:-float32}" --work /tmp/torchtitan_train ${OUT:+--out "$OUT"}
