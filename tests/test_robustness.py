@@ -26,6 +26,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from conftest import TOL, rel_err
+import yarn_triton as yt
 from yarn_triton import RopeParams, apply_rope_
 from yarn_triton.kernels.configs import LaunchConfig
 from yarn_triton.kernels.rope_kernel import INTERPRETED
@@ -644,3 +645,25 @@ def test_half_precision_output_is_the_rounded_fp32_result(kdev, gen, dtype):
     apply_rope_(x32, None, pos, p)
     same = (x == x32.to(dtype)).float().mean().item()
     assert same >= 0.99, f"only {same:.1%} of the {dtype} outputs are the rounded float32 result"
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_packed_padding_and_3d_offsets_tensor_on_both_paths(path, gen, monkeypatch):
+    """The same on the CPU reference path (forced) as on the kernel's: out of place,
+    tokens past ``cu_seqlens[-1]`` are the input's; a 3-D q's ``offsets`` tensor ``[1]``
+    shifts the positions like the int."""
+    from yarn_triton import op
+    from yarn_triton.kernels.rope_kernel import INTERPRETED as _interp
+
+    if path == "kernel" and not _interp:
+        pytest.skip("the kernel path on CPU tensors needs TRITON_INTERPRET=1")
+    if path == "reference":
+        monkeypatch.setattr(op.launch, "uses_kernel", lambda t: False)
+    p = make_params("yarn-mscale", 8)
+    q = torch.randn(9, 2, 8, generator=gen)
+    out, _ = yt.apply_rope(q, None, None, p, cu_seqlens=torch.tensor([0, 4, 4, 7]))
+    assert torch.equal(out[7:], q[7:])
+    q3 = torch.randn(5, 2, 8, generator=gen)
+    a, _ = yt.apply_rope(q3, None, None, p, offsets=torch.tensor([5]))
+    ref, _ = rope_reference(q3.double(), None, torch.arange(5) + 5, p, compute_dtype=torch.float64)
+    assert rel_err(a, ref) <= TOL[torch.float32]

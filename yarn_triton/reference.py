@@ -283,9 +283,10 @@ def positions_from_offsets(
         pos = cp_global_index(pos, S, cp)
     if q.dim() == 4:
         pos = pos.expand(q.shape[0], S)
-        if isinstance(offsets, torch.Tensor):
-            pos = pos + offsets.to(device=dev, dtype=torch.int64)[:, None]
-    if not isinstance(offsets, torch.Tensor) and offsets:
+    if isinstance(offsets, torch.Tensor):  # one per sequence: [B] of [B, S, H, D], [1] of [S, H, D]
+        off = offsets.to(device=dev, dtype=torch.int64)
+        pos = pos + (off[:, None] if q.dim() == 4 else off[0])
+    elif offsets:
         pos = pos + int(offsets)
     return pos
 

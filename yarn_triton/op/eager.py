@@ -12,7 +12,7 @@ import torch
 
 from . import plans as _plans
 from .checks import mrope_spec
-from .launch import _execute
+from .launch import _execute, out_like
 from .library import _norm_rope_backward
 from .plans import _remember, _signature
 
@@ -71,10 +71,9 @@ def _eager_copy(q, k, args, inverse, plan, key, norm=None):
     launch path, remembering its plan under ``key``. ``args = (positions, offsets,
     cu_seqlens, inv_freq, scale, pos_base, rot, layout, inverse, precise, params,
     q_scale, rotary_at, cp)``, the forward's; ``inverse`` is the direction of this call."""
-    qo = torch.empty_like(q)
-    ko = None if k is None else torch.empty_like(k)
     positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, _, precise, params, q_scale, \
         rotary_at, cp = args
+    qo, ko = out_like(q, cu_seqlens), out_like(k, cu_seqlens)
     if plan is not None:
         plan.run(q, k, positions, offsets, cu_seqlens, pos_base, qo, ko, norm)
     else:

@@ -9,7 +9,7 @@ tensors. Nothing here validates: callers have run :mod:`.checks` first.
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -147,6 +147,15 @@ def _launch_kernel(q, qo, k, ko, positions, offsets, pos_base, cu_seqlens, inv_f
         common["cache"] = _cache_write(cache, strides[5], strides[6])
     return launch_rope(qop, kop, inv_freq, scale, n_tokens=sizes[0] * sizes[1], seq_len=sizes[1],
                        per_token_positions=first, pos_strides=tuple(strides[2]), **common)
+
+
+def out_like(x: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The out-of-place output for ``x``: fresh memory, except that with ``cu_seqlens`` it
+    starts as a copy of ``x``, because the kernel writes only the tokens of the packed
+    sequences and those past ``cu_seqlens[-1]`` come out as they went in (as the reference's)."""
+    if x is None:
+        return None
+    return torch.empty_like(x) if cu_seqlens is None else x.clone()
 
 
 def uses_kernel(t: torch.Tensor) -> bool:

@@ -16,7 +16,7 @@ import torch
 
 from ..kernels.rope_kernel import INTERPRETED
 from .checks import Norm, QueryScale
-from .launch import _execute
+from .launch import _execute, out_like
 
 
 # --------------------------------------------------------------------------------------
@@ -106,8 +106,7 @@ def _rope_impl(
     q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], eps: float, norm: int,
     mrope: Optional[List[int]], qs_beta: float, qs_omax: int, rotary_at: str, cp_size: int = 1, cp_rank: int = 0,
 ) -> List[torch.Tensor]:
-    qo = torch.empty_like(q)
-    ko = None if k is None else torch.empty_like(k)
+    qo, ko = out_like(q, cu_seqlens), out_like(k, cu_seqlens)
     _dispatch(q, qo, k, ko, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
               rotary_dim, layout, inverse, precise, q_weight, k_weight, eps, norm, mrope, qs_beta, qs_omax, rotary_at,
               cp_size, cp_rank)
