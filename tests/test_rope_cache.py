@@ -1102,3 +1102,25 @@ def test_cuda_graph_replay_writes_new_slots(gen, monkeypatch):
         _check_mla((qm_s[..., nope:], mla.views[0]), q=qm_s, q0=new["qm"], q_pe=qm_s[..., nope:], k_pe=k_pe_s,
                    k_pe0=new["k_pe"], kv_c=kv_c_s, kv_c0=new["kv_c"], cache=mla, slots=new["slots"], tq=tq, tk=tk,
                    R=R, L=L, scale=new["sc"])
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_packed_padding_writes_nothing_on_both_paths(path, gen, monkeypatch):
+    """Tokens past ``cu_seqlens[-1]`` write nothing, on the kernel's path as on the CPU
+    reference's (forced): q_out keeps its poison there, q and the caches their values."""
+    from yarn_triton.kernels.rope_kernel import INTERPRETED as _interp
+
+    if path == "kernel" and not _interp:
+        pytest.skip("the kernel path on CPU tensors needs TRITON_INTERPRET=1")
+    if path == "reference":
+        monkeypatch.setattr(op.launch, "uses_kernel", lambda t: False)
+    p = _params(16)
+    q, k, v = (_randn(gen, 9, h, 16) for h in (2, 1, 1))
+    kc, vc = torch.zeros(4, 4, 1, 16), torch.zeros(4, 4, 1, 16)
+    q_out = torch.full(q.shape, float("nan"))
+    q0 = q.clone()
+    yt.apply_rope_and_cache_(q, k, v, None, p, kc, vc, torch.arange(9), cu_seqlens=torch.tensor([0, 4, 7]),
+                             q_out=q_out)
+    assert torch.isnan(q_out[7:]).all() and not torch.isnan(q_out[:7]).any() and torch.equal(q, q0)
+    assert (kc.view(16, -1)[7:9] == 0).all() and (vc.view(16, -1)[7:9] == 0).all()
+    assert (kc.view(16, -1)[:7] != 0).any(dim=-1).all()

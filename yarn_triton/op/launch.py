@@ -221,9 +221,11 @@ def _cache_reference(q, qo, k, positions, offsets, cu_seqlens, inv_freq, scale, 
     _execute(q.float(), q32, k.float(), k32, positions, offsets, cu_seqlens, inv_freq, scale, pos_base,
              rot, layout, False, precise, mrope=mrope, rotary_at=rotary_at, cp=cp)
     mask = None if cu_seqlens is None or positions is not None else packed_token_mask(q, cu_seqlens)
-    if mask is not None:  # tokens past the packed sequences: q keeps them, the caches get nothing
-        q32 = torch.where(mask.view(-1, 1, 1), q32, q.float())
-    qo.copy_(quantize_reference(q32, qo.dtype, cache.q_quant))
+    q_new = quantize_reference(q32, qo.dtype, cache.q_quant)
+    if mask is None:
+        qo.copy_(q_new)
+    else:  # tokens past the packed sequences: neither q (q_out) nor the caches are written, as by the kernel
+        qo[mask] = q_new[mask]
     slots = cache.slots.reshape(-1)
     write_cache_reference(cache.k_cache, k32.reshape(-1, *k.shape[-2:]), slots, cache.k_quant, mask)
     write_cache_reference(cache.v_cache, cache.v.reshape(-1, *cache.v.shape[-2:]), slots, cache.v_quant, mask)
