@@ -11,7 +11,7 @@ shapes, then run by the same routes on each rank's local shards (:mod:`.dtensor`
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -20,17 +20,12 @@ from ..kernels.configs import LaunchConfig
 from ..rope import RopeParams
 from . import dtensor as _dtensor
 from . import plans as _plans
-from .checks import Norm, Offsets, QueryScale, _check_call, _check_config, _check_cu, mrope_spec
+from .checks import Norm, Offsets, QueryScale, _check_call, _check_config, _check_cu, mrope_list, mrope_spec, split_offsets
 from .eager import _EAGER_ROPE_APPLY, _EagerRope, _eager_copy
 from .launch import _execute
 from .library import _cp_args, _q_scale_args
 from .plans import _remember, _signature
 
-
-def _split_offsets(offsets: Offsets) -> Tuple[Optional[torch.Tensor], int]:
-    if isinstance(offsets, torch.Tensor):
-        return offsets, 0
-    return None, int(offsets or 0)
 
 
 def _needs_grad(q: torch.Tensor, k: Optional[torch.Tensor], norm: Optional[Norm] = None) -> bool:
@@ -41,10 +36,6 @@ def _needs_grad(q: torch.Tensor, k: Optional[torch.Tensor], norm: Optional[Norm]
     return norm is not None and (norm.q_weight.requires_grad or
                                  (norm.k_weight is not None and norm.k_weight.requires_grad))
 
-
-def _mrope_arg(params) -> Optional[List[int]]:
-    spec = mrope_spec(params)
-    return list(spec) if spec[0] else None
 
 
 def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse,
@@ -82,12 +73,12 @@ def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqle
     if _needs_grad(q, k, norm):
         return _copy_into(q, k, _rope_copy(q, k, positions, params, layout, rot, offsets, cu_seqlens, precise,
                                            inverse, False, norm, q_scale, rotary_at, cp))
-    off_t, pos_base = _split_offsets(offsets)
+    off_t, pos_base = split_offsets(offsets)
     inv_freq = params.inv_freq_on(q.device)
     if compiling:
         args = (None, None, 0.0, 0) if norm is None else (norm.q_weight, norm.k_weight, float(norm.eps), norm.kind)
         torch.ops.yarn_triton.rope_(q, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale,
-                                    pos_base, rot, layout, inverse, precise, *args, _mrope_arg(params),
+                                    pos_base, rot, layout, inverse, precise, *args, mrope_list(params),
                                     *_q_scale_args(q_scale), rotary_at, *_cp_args(cp))
     else:  # eager: straight to the launch, no dispatcher round trip
         launch = _execute(q, q, k, k, positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base,
@@ -138,11 +129,11 @@ def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
                                       inverse, check_cu, norm, q_scale, rotary_at, cp)
         rot, q_scale = _check_call(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, norm, q_scale,
                                    rotary_at, inplace=False, cp=cp)
-        off_t, pos_base = _split_offsets(offsets)
+        off_t, pos_base = split_offsets(offsets)
         nargs = (None, None, 0.0, 0) if norm is None else (norm.q_weight, norm.k_weight, float(norm.eps), norm.kind)
         out = torch.ops.yarn_triton.rope(q, k, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
                                          params.cos_sin_scale, pos_base, rot, layout, bool(inverse), precise, *nargs,
-                                         _mrope_arg(params), *_q_scale_args(q_scale), rotary_at, *_cp_args(cp))
+                                         mrope_list(params), *_q_scale_args(q_scale), rotary_at, *_cp_args(cp))
         return out[0], (out[1] if k is not None else None)
     key = _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, None,
                      False, norm, q_scale, rotary_at, cp)
@@ -159,7 +150,7 @@ def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
         inv_freq = plan.inv_freq
     if cu_seqlens is not None:
         _check_cu(cu_seqlens, check_cu, q, cp)
-    off_t, pos_base = (None, 0) if offsets is None else _split_offsets(offsets)
+    off_t, pos_base = (None, 0) if offsets is None else split_offsets(offsets)
     args = (positions, off_t, cu_seqlens, inv_freq, params.cos_sin_scale, pos_base, rot, layout, bool(inverse),
             precise, params, q_scale, rotary_at, cp)
     # Outside functorch transforms and forward-mode AD (which the Function refuses, and

@@ -17,7 +17,7 @@ import torch
 from ..kernels.configs import LaunchConfig
 from ..rope import RopeParams
 from .cache_checks import CacheCall, _check_slots, check_cache_call, mla_views, mla_whole_q
-from .checks import Offsets, _check_config, _check_cu, check_cp, check_rope_args, mrope_spec
+from .checks import Offsets, _check_config, _check_cu, check_cp, check_rope_args, mrope_list, mrope_spec, split_offsets
 from .launch import CacheTarget, _execute
 from .library import COMPILER_SEES_KERNEL, _cp_args, _cp_of, _define
 
@@ -133,15 +133,6 @@ _mla_op = _define("yarn_triton::mla_rope_and_cache_", ("q_pe", "q_out", "kv_cach
 # --------------------------------------------------------------------------------------
 # The public functions
 # --------------------------------------------------------------------------------------
-def _split_offsets(offsets: Offsets) -> Tuple[Optional[torch.Tensor], int]:
-    if isinstance(offsets, torch.Tensor):
-        return offsets, 0
-    return None, int(offsets or 0)
-
-
-def _mrope_list(params: RopeParams) -> Optional[List[int]]:
-    spec = mrope_spec(params)
-    return list(spec) if spec[0] else None
 
 
 def _checked(q, k, v, k_cache, v_cache, slot_mapping, q_out, k_scale, v_scale, q_scale, positions, params, layout,
@@ -164,7 +155,7 @@ def _checked(q, k, v, k_cache, v_cache, slot_mapping, q_out, k_scale, v_scale, q
 def _launch_eager(q, q_out, k, v, k_cache, v_cache, call: CacheCall, positions, offsets, cu_seqlens, params, rot,
                   layout, precise, config, rotary_at="start", cp=None) -> None:
     """The eager call: straight to the launch (no dispatcher round trip)."""
-    off_t, pos_base = _split_offsets(offsets)
+    off_t, pos_base = split_offsets(offsets)
     target = CacheTarget(v, k_cache, v_cache, call.slots,
                          *(1.0 if s is None else s for s in (call.q_quant, call.k_quant, call.v_quant)))
     _execute(q, q if q_out is None else q_out, k, None, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
@@ -240,10 +231,10 @@ def apply_rope_and_cache_(
     rot, call = _checked(q, k, v, k_cache, v_cache, slot_mapping, q_out, k_scale, v_scale, q_scale, positions, params,
                          layout, rotary_dim, offsets, cu_seqlens, check_slots, check_cu_seqlens, config, cp=cp)
     if torch.compiler.is_compiling():
-        off_t, pos_base = _split_offsets(offsets)
+        off_t, pos_base = split_offsets(offsets)
         torch.ops.yarn_triton.rope_and_cache_(
             q, q_out, k, v, k_cache, v_cache, call.slots, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
-            params.cos_sin_scale, pos_base, rot, layout, precise_angles, _mrope_list(params),
+            params.cos_sin_scale, pos_base, rot, layout, precise_angles, mrope_list(params),
             *_scale_args(call.q_quant), *_scale_args(call.k_quant), *_scale_args(call.v_quant), *_cp_args(cp))
     else:
         _launch_eager(q, q_out, k, v, k_cache, v_cache, call, positions, offsets, cu_seqlens, params, rot, layout,
@@ -310,11 +301,11 @@ def apply_mla_rope_and_cache_(
     rot, call = _checked(q, k, v, k_cache, v_cache, slot_mapping, q_out, scale, scale, q_scale, positions, params,
                          layout, None, offsets, cu_seqlens, check_slots, check_cu_seqlens, config, names, cp)
     if torch.compiler.is_compiling():
-        off_t, pos_base = _split_offsets(offsets)
+        off_t, pos_base = split_offsets(offsets)
         torch.ops.yarn_triton.mla_rope_and_cache_(
             q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, call.slots, positions, off_t, cu_seqlens,
             params.inv_freq_on(q.device), params.cos_sin_scale, pos_base, rot, layout, precise_angles,
-            _mrope_list(params), *_scale_args(call.q_quant), *_scale_args(call.k_quant), *_cp_args(cp))
+            mrope_list(params), *_scale_args(call.q_quant), *_scale_args(call.k_quant), *_cp_args(cp))
     else:
         _launch_eager(q, q_out, k, v, k_cache, v_cache, call, positions, offsets, cu_seqlens, params, rot, layout,
                       precise_angles, config, "start" if q_nope is None else "end", cp)

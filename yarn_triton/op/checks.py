@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -60,6 +60,19 @@ def mrope_spec(params: RopeParams) -> Tuple[int, int, int, int]:
     if params.mrope_section is None:
         return (0, 0, 0, 0)
     return (2 if params.mrope_interleaved else 1, *params.mrope_section)
+
+
+def mrope_list(params: RopeParams) -> Optional[List[int]]:
+    """:func:`mrope_spec` as the custom ops take it: a list, or None without sections."""
+    spec = mrope_spec(params)
+    return list(spec) if spec[0] else None
+
+
+def split_offsets(offsets: Offsets) -> Tuple[Optional[torch.Tensor], int]:
+    """``offsets`` as the kernel takes them: ``(per-sequence tensor or None, int base)``."""
+    if isinstance(offsets, torch.Tensor):
+        return offsets, 0
+    return None, int(offsets or 0)
 
 
 def check_rope_args(

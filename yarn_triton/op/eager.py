@@ -33,19 +33,24 @@ class _EagerRope(torch.autograd.Function):
     def forward(ctx, meta, q, k, *weights):
         args, plan, key, norm, _ = meta
         qo, ko = _eager_copy(q, k, args, args[8], plan, key, norm)
-        # Saved so that an in-place change of the positions (all the backward needs) before
-        # the backward is an error, as for any autograd op, not wrong gradients.
-        if weights:
-            ctx.save_for_backward(args[0], args[1], args[2], q, k, *weights)
-        else:
-            ctx.save_for_backward(args[0], args[1], args[2])
+        # The backward recomputes the angles from positions / offsets / cu_seqlens (``meta``
+        # holds them, and they take no gradient): their versions are kept so that an
+        # in-place change before the backward is an error, as autograd makes it for a saved
+        # tensor, not wrong gradients. (Cheaper than save_for_backward, on every call.)
         ctx.meta = meta
+        ctx.versions = _versions(args)
+        if weights:
+            ctx.save_for_backward(q, k, *weights)
         return qo, ko
 
     @staticmethod
     def backward(ctx, gq, gk):
-        positions, offsets, cu_seqlens, *saved = ctx.saved_tensors
         args, _, _, norm, has_k = ctx.meta
+        if _versions(args) != ctx.versions:
+            raise RuntimeError("one of the variables needed for gradient computation has been modified by an inplace "
+                               "operation: the positions, offsets or cu_seqlens given to apply_rope changed before "
+                               "its backward, which recomputes the angles from them")
+        positions, offsets, cu_seqlens = args[0], args[1], args[2]
         _, _, _, _, _, _, rot, layout, inverse, precise, params, q_scale, rotary_at, cp = args
         gk = gk if has_k else None
         key = _signature(gq, gk, positions, params, layout, rot, offsets, cu_seqlens, precise, not inverse, None,
@@ -54,9 +59,16 @@ class _EagerRope(torch.autograd.Function):
         dq, dk = _eager_copy(gq, gk, args, not inverse, _plans._PLANS.get(key), key)
         if norm is None:
             return None, dq, dk
-        q, k, q_weight, k_weight = saved
+        q, k, q_weight, k_weight = ctx.saved_tensors
         dq, dk, dqw, dkw = _norm_rope_backward(q, k, q_weight, k_weight, norm.eps, norm.kind, dq, dk)
         return None, dq, dk, dqw, dkw
+
+
+def _versions(args) -> tuple:
+    """Version counters of the position tensors in ``args`` (positions, offsets, cu_seqlens)."""
+    p, o, c = args[0], args[1], args[2]
+    return (None if p is None else p._version, None if o is None else o._version,
+            None if c is None else c._version)
 
 
 # The C++ apply under Function.apply's Python wrapper, which (with no functorch transform

@@ -20,6 +20,8 @@ import torch
 from .checks import QueryScale
 from .overlap import _extent, may_overlap
 
+_Tensor = torch.Tensor
+
 
 class _Plan:
     """What a validated call signature needs to run again: the prepared kernel launch and
@@ -100,21 +102,39 @@ def _tsig(t):
 def _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, config,
                inplace, norm=None, q_scale=None, rotary_at="start", cp=None):
     """Everything validation and the launch geometry depend on, or None when a call is not
-    eligible for the fast path (then it takes the full path, which raises on bad input)."""
-    if type(q) is not torch.Tensor or (k is not None and type(k) is not torch.Tensor):
+    eligible for the fast path (then it takes the full path, which raises on bad input).
+    (Written flat, without a helper per tensor: it runs on every eager call.)"""
+    if type(q) is not _Tensor:
         return None
-    if type(offsets) is int:
+    if k is None:
+        ks = None
+    elif type(k) is _Tensor:
+        ks = (k.shape, k.stride(), k.dtype, k.get_device())
+    else:
+        return None
+    if positions is None:
+        ps = None
+    elif type(positions) is _Tensor:
+        ps = (positions.shape, positions.stride(), positions.dtype, positions.get_device())
+    else:
+        return None
+    if offsets is None:
+        off = None
+    elif type(offsets) is int:
         off = int
-    elif offsets is None or type(offsets) is torch.Tensor:
+    elif type(offsets) is _Tensor:
         off = _tsig(offsets)
     else:
         return None
-    if (positions is not None and type(positions) is not torch.Tensor) or \
-            (cu_seqlens is not None and type(cu_seqlens) is not torch.Tensor):
+    if cu_seqlens is None:
+        cs = None
+    elif type(cu_seqlens) is _Tensor:
+        cs = _tsig(cu_seqlens)
+    else:
         return None
     if norm is not None:
-        if type(norm.q_weight) is not torch.Tensor or (
-                norm.k_weight is not None and type(norm.k_weight) is not torch.Tensor) or type(norm.eps) is not float:
+        if type(norm.q_weight) is not _Tensor or (
+                norm.k_weight is not None and type(norm.k_weight) is not _Tensor) or type(norm.eps) is not float:
             return None
         norm = (norm.kind, norm.eps, _tsig(norm.q_weight), _tsig(norm.k_weight))
     if q_scale is not None:
@@ -128,8 +148,8 @@ def _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
     if cp is not None:  # only an exact pair of ints keys a plan (the launch holds its values)
         if type(cp) is not tuple or len(cp) != 2 or type(cp[0]) is not int or type(cp[1]) is not int:
             return None
-    return (id(params), layout, rotary_dim, precise, inverse, config, inplace, _tsig(q), _tsig(k),
-            _tsig(positions), off, _tsig(cu_seqlens), norm, q_scale, rotary_at, cp)
+    return (id(params), layout, rotary_dim, precise, inverse, config, inplace, q.shape, q.stride(), q.dtype,
+            q.get_device(), ks, ps, off, cs, norm, q_scale, rotary_at, cp)
 
 
 def _remember(key, plan_launch, params, inv_freq, q, k) -> None:
