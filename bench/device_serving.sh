@@ -26,7 +26,7 @@ if [ "$part" = bench ]; then
   tail -32 "$OUT/cache_log.txt"
   grep -A4 "^device time" "$OUT/rope_decode_log.txt"
 else
-  timeout 400 python3 -m pytest -q -p no:cacheprovider -n 16 --dist worksteal -rf tests > "$OUT/gpu_suite.txt" 2>&1
+  timeout 360 python3 -m pytest -q -p no:cacheprovider -n 16 --dist worksteal -rf tests > "$OUT/gpu_suite.txt" 2>&1
   echo "suite rc=$?"
   YARN_TRITON_AUTOTUNE=0 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 \
     python3 bench/sanitize_cache.py > "$OUT/sanitizer.txt" 2>&1
