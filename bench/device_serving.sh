@@ -3,6 +3,8 @@
 # carrying .flashinfer (bench/flashinfer/fetch_headers.sh) and .whl (liger-kernel 0.8.5):
 #   bash bench/device_serving.sh bench   # bench/bench_cache.py, then the standalone decode rows
 #   bash bench/device_serving.sh check   # the GPU suite, then compute-sanitizer on the serving ops
+#   bash bench/device_serving.sh all     # both in one call: FlashInfer's bindings build (carry
+#                                        # .flashinfer/include) beside the suite, then the timings
 # Each part fits one call (10 minutes, a fresh machine's start included) on an H100/H200:
 # bench_cache's 20 rows take about 4-5 minutes with FlashInfer's two builds, the suite about 3.
 set -u
@@ -17,20 +19,40 @@ else
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/device.txt"
-if [ "$part" = bench ]; then
-  timeout 420 python3 bench/bench_cache.py --out "$OUT/cache.json" > "$OUT/cache_log.txt" 2>&1
+bench() {
+  timeout "${1:-420}" python3 bench/bench_cache.py --out "$OUT/cache.json" > "$OUT/cache_log.txt" 2>&1
   echo "bench_cache rc=$?"
-  timeout 120 python3 bench/bench_rope.py --shapes decode-1,decode-64,decode-256 --no-sweep --no-qknorm --no-mrope \
+  timeout 100 python3 bench/bench_rope.py --shapes decode-1,decode-64,decode-256 --no-sweep --no-qknorm --no-mrope \
     --no-host --out "$OUT/rope_decode.json" > "$OUT/rope_decode_log.txt" 2>&1
   echo "bench_rope rc=$?"
-  tail -32 "$OUT/cache_log.txt"
-  grep -A4 "^device time" "$OUT/rope_decode_log.txt"
-else
-  timeout 360 python3 -m pytest -q -p no:cacheprovider -n 16 --dist worksteal -rf tests > "$OUT/gpu_suite.txt" 2>&1
+}
+check() {
+  timeout "${1:-360}" python3 -m pytest -q -p no:cacheprovider -n 16 --dist worksteal -rf tests > "$OUT/gpu_suite.txt" 2>&1
   echo "suite rc=$?"
-  YARN_TRITON_AUTOTUNE=0 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 \
+  YARN_TRITON_AUTOTUNE=0 timeout 100 compute-sanitizer --tool memcheck --error-exitcode 3 \
     python3 bench/sanitize_cache.py > "$OUT/sanitizer.txt" 2>&1
   echo "sanitizer rc=$?"
-  tail -5 "$OUT/gpu_suite.txt"
-  tail -2 "$OUT/sanitizer.txt"
-fi
+}
+report() {
+  [ -f "$OUT/gpu_suite.txt" ] && { grep -E "^(FAILED|ERROR)" "$OUT/gpu_suite.txt" | head -20; tail -2 "$OUT/gpu_suite.txt"; }
+  [ -f "$OUT/sanitizer.txt" ] && tail -2 "$OUT/sanitizer.txt"
+  [ -f "$OUT/cache_log.txt" ] && tail -32 "$OUT/cache_log.txt"
+  [ -f "$OUT/host.txt" ] && grep -E "add_|apply_rope" "$OUT/host.txt"
+  [ -f "$OUT/rope_decode_log.txt" ] && grep -A4 "^device time" "$OUT/rope_decode_log.txt"
+  return 0
+}
+case "$part" in
+  bench) bench ;;
+  check) check ;;
+  all)  # the two bindings build while the suite runs (nvcc beside pytest: no timing is taken then)
+    (cd bench/flashinfer && timeout 400 python3 -c "import load; load.load(); load.load_cache(); print('built')" \
+      > "$OUT/flashinfer_build.txt" 2>&1) &
+    check 240
+    wait
+    tail -1 "$OUT/flashinfer_build.txt"
+    timeout 60 python3 bench/profile_host.py --calls 3000 --rounds 5 > "$OUT/host.txt" 2>&1
+    echo "profile_host rc=$?"
+    bench 200 ;;
+  *) echo "usage: $0 bench|check|all" >&2; exit 2 ;;
+esac
+report
