@@ -64,7 +64,7 @@ verified untouched:
   tables are not counted.
 
 Timing: device time per call, 20 calls captured in one CUDA graph and replayed
-(``bench_rope.graph_us``), every row; the profiler lists each column's kernels (``*_kernels``)
+(``timing.graph_us``), every row; the profiler lists each column's kernels (``*_kernels``)
 and a count other than the expected one is logged. Ratios: ``*_x_floor`` (time / floor),
 ``fuse_gain`` (unfused / ours), ``fi_over_ours`` (flashinfer / ours).
 
@@ -677,7 +677,7 @@ def load_liger(log):
 
 def run_row(model, cache, row, caches, args, liger, fi, bw, log, device="cuda", timing=True, max_pos=MAX_POS,
             num_blocks=NUM_BLOCKS):
-    from bench_rope import graph_us, kernels_launched
+    from timing import graph_us, kernels_launched
 
     gen_cpu = torch.Generator().manual_seed(zlib.crc32(row.encode()))  # one paging per row, every model
     paging = row_paging(row, gen_cpu, args.prefill_seqs, max_pos, num_blocks)
@@ -876,7 +876,7 @@ def main(argv=None) -> int:
         return cpu_check(args)
 
     import yarn_triton as yt
-    from bench_rope import copy_bandwidth, empty_kernel_us
+    from timing import copy_bandwidth, empty_kernel_us
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     timing = not args.check_only

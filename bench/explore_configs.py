@@ -23,8 +23,9 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_rope import (MROPE_MODELS, MROPE_TOKENS, SHAPES, copy_bandwidth, empty_kernel_us,  # noqa: E402
-                        graph_us, hf_apply, make_inputs, make_mrope_inputs, transformers_inputs)
+from bench_rope import (MROPE_MODELS, MROPE_TOKENS, SHAPES, hf_apply, make_inputs,  # noqa: E402
+                        make_mrope_inputs, transformers_inputs)
+from timing import copy_bandwidth, empty_kernel_us, graph_us  # noqa: E402
 
 import yarn_triton as yt  # noqa: E402
 from yarn_triton.kernels import configs, launcher  # noqa: E402

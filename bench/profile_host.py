@@ -48,7 +48,7 @@ from yarn_triton.kernels import launcher  # noqa: E402
 
 def per_call_us(fn, calls: int, sync) -> float:
     """Wall time per call of ``calls`` back-to-back calls, after 100 warm-up calls (the
-    method of ``bench_rope.host_us``; ``sync`` waits for the device around the loop)."""
+    method of ``timing.host_us``; ``sync`` waits for the device around the loop)."""
     for _ in range(100):
         fn()
     sync()
