@@ -32,7 +32,12 @@ class _EagerRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, meta, q, k, *weights):
         args, plan, key, norm, _ = meta
-        qo, ko = _eager_copy(q, k, args, args[8], plan, key, norm)
+        if plan is not None and args[2] is None:  # the usual call, inlined: a replay into fresh outputs
+            qo = torch.empty_like(q)
+            ko = None if k is None else torch.empty_like(k)
+            plan.run(q, k, args[0], args[1], None, args[5], qo, ko, norm)
+        else:
+            qo, ko = _eager_copy(q, k, args, args[8], plan, key, norm)
         # The backward recomputes the angles from positions / offsets / cu_seqlens (``meta``
         # holds them, and they take no gradient): their versions are kept so that an
         # in-place change before the backward is an error, as autograd makes it for a saved
