@@ -74,12 +74,12 @@ class _Nothing(torch.autograd.Function):
 
 class _Shell(torch.autograd.Function):
     """apply_rope's autograd.Function without its work: the same inputs (a tuple of the
-    non-tensor arguments, q, k), the same fresh outputs and saved tensors, no launch."""
+    non-tensor arguments, q, k), the same fresh outputs and kept state, no launch."""
 
     @staticmethod
     def forward(ctx, meta, q, k):
-        ctx.save_for_backward(meta[0], meta[1], meta[2], meta[3])
-        ctx.meta = meta
+        ctx.meta = meta  # what op.eager's Function keeps: meta and the positions' versions
+        ctx.versions = (meta[0]._version, None, None)
         return torch.empty_like(q), torch.empty_like(k)
 
     @staticmethod
