@@ -285,6 +285,14 @@ def run_shape(name, shape, dtype, bw, liger, compiled_apply, log, fi=None):
         methods["liger"] = lambda: liger(qv, kv, cos, sin)
     if fi is not None and layout in ("neox", "interleaved"):  # no deepseek layout in FlashInfer
         methods.update(flashinfer_methods(fi, q, k, pos, params, theta, layout, row, log))
+    if kind == "decode":  # our own error, beside the timings (the low-precision rotation's A/B reads it)
+        from yarn_triton.reference import rope_reference
+
+        qc, kc = q.clone(), k.clone()
+        yt.apply_rope_(qc, kc, pos, params, layout=layout)
+        rq, rk = rope_reference(q.double(), k.double(), pos, params, layout=layout, compute_dtype=torch.float64)
+        row["ours_rel_err"] = (((qc.double() - rq).norm() ** 2 + (kc.double() - rk).norm() ** 2)
+                               / (rq.norm() ** 2 + rk.norm() ** 2)).sqrt().item()
     tables = {"flashinfer": "flashinfer_cache_us", "flashinfer_fly": None}  # default: table_us
     for m, fn in methods.items():
         try:
@@ -573,11 +581,14 @@ def main(argv=None) -> int:
 
     import triton
 
+    from yarn_triton.kernels import launcher
+
     dtype = getattr(torch, args.dtype)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     bw = copy_bandwidth()
     meta = {"device": torch.cuda.get_device_name(), "copy_tbps": bw / 1e12, "torch": torch.__version__,
-            "triton": triton.__version__, "dtype": args.dtype, "empty_kernel_us": empty_kernel_us()}
+            "triton": triton.__version__, "dtype": args.dtype, "empty_kernel_us": empty_kernel_us(),
+            "low_precision_rotation": launcher.LOW_PRECISION_ROTATION}
     try:
         from liger_kernel.transformers.rope import liger_rotary_pos_emb as liger
     except Exception as e:

@@ -25,6 +25,10 @@ bench() {
   timeout 100 python3 bench/bench_rope.py --shapes decode-1,decode-64,decode-256 --no-sweep --no-qknorm --no-mrope \
     --no-host --out "$OUT/rope_decode.json" > "$OUT/rope_decode_log.txt" 2>&1
   echo "bench_rope rc=$?"
+  # the opt-in low-precision rotation (its "ours" columns), beside the run above
+  YARN_TRITON_LOW_PRECISION_ROTATION=1 timeout 100 python3 bench/bench_rope.py --shapes decode-1,decode-64,decode-256 \
+    --no-sweep --no-qknorm --no-mrope --no-host --out "$OUT/rope_decode_lowrot.json" > "$OUT/rope_decode_lowrot_log.txt" 2>&1
+  echo "bench_rope low-precision rotation rc=$?"
 }
 check() {
   timeout "${1:-360}" python3 -m pytest -q -p no:cacheprovider -n 16 --dist worksteal -rf tests > "$OUT/gpu_suite.txt" 2>&1
@@ -39,6 +43,7 @@ report() {
   [ -f "$OUT/cache_log.txt" ] && tail -32 "$OUT/cache_log.txt"
   [ -f "$OUT/host.txt" ] && grep -E "add_|apply_rope" "$OUT/host.txt"
   [ -f "$OUT/rope_decode_log.txt" ] && grep -A4 "^device time" "$OUT/rope_decode_log.txt"
+  [ -f "$OUT/rope_decode_lowrot_log.txt" ] && grep -A4 "^device time" "$OUT/rope_decode_lowrot_log.txt"
   return 0
 }
 case "$part" in

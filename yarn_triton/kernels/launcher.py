@@ -304,6 +304,7 @@ def launch_rope(
         dummy = q.src.new_empty(1) if traced else None
         k = Operand(dummy if traced else q.src, (0, 0, 0, 0), dummy if traced else q.dst, (0, 0, 0, 0))
     sincos = _sincos(q.dst.dtype, k.dst.dtype)
+    low_rot = _low_rotation(q, k, norm, q_scale, cache)
     v = None if cache is None else cache.v
     n_v_heads = 0 if v is None else v.src.shape[-2]
     v_dim = 0 if v is None else v.src.shape[-1]
@@ -355,7 +356,7 @@ def launch_rope(
         QUANT_PTRS=0 if cache is None else sum(bit for bit, sc in ((1, cache.q_quant), (2, cache.k_quant),
                                                                    (4, cache.v_quant))
                                                if isinstance(sc, torch.Tensor)),
-        CP=cp is not None,
+        CP=cp is not None, LOW_ROT=low_rot,
     )
 
     if traced:
@@ -386,6 +387,26 @@ def _sincos(*out_dtypes: torch.dtype) -> int:
     if not HW_SINCOS or any(d not in _SIXTEEN_BIT for d in out_dtypes):
         return 0
     return 2 if INTERPRETED else 1
+
+
+# YARN_TRITON_LOW_PRECISION_ROTATION=1 (opt-in, process-wide, read at each launch
+# preparation; an experiment for decode, docs/performance.md): the rotation's products in
+# the 16-bit storage dtype, two values an instruction, as the cos/sin-table kernels do it
+# (Liger's), instead of float32 with one rounding at the end. The angles keep their
+# precision; each product is rounded to bf16/fp16, so the error grows to that of a
+# table kernel (docs/accuracy.md).
+LOW_PRECISION_ROTATION = os.environ.get("YARN_TRITON_LOW_PRECISION_ROTATION", "0") == "1"
+_ROTATION_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _low_rotation(q, k, norm, q_scale, cache) -> bool:
+    """The kernel's LOW_ROT switch: only when opted in, and only where q and k are read and
+    written in one 16-bit dtype with nothing else applied (norm, query scale, the cache
+    write keep float32 arithmetic)."""
+    if not LOW_PRECISION_ROTATION or norm or q_scale is not None or cache is not None:
+        return False
+    dt = q.src.dtype
+    return dt in _ROTATION_DTYPES and q.dst.dtype == dt and k.src.dtype == dt and k.dst.dtype == dt
 
 
 # --------------------------------------------------------------------------------------

@@ -411,12 +411,33 @@ def _norm_weights(w_ptr, tail, HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_
 
 
 @triton.jit
+def _rotate_16bit(x1, x2, c, s):
+    """``(x1 c - x2 s, x2 c + x1 s)`` in the 16-bit dtype of all four (LOW_ROT): two values
+    an instruction on the GPU, each product rounded, as cos/sin-table kernels compute it.
+    The interpreter's 16-bit arithmetic takes bf16 bits for integers, so there it is
+    spelled out in float32 with the same roundings: each product, then the sum."""
+    if _INTERPRETED:
+        ty: tl.constexpr = x1.dtype
+        a1 = x1.to(tl.float32)
+        a2 = x2.to(tl.float32)
+        cf = c.to(tl.float32)
+        sf = s.to(tl.float32)
+        p11 = _round_to(a1 * cf, ty).to(tl.float32)
+        p22 = _round_to(a2 * sf, ty).to(tl.float32)
+        p21 = _round_to(a2 * cf, ty).to(tl.float32)
+        p12 = _round_to(a1 * sf, ty).to(tl.float32)
+        return _round_to(p11 - p22, ty), _round_to(p21 + p12, ty)
+    else:
+        return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
 def _rotate_step(
     src_row, dst_row, tmask, smask, h0, h_hi, x1, x2, in_sh, in_sd, out_sh, out_sd, c, s, tail,
     w1, w2, wt, inv_dim, eps, row_scale, quant, quant_inv,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr, OUT_PAIRS: tl.constexpr,
     INPLACE: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    WIDE: tl.constexpr, SCALED: tl.constexpr, TAIL_FIRST: tl.constexpr,
+    WIDE: tl.constexpr, SCALED: tl.constexpr, TAIL_FIRST: tl.constexpr, LOW_ROT: tl.constexpr,
 ):
     """One step of :func:`_rotate_heads`: heads ``h0 .. h0+BLOCK_H`` (masked past ``h_hi``),
     whose rotation pairs ``(x1, x2)`` are already loaded: normalise, rotate, scale, store
@@ -458,8 +479,11 @@ def _rotate_step(
         r = tl.rsqrt(tl.sum(a1 * a1 + a2 * a2, axis=2) * inv_dim + eps)[:, :, None]
         a1 = a1 * r * w1
         a2 = a2 * r * w2
-    y1 = a1 * c - a2 * s
-    y2 = a2 * c + a1 * s
+    if LOW_ROT:  # c and s are 16-bit already: see _rotate_16bit
+        y1, y2 = _rotate_16bit(x1, x2, c, s)
+    else:
+        y1 = a1 * c - a2 * s
+        y2 = a2 * c + a1 * s
     if SCALED:
         y1 = y1 * row_scale[None, :, :]
         y2 = y2 * row_scale[None, :, :]
@@ -479,7 +503,7 @@ def _rotate_heads(
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
     IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr, INPLACE: tl.constexpr, NORM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr, SCALED: tl.constexpr,
-    TAIL_FIRST: tl.constexpr, ONE_STEP: tl.constexpr,
+    TAIL_FIRST: tl.constexpr, ONE_STEP: tl.constexpr, LOW_ROT: tl.constexpr,
 ):
     """Rotate heads ``h_lo .. h_hi`` of ``BLOCK_T`` tokens, ``BLOCK_H`` at a time.
 
@@ -525,14 +549,14 @@ def _rotate_heads(
     if ONE_STEP:
         _rotate_step(src_row, dst_row, tmask, smask, h_lo, h_hi, x1, x2, in_sh, in_sd, out_sh, out_sd, c, s, tail,
                      w1, w2, wt, inv_dim, eps, row_scale, quant, quant_inv, HALF, HALF_PAD, TAIL_PAD, OUT_PAIRS,
-                     INPLACE, NORM, BLOCK_T, BLOCK_H, WIDE, SCALED, TAIL_FIRST)
+                     INPLACE, NORM, BLOCK_T, BLOCK_H, WIDE, SCALED, TAIL_FIRST, LOW_ROT)
     else:
         for h0 in range(h_lo, h_hi, BLOCK_H):
             n1, n2 = _load_heads(src_row, h0 + BLOCK_H, h_hi, tok_mask, in_sh, in_sd,
                                  HALF, HALF_PAD, IN_PAIRS, BLOCK_T, BLOCK_H, WIDE)
             _rotate_step(src_row, dst_row, tmask, smask, h0, h_hi, x1, x2, in_sh, in_sd, out_sh, out_sd, c, s,
                          tail, w1, w2, wt, inv_dim, eps, row_scale, quant, quant_inv, HALF, HALF_PAD, TAIL_PAD,
-                         OUT_PAIRS, INPLACE, NORM, BLOCK_T, BLOCK_H, WIDE, SCALED, TAIL_FIRST)
+                         OUT_PAIRS, INPLACE, NORM, BLOCK_T, BLOCK_H, WIDE, SCALED, TAIL_FIRST, LOW_ROT)
             x1, x2 = n1, n2
 
 
@@ -560,7 +584,7 @@ def rope_kernel(
     Q_SCALE: tl.constexpr, TAIL_FIRST: tl.constexpr, SINCOS: tl.constexpr,
     Q_ONE_STEP: tl.constexpr, K_ONE_STEP: tl.constexpr,
     CACHE: tl.constexpr, V_DIM: tl.constexpr, V_PAD: tl.constexpr, QUANT_PTRS: tl.constexpr,
-    V_BLOCK_H: tl.constexpr, V_ONE_STEP: tl.constexpr, CP: tl.constexpr,
+    V_BLOCK_H: tl.constexpr, V_ONE_STEP: tl.constexpr, CP: tl.constexpr, LOW_ROT: tl.constexpr,
 ):
     """Grid: ``cdiv(n_tokens, BLOCK_T) * HEAD_GROUPS`` programs.
 
@@ -685,6 +709,12 @@ def rope_kernel(
     sin = sin * scale
     if INVERSE:
         sin = -sin
+    if LOW_ROT:
+        # opt-in (the launcher's LOW_PRECISION_ROTATION; only where q and k are read and
+        # written in one 16-bit dtype, with no norm, query scale or cache): the rotation in
+        # that dtype, two values an instruction, as the cos/sin-table kernels do it
+        cos = _round_to(cos, q_ptr.dtype.element_ty)
+        sin = _round_to(sin, q_ptr.dtype.element_ty)
     # Q_SCALE (never with MROPE: the op refuses it): q's factor from the token's position
     if Q_SCALE:
         q_scale = _query_scale(pos, qs_beta, qs_omax, qo_ptr.dtype.element_ty)
@@ -696,11 +726,11 @@ def rope_kernel(
     _rotate_heads(q_ptr, qo_ptr, q_row, qo_row, tok_mask, tok_mask, q_lo, q_hi, qx1, qx2,
                   q_sh, q_sd, qo_sh, qo_sd, cos, sin, q_tail, qw_ptr, eps, q_scale, q_qs, _inverse(q_qs),
                   HALF, HALF_PAD, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, Q_BLOCK_H, WIDE, Q_SCALE,
-                  TAIL_FIRST, Q_ONE_STEP)
+                  TAIL_FIRST, Q_ONE_STEP, LOW_ROT)
     _rotate_heads(k_ptr, ko_ptr, k_row, ko_row, tok_mask, k_store, k_lo, k_hi, kx1, kx2,
                   k_sh, k_sd, ko_sh, ko_sd, cos, sin, k_tail, kw_ptr, eps, scale, k_qs, _inverse(k_qs),
                   HALF, HALF_PAD, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, K_INPLACE, NORM, BLOCK_T, K_BLOCK_H, WIDE, False,
-                  TAIL_FIRST, K_ONE_STEP)
+                  TAIL_FIRST, K_ONE_STEP, LOW_ROT)
 
 
 INTERPRETED = not isinstance(rope_kernel, triton.runtime.JITFunction)
