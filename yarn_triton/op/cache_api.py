@@ -16,6 +16,7 @@ import torch
 
 from ..kernels.configs import LaunchConfig
 from ..rope import RopeParams
+from . import cache_plans as _cache_plans
 from .cache_checks import CacheCall, _check_slots, check_cache_call, mla_views, mla_whole_q
 from .checks import Offsets, _check_config, _check_cu, check_cp, check_rope_args, mrope_list, mrope_spec, split_offsets
 from .launch import CacheTarget, _execute
@@ -153,14 +154,17 @@ def _checked(q, k, v, k_cache, v_cache, slot_mapping, q_out, k_scale, v_scale, q
 
 
 def _launch_eager(q, q_out, k, v, k_cache, v_cache, call: CacheCall, positions, offsets, cu_seqlens, params, rot,
-                  layout, precise, config, rotary_at="start", cp=None) -> None:
-    """The eager call: straight to the launch (no dispatcher round trip)."""
+                  layout, precise, config, rotary_at="start", cp=None, key=None) -> None:
+    """The eager call: straight to the launch (no dispatcher round trip); its launch is
+    kept under ``key`` (:mod:`.cache_plans`) for the next call of the same signature."""
     off_t, pos_base = split_offsets(offsets)
     target = CacheTarget(v, k_cache, v_cache, call.slots,
                          *(1.0 if s is None else s for s in (call.q_quant, call.k_quant, call.v_quant)))
-    _execute(q, q if q_out is None else q_out, k, None, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
-             params.cos_sin_scale, pos_base, rot, layout, False, precise, config, mrope=mrope_spec(params),
-             cache=target, rotary_at=rotary_at, cp=cp)
+    inv_freq = params.inv_freq_on(q.device)
+    launch = _execute(q, q if q_out is None else q_out, k, None, positions, off_t, cu_seqlens, inv_freq,
+                      params.cos_sin_scale, pos_base, rot, layout, False, precise, config, mrope=mrope_spec(params),
+                      cache=target, rotary_at=rotary_at, cp=cp)
+    _cache_plans.remember(key, launch, params, inv_freq, q, q_out, k, v, k_cache, v_cache)
 
 
 def apply_rope_and_cache_(
@@ -228,9 +232,18 @@ def apply_rope_and_cache_(
     raises TypeError/ValueError naming the argument before anything is written. A slot
     given to two tokens gets one of them. CUDA-graph safe without ``check_slots``.
     """
+    compiling = torch.compiler.is_compiling()
+    key = None
+    if not compiling:  # a known signature replays its launch (cache_plans)
+        key = _cache_plans.cache_signature("gqa", q, q_out, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+                                           q_scale, positions, params, layout, rotary_dim, offsets, cu_seqlens,
+                                           precise_angles, check_slots, config, cp, "start")
+        if _cache_plans.replay(key, q, q_out, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q_scale,
+                               positions, offsets, cu_seqlens, check_cu_seqlens, cp):
+            return (q if q_out is None else q_out), k_cache, v_cache
     rot, call = _checked(q, k, v, k_cache, v_cache, slot_mapping, q_out, k_scale, v_scale, q_scale, positions, params,
                          layout, rotary_dim, offsets, cu_seqlens, check_slots, check_cu_seqlens, config, cp=cp)
-    if torch.compiler.is_compiling():
+    if compiling:
         off_t, pos_base = split_offsets(offsets)
         torch.ops.yarn_triton.rope_and_cache_(
             q, q_out, k, v, k_cache, v_cache, call.slots, positions, off_t, cu_seqlens, params.inv_freq_on(q.device),
@@ -238,7 +251,7 @@ def apply_rope_and_cache_(
             *_scale_args(call.q_quant), *_scale_args(call.k_quant), *_scale_args(call.v_quant), *_cp_args(cp))
     else:
         _launch_eager(q, q_out, k, v, k_cache, v_cache, call, positions, offsets, cu_seqlens, params, rot, layout,
-                      precise_angles, config, cp=cp)
+                      precise_angles, config, cp=cp, key=key)
     return (q if q_out is None else q_out), k_cache, v_cache
 
 
@@ -295,12 +308,22 @@ def apply_mla_rope_and_cache_(
     if q_nope is not None and q_out is not None and q_out.shape != q.shape:
         raise ValueError(f"q_out must be [*T, H, Nq + R] = {tuple(q.shape)} (q_nope's channels, then q_pe's), "
                          f"got {tuple(q_out.shape)}")
+    rotary_at = "start" if q_nope is None else "end"
+    compiling = torch.compiler.is_compiling()
+    key = None
+    if not compiling:  # a known signature replays its launch (cache_plans)
+        key = _cache_plans.cache_signature("mla", q, q_out, k, v, k_cache, v_cache, slot_mapping, scale, scale,
+                                           q_scale, positions, params, layout, None, offsets, cu_seqlens,
+                                           precise_angles, check_slots, config, cp, rotary_at)
+        if _cache_plans.replay(key, q, q_out, k, v, k_cache, v_cache, slot_mapping, scale, scale, q_scale,
+                               positions, offsets, cu_seqlens, check_cu_seqlens, cp):
+            return (q_pe if q_out is None else q_out), kv_cache
     # (the two halves of kv_cache are disjoint views: the check sees them as the two caches)
     names = {"k": "k_pe", "v": "kv_c", "k_cache": "kv_cache[..., L:]", "v_cache": "kv_cache[..., :L]",
              "k_scale": "scale", "v_scale": "scale"}
     rot, call = _checked(q, k, v, k_cache, v_cache, slot_mapping, q_out, scale, scale, q_scale, positions, params,
                          layout, None, offsets, cu_seqlens, check_slots, check_cu_seqlens, config, names, cp)
-    if torch.compiler.is_compiling():
+    if compiling:
         off_t, pos_base = split_offsets(offsets)
         torch.ops.yarn_triton.mla_rope_and_cache_(
             q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, call.slots, positions, off_t, cu_seqlens,
@@ -308,5 +331,5 @@ def apply_mla_rope_and_cache_(
             mrope_list(params), *_scale_args(call.q_quant), *_scale_args(call.k_quant), *_cp_args(cp))
     else:
         _launch_eager(q, q_out, k, v, k_cache, v_cache, call, positions, offsets, cu_seqlens, params, rot, layout,
-                      precise_angles, config, "start" if q_nope is None else "end", cp)
+                      precise_angles, config, rotary_at, cp, key)
     return (q_pe if q_out is None else q_out), kv_cache
