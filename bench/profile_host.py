@@ -8,7 +8,9 @@ Times are wall clock per call on a 1-token decode shape (q ``[1, 1, 32, 128]``, 
 of ``--calls`` calls, the rounds of all rows interleaved, and next to it the ratio to a
 trivial torch op (``q.add_(0)``) timed the same way. Rows: the in-place ``apply_rope_``
 (positions, ``offsets=int``, QK-norm) and its parts (signature lookup, plan replay with the
-launch stubbed, the compiled kernel's own launcher); the out-of-place autograd
+launch stubbed, the compiled kernel's own launcher); the serving op
+``apply_rope_and_cache_`` writing the token into a bf16 or an FP8 paged cache (its launch
+plan, ``op/cache_plans.py``); the out-of-place autograd
 ``apply_rope`` / ``apply_qk_norm_rope`` and their parts (signature lookup, the plan's
 out-of-place replay, an ``autograd.Function`` shell of the same arity allocating the same
 outputs, ``empty_like``, the whole call with the launch stubbed, the call with no grad).
@@ -135,6 +137,17 @@ def main() -> None:
         "apply_rope no_grad": lambda: yt.apply_rope(q, k, pos, p),
         "apply_qk_norm_rope": lambda: yt.apply_qk_norm_rope(qg, kg, pos, p, qwg, kwg),
     }
+    # the serving op, one decode token into a paged cache (64 blocks of 16), bf16 and FP8
+    v = torch.randn_like(k)
+    kc = torch.zeros(64, 16, 8, 128, device=dev, dtype=bf)
+    vc = torch.zeros_like(kc)
+    kf = torch.zeros(64, 16, 8, 128, device=dev, dtype=torch.float8_e4m3fn)
+    vf = torch.zeros_like(kf)
+    kscale, vscale = torch.full((1,), 0.5, device=dev), torch.full((1,), 0.5, device=dev)
+    slot = torch.full((1, 1), 17, device=dev, dtype=torch.long)
+    calls["apply_rope_and_cache_"] = lambda: yt.apply_rope_and_cache_(q, k, v, pos, p, kc, vc, slot)
+    calls["apply_rope_and_cache_ fp8"] = lambda: yt.apply_rope_and_cache_(q, k, v, pos, p, kf, vf, slot,
+                                                                          k_scale=kscale, v_scale=vscale)
     for _ in range(2):  # first: tunes the shape class (GPU); second: builds and keeps the plan
         for fn in calls.values():
             fn()
@@ -160,6 +173,8 @@ def main() -> None:
         "apply_rope_ (in place, MLA views, deepseek)": calls["apply_rope_ mla"],
         "apply_rope_ (in place, cu_seqlens, packed)": calls["apply_rope_ packed"],
         "apply_qk_norm_rope_ (in place)": calls["apply_qk_norm_rope_"],
+        "apply_rope_and_cache_ (bf16 paged cache)": calls["apply_rope_and_cache_"],
+        "apply_rope_and_cache_ (FP8 cache, tensor scales)": calls["apply_rope_and_cache_ fp8"],
         "  signature lookup (in place)": lambda: op.plans._PLANS.get(
             op.plans._signature(q, k, pos, p, "neox", None, None, None, True, False, None, True)),
         "apply_rope (autograd, q/k require grad)": calls["apply_rope"],
