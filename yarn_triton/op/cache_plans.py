@@ -24,13 +24,9 @@ import torch
 from . import plans as _plans
 from .cache_checks import CHECK_SLOTS
 from .checks import _check_cu
-from .overlap import _extent
+from .plans import _offsets_sig, _span, _tsig
 
 _Tensor = torch.Tensor
-
-
-def _tsig(t):
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.get_device())
 
 
 def _scale_sig(s):
@@ -61,11 +57,8 @@ def cache_signature(tag, q, q_out, k, v, k_cache, v_cache, slot_mapping, k_scale
         return None
     if CHECK_SLOTS if check_slots is None else check_slots:  # a value check: the full path, every call
         return None
-    if offsets is None or type(offsets) is int:
-        off = None if offsets is None else int
-    elif type(offsets) is _Tensor:
-        off = _tsig(offsets)
-    else:
+    off = _offsets_sig(offsets)
+    if off is False:
         return None
     scales = (_scale_sig(k_scale), _scale_sig(v_scale), _scale_sig(q_scale))
     if False in scales:
@@ -94,19 +87,15 @@ def _pairs(written, read):
     return tuple((i, j) for i in range(n) for j in range(i + 1, n + len(read)))
 
 
-class CachePlan:
+class CachePlan(_plans.PlanBase):
     """What a checked serving-call signature needs to run again: the prepared launch, the
     byte spans of its tensors (relative to their data pointers) and the pointer distances
-    at which intersecting spans were checked disjoint. Holds ``params`` so that its
-    ``id`` in the key cannot be reused."""
+    at which intersecting spans were checked disjoint."""
 
-    __slots__ = ("launch", "params", "inv_freq", "inv_ptr", "spans", "pairs", "checked")
+    __slots__ = ("spans", "pairs", "checked")
 
     def __init__(self, launch, params, inv_freq, tensors, n_written):
-        self.launch = launch
-        self.params = params
-        self.inv_freq = inv_freq
-        self.inv_ptr = inv_freq.data_ptr()
+        super().__init__(launch, params, inv_freq)
         self.spans = tuple(_span(t) for t in tensors)
         self.pairs = _pairs(tensors[:n_written], tensors[n_written:])
         self.checked: set = set()  # (pair, pointer distance) found disjoint by the exact check
@@ -152,11 +141,6 @@ class CachePlan:
                      vq.data_ptr()), pos_base,
                     (q, qo, k, k_cache, pos, cu, inv, inv, inv, slots, v, v_cache, qq, kq, vq))
         return True
-
-
-def _span(t: torch.Tensor) -> Tuple[int, int]:
-    lo, hi = _extent(t)
-    return lo - t.data_ptr(), hi - t.data_ptr()
 
 
 def replay(key, q, q_out, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, q_scale, positions, offsets,

@@ -23,18 +23,29 @@ from .overlap import _extent, may_overlap
 _Tensor = torch.Tensor
 
 
-class _Plan:
-    """What a validated call signature needs to run again: the prepared kernel launch and
-    the per-call checks that depend on more than the signature (where q and k lie in
-    memory). Holds ``params`` so that its ``id`` in the key cannot be reused."""
+class PlanBase:
+    """What every plan holds: the prepared kernel launch, and ``params`` with its
+    ``inv_freq`` on the launch's device (held, so that the ``id(params)`` in the key cannot
+    be reused while the plan lives)."""
 
-    __slots__ = ("launch", "params", "inv_freq", "inv_ptr", "q_span", "k_span", "fused_ok")
+    __slots__ = ("launch", "params", "inv_freq", "inv_ptr")
 
-    def __init__(self, launch, params, inv_freq, q, k):
+    def __init__(self, launch, params, inv_freq):
         self.launch = launch
         self.params = params
         self.inv_freq = inv_freq
         self.inv_ptr = inv_freq.data_ptr()
+
+
+class _Plan(PlanBase):
+    """What a validated rope-call signature needs to run again: the prepared launch and
+    the per-call checks that depend on more than the signature (where q and k lie in
+    memory)."""
+
+    __slots__ = ("q_span", "k_span", "fused_ok")
+
+    def __init__(self, launch, params, inv_freq, q, k):
+        super().__init__(launch, params, inv_freq)
         self.q_span = _span(q)
         self.k_span = None if k is None else _span(k)
         self.fused_ok: set = set()  # pointer distances of q/k views checked disjoint
@@ -99,6 +110,17 @@ def _tsig(t):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.get_device())
 
 
+def _offsets_sig(offsets):
+    """``offsets``' part of a plan key: None; ``int`` for an int (its value is the launch's
+    position base, passed on every call); a tensor's signature; False where the call is
+    not eligible for a plan."""
+    if offsets is None:
+        return None
+    if type(offsets) is int:
+        return int
+    return _tsig(offsets) if type(offsets) is _Tensor else False
+
+
 def _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, config,
                inplace, norm=None, q_scale=None, rotary_at="start", cp=None):
     """Everything validation and the launch geometry depend on, or None when a call is not
@@ -112,26 +134,16 @@ def _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
         ks = (k.shape, k.stride(), k.dtype, k.get_device())
     else:
         return None
-    if positions is None:
-        ps = None
-    elif type(positions) is _Tensor:
-        ps = (positions.shape, positions.stride(), positions.dtype, positions.get_device())
-    else:
+    # positions, offsets and cu_seqlens: None, an exact tensor or (offsets) an int
+    if (positions is not None and type(positions) is not _Tensor) or \
+            (cu_seqlens is not None and type(cu_seqlens) is not _Tensor):
         return None
-    if offsets is None:
-        off = None
-    elif type(offsets) is int:
-        off = int
-    elif type(offsets) is _Tensor:
-        off = _tsig(offsets)
-    else:
+    ps = None if positions is None else (positions.shape, positions.stride(), positions.dtype,
+                                         positions.get_device())
+    off = _offsets_sig(offsets)
+    if off is False:
         return None
-    if cu_seqlens is None:
-        cs = None
-    elif type(cu_seqlens) is _Tensor:
-        cs = _tsig(cu_seqlens)
-    else:
-        return None
+    cs = None if cu_seqlens is None else _tsig(cu_seqlens)
     if norm is not None:
         if type(norm.q_weight) is not _Tensor or (
                 norm.k_weight is not None and type(norm.k_weight) is not _Tensor) or type(norm.eps) is not float:
