@@ -39,6 +39,13 @@ q or k is enough to flip an MoE routing decision somewhere, and deepseek_v3's cu
 part after some steps (the same CPU run: <= 9e-4 for 15 steps, then up to 0.7), as they
 would for any change of rounding; ``--precision bfloat16`` shows it.
 
+Step 1 of every run with the switch is verified: each eager rope call also runs
+torchtitan's own rotate function on the same inputs and compares
+(``yarn_triton.integrations.torchtitan.verify``: the positions the kernel derives and the
+rotation), and the report (calls checked, largest relative error) goes into the JSON. The
+compiled runs' rope calls run inside compiled blocks, where nothing can be checked by
+Python: their report counts the traced calls, and their loss curve is the check.
+
 deepseek_v3's YaRN only runs when ``max_seq_len`` (set to ``--training.seq_len``) exceeds
 ``original_seq_len`` (4096 in the flavor). ``--ds-original-seq-len`` (default 512, 0 to keep
 4096) lowers it in every deepseek_v3 run alike, so that YaRN (factor 40, mscale 0.7) and its
@@ -133,7 +140,7 @@ def train(argv: list, losses_file: str, ds_original_seq_len: int) -> None:
     init_logger()
     _lower_ds_original_seq_len(ds_original_seq_len)
     config = ConfigManager().parse_args(argv)
-    record = {"argv": argv, "losses": [], "switched": False, "rope": None}
+    record = {"argv": argv, "losses": [], "switched": False, "rope": None, "verified": None}
 
     class RecordingTrainer(Trainer):
         def __init__(self, job_config):
@@ -142,6 +149,10 @@ def train(argv: list, losses_file: str, ds_original_seq_len: int) -> None:
 
             def recording_log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
                 record["losses"].append([step, float(global_avg_loss), float(grad_norm)])
+                sw = sys.modules.get(SWITCH)  # (imported by the trainer: --experimental.custom_import)
+                if step == 1 and sw is not None and sw.is_enabled():
+                    # step 1's rope calls, each checked against torchtitan's own (eager ones)
+                    record["verified"] = sw.verify(False)
                 return log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra_metrics)
 
             self.metrics_processor.log = recording_log
@@ -149,6 +160,7 @@ def train(argv: list, losses_file: str, ds_original_seq_len: int) -> None:
     trainer = RecordingTrainer(config)
     switch = sys.modules.get(SWITCH)
     if switch is not None and switch.is_enabled():
+        switch.verify(True)
         model = trainer.model_parts[0]
         table = model.freqs_cis if hasattr(model, "freqs_cis") else model.rope_cache
         params = switch.params_for(config.model.name, table)
@@ -243,6 +255,12 @@ def compare(work: str, models: list, modes: list, steps: int, tol: float, seed: 
                 if rec["switched"] != ours:
                     log(f"!! {model} {run}: switched={rec['switched']} (expected {ours})")
                     failed = True
+                if ours:
+                    v = rec["verified"] or {}
+                    log(f"   {model} {run}: step 1's rope calls checked against torchtitan's: {v}")
+                    if mode == "eager" and not v.get("calls"):
+                        log(f"!! {model} {run}: no rope call was checked on step 1")
+                        failed = True
                 curves[variant] = rec
                 summary["runs"][f"{model}/{run}"] = rec
             a = {s: l for s, l, _ in curves["torchtitan"]["losses"]}

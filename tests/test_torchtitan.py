@@ -326,3 +326,35 @@ def test_two_models_one_shape_different_params_are_refused():
         _llama3.Transformer(b)
     with pytest.raises(RuntimeError, match="cannot tell them apart"):
         tt.params_for("llama3", m1.freqs_cis)
+
+
+@pytest.mark.parametrize("family,positions", [("llama3", torch.tensor([[3, 4, 5, 6], [62, 7, 0, 1]])),
+                                              ("deepseek_v3", None)], ids=["llama3-positions", "deepseek_v3"])
+def test_verify_checks_every_call_against_torchtitans(family, positions, rope_calls):
+    """What the device's loss-curve runs do on step 1: each switched call also runs
+    torchtitan's own function and compares (the positions the kernel derives included)."""
+    model = _build(family)
+    tokens = torch.randint(0, model.model_args.vocab_size, (2, 4), generator=torch.Generator().manual_seed(5))
+    tt.verify(True)
+    try:
+        model(tokens, positions=positions)
+    finally:
+        report = tt.verify(False)
+    assert report["calls"] == len(rope_calls) == (2 if family == "deepseek_v3" else 1)
+    assert 0 < report["max_rel_err"] < 1e-5  # float32 rounding apart, not equal by construction
+    model(tokens, positions=positions)  # off again: nothing more counted
+    assert tt.verify(False)["calls"] == report["calls"]
+
+
+def test_verify_raises_on_a_wrong_rotation(monkeypatch):
+    """A switch that rotated wrongly (here: positions shifted by one) is caught."""
+    model = _build("llama3")
+    real = tt.apply_rope
+    monkeypatch.setattr(tt, "apply_rope", lambda q, k, pos, *a, **kw: real(
+        q, k, torch.arange(1, q.shape[1] + 1).expand(q.shape[0], -1) if pos is None else pos + 1, *a, **kw))
+    tt.verify(True)
+    try:
+        with pytest.raises(RuntimeError, match="differs from torchtitan's apply_rotary_emb: relative error"):
+            model(torch.randint(0, 2048, (1, 4)))
+    finally:
+        tt.verify(False)

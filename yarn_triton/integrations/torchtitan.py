@@ -68,7 +68,7 @@ from ..op import apply_rope
 from ..rope import RopeParams
 from ..variants import yarn_find_correction_range, yarn_linear_ramp_mask
 
-__all__ = ["enable", "disable", "is_enabled", "params_for", "SUPPORTED_TORCHTITAN"]
+__all__ = ["enable", "disable", "is_enabled", "params_for", "verify", "SUPPORTED_TORCHTITAN"]
 
 #: The torchtitan release this integration is written and tested against.
 SUPPORTED_TORCHTITAN = "0.2.2"
@@ -228,7 +228,10 @@ def _rotate_pair(site: _Site, original: Callable, xq, xk, table, positions):
     if params is None:
         _fallback_warning(site, table)
         return original(xq, xk, table, positions)
-    return apply_rope(xq, xk, positions, params, layout=site.layout, precise_angles=_OPTIONS["precise_angles"])
+    out = apply_rope(xq, xk, positions, params, layout=site.layout, precise_angles=_OPTIONS["precise_angles"])
+    if _VERIFY["on"]:
+        _verify(site, original, (xq, xk, table, positions), out)
+    return out
 
 
 def _make_rotate(site: _Site, original: Callable) -> Callable:
@@ -245,14 +248,67 @@ def _make_rotate(site: _Site, original: Callable) -> Callable:
             if params is None:
                 _fallback_warning(site, freqs_cis)
                 return original(x, freqs_cis, positions)
-            return apply_rope(x, None, positions, params, layout=site.layout,
-                              precise_angles=_OPTIONS["precise_angles"])[0]
+            out = apply_rope(x, None, positions, params, layout=site.layout,
+                             precise_angles=_OPTIONS["precise_angles"])[0]
+            if _VERIFY["on"]:
+                _verify(site, original, (x, freqs_cis, positions), (out,))
+            return out
     assert tuple(inspect.signature(rotate).parameters) == site.rotate_args
 
     rotate.__wrapped__ = original
     rotate.__name__ = original.__name__
     rotate.__doc__ = original.__doc__
     return rotate
+
+
+# --------------------------------------------------------------------------------------
+# Verification: switched calls checked against torchtitan's own function
+# --------------------------------------------------------------------------------------
+_VERIFY: Dict[str, object] = {"on": False, "tol": None, "calls": 0, "max_rel_err": 0.0, "traced": 0}
+
+
+def verify(enabled: bool, tol: Optional[float] = None) -> dict:
+    """Check every switched rope call against torchtitan's own function while enabled.
+
+    Each eager call then also runs torchtitan's rotate function (with its table) on the
+    same q/k and ``positions`` argument, and compares: so both the positions the kernel
+    derives (``0 .. seqlen-1`` when torchtitan passes None; the sharded positions under
+    context parallelism) and the rotation itself are checked. A relative error (by norm,
+    in float64) above ``tol`` raises RuntimeError; the default is 1e-3 for float32 inputs
+    (torchtitan's table forms its angles in float32: ~1e-4 rad of difference at a few
+    thousand positions) and 2e-2 for 16-bit ones. Calls traced by ``torch.compile`` are
+    only counted (``traced``): there the check would become part of the graph.
+
+    Returns the report so far: ``{"calls", "max_rel_err", "traced"}``; enabling resets it.
+    For a first training step: ``verify(True)`` before it, ``verify(False)`` after."""
+    with _LOCK:
+        report = {k: _VERIFY[k] for k in ("calls", "max_rel_err", "traced")}
+        if enabled:
+            _VERIFY.update(on=True, tol=tol, calls=0, max_rel_err=0.0, traced=0)
+        else:
+            _VERIFY["on"] = False
+    return report
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a64, b64 = a.detach().double(), b.detach().double()
+    return float((a64 - b64).norm() / b64.norm().clamp_min(1e-300))
+
+
+def _verify(site: _Site, original: Callable, args: tuple, ours: tuple) -> None:
+    if torch.compiler.is_compiling():
+        _VERIFY["traced"] += 1
+        return
+    with torch.no_grad():
+        theirs = original(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    theirs = theirs if isinstance(theirs, tuple) else (theirs,)
+    err = max(_rel_err(o, t) for o, t in zip(ours, theirs))
+    tol = _VERIFY["tol"] or (1e-3 if ours[0].dtype == torch.float32 else 2e-2)
+    _VERIFY["calls"] += 1
+    _VERIFY["max_rel_err"] = max(_VERIFY["max_rel_err"], err)
+    if not err <= tol:  # (NaN fails too)
+        raise RuntimeError(f"yarn_triton.integrations.torchtitan: {site.family} rope call {_VERIFY['calls']} "
+                           f"differs from torchtitan's {site.rotate}: relative error {err:.2e} > {tol:g}")
 
 
 def _check(site: _Site, module, name: str, expected: Tuple[str, ...]) -> Callable:
