@@ -241,6 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench_qkv.json", help="JSON results path")
     ap.add_argument("--sweep", action="store_true", help="also time every candidate config of the fused kernel")
     ap.add_argument("--sweep-tokens", default="4096,16384", help="token counts of the sweep")
+    ap.add_argument("--sweep-models", default="llama3-8b", help="models of the sweep (each compiles every config)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         return cpu_check()
@@ -260,7 +261,8 @@ def main(argv=None) -> int:
             rows.append(run_row(model, t, dtype, gen))
     result = {"meta": meta, "rows": rows}
     if args.sweep:
-        result["sweep"] = [rec for model in models for t in (int(s) for s in args.sweep_tokens.split(",") if s)
+        result["sweep"] = [rec for model in args.sweep_models.split(",") if model
+                           for t in (int(s) for s in args.sweep_tokens.split(",") if s)
                            for rec in sweep(model, t, dtype, gen)]
     verdict = ship_line(rows)
     result["ship"] = verdict

@@ -58,27 +58,31 @@ def _truth(x, w, b, qn, kn, pos, p, hq, hk, d, layout, unit_offset=False):
 
 
 # (layout, dtype, tokens, hidden, hq, hk, head dim, rotary dim, bias, norm: 0 / 1 / 2 unit
-# offset, descriptors): every layout with full and partial rotary (rot 24 of 32 pads both the
-# pairs (12 -> 16) and the tail (8)), token counts off the tile (16) and one [B, S] input,
-# hidden off the K step (32), both load paths, GQA and MHA
+# offset, descriptors, one accumulator): every layout with full and partial rotary (rot 24 of
+# 32 pads both the pairs (12 -> 16) and the tail (8)), token counts off the tile (16) and
+# [B, S] inputs, hidden off the K step (32), both load paths, both accumulator forms (one
+# applies to full-rotary heads only), GQA and MHA
 FORWARD_CASES = [
-    ("neox", torch.float32, (33,), 64, 4, 2, 32, 32, False, 0, True),
-    ("neox", torch.bfloat16, (7,), 48, 2, 1, 32, 24, True, 1, False),
-    ("neox", torch.float16, (2, 5), 40, 2, 2, 16, 8, True, 2, True),
-    ("interleaved", torch.float32, (1,), 48, 2, 1, 32, 24, True, 2, True),
-    ("interleaved", torch.bfloat16, (33,), 32, 2, 1, 16, 16, False, 0, False),
-    ("deepseek", torch.float32, (2, 7), 40, 3, 1, 16, 16, False, 1, True),
-    ("deepseek", torch.bfloat16, (17,), 48, 2, 1, 32, 24, True, 0, True),
+    ("neox", torch.float32, (33,), 64, 4, 2, 32, 32, False, 0, True, False),
+    ("neox", torch.bfloat16, (7,), 48, 2, 1, 32, 24, True, 1, False, False),
+    ("neox", torch.float16, (2, 5), 40, 2, 2, 16, 8, True, 2, True, False),
+    ("neox", torch.float32, (9,), 32, 2, 1, 16, 16, True, 1, False, True),
+    ("interleaved", torch.float32, (1,), 48, 2, 1, 32, 24, True, 2, True, False),
+    ("interleaved", torch.bfloat16, (33,), 32, 2, 1, 16, 16, False, 0, False, False),
+    ("interleaved", torch.float32, (2, 3), 40, 2, 1, 32, 32, False, 2, True, True),
+    ("deepseek", torch.float32, (2, 7), 40, 3, 1, 16, 16, False, 1, True, False),
+    ("deepseek", torch.bfloat16, (17,), 48, 2, 1, 32, 24, True, 0, True, False),
+    ("deepseek", torch.bfloat16, (5,), 32, 2, 1, 16, 16, True, 0, True, True),
 ]
 
 
 @pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: "-".join(str(v).replace("torch.", "") for v in c))
 def test_forward_matches_float64_composition(kdev, gen, case):
-    layout, dtype, tokens, hidden, hq, hk, d, rot, bias, norm, desc = case
+    layout, dtype, tokens, hidden, hq, hk, d, rot, bias, norm, desc, one_acc = case
     p = _params(rot)
     # the [B, S] cases also take x as a slice of wider rows (a row stride of hidden + 8)
     x, w, b, qn, kn, pos = _case(gen, dtype, tokens, hidden, hq, hk, d, bias, norm, kdev, 8 * (len(tokens) > 1))
-    cfg = QkvConfig(16, 32, 1, 1, 2, use_desc=desc, num_progs=3)
+    cfg = QkvConfig(16, 32, 1, 1, 2, use_desc=desc, num_progs=3, one_acc=one_acc)
     q, k, v = qkv_rope(x, w, pos, p, num_heads=hq, num_kv_heads=hk, head_dim=d, layout=layout, bias=b,
                        q_norm=qn, k_norm=kn, norm_unit_offset=norm == 2, config=cfg)
     assert q.shape == (*tokens, hq, d) and k.shape == v.shape == (*tokens, hk, d)

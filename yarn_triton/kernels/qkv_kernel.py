@@ -21,6 +21,13 @@ shuffle across lanes) whatever the layout:
   ``2 K``), and it keeps one code path for the three layouts.
 * ``acc_t`` over the pass-through rows ``[R, D)`` of a partial rotary (none when R == D).
 
+``ONE_ACC`` (a config knob for the device sweep; only where the head is all rotary and D a
+power of two) is the other way: one ``[BM, D]`` accumulator, one dot per step, and the
+partners split out of it in the epilogue (``reshape`` + ``permute`` + ``split``, as the
+persistent-matmul tutorial splits its epilogue into subtiles). Two dots of N = D/2 read
+x's tile from shared memory twice per step where one of N = D reads it once; which costs
+more on Hopper is what the sweep measures.
+
 Epilogue: bias, then (NORM) ``y * rsqrt(mean(y^2 over the head) + eps) * w`` in float32 on
 the accumulators (``w`` or ``1 + w``; q's heads take ``qw``, k's ``kw``), then
 ``o1 = y1 cos - y2 sin``, ``o2 = y2 cos + y1 sin`` (cos/sin times ``scale``, YaRN's
@@ -128,6 +135,7 @@ def qkv_rope_kernel(
     HAS_BIAS: tl.constexpr, PRECISE: tl.constexpr, SINCOS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_STAGES: tl.constexpr, USE_DESC: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    ONE_ACC: tl.constexpr,
 ):
     """Grid: ``n_progs = min(tiles, SMs)`` programs, ``tiles = cdiv(M, BLOCK_M) * n_heads``.
 
@@ -142,6 +150,7 @@ def qkv_rope_kernel(
     plain GEMM's tile).
     """
     ROT: tl.constexpr = 2 * HALF
+    SINGLE: tl.constexpr = EPILOGUE == 0 or ONE_ACC
     # W row of the j-th first member of a pair (+ head * D), and the offset of its partner
     PSTEP: tl.constexpr = 2 if PAIRS else 1
     OFF2: tl.constexpr = 1 if PAIRS else HALF
@@ -163,7 +172,7 @@ def qkv_rope_kernel(
         # out-of-bounds rows (past M or N) and K columns read as zero; rows of a padded
         # part (HALF_PAD > HALF) read the next part's rows, masked in the epilogue
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[sx, 1], block_shape=[BLOCK_M, BLOCK_K])
-        if EPILOGUE == 0:
+        if SINGLE:
             wd_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[sw, 1], block_shape=[D_PAD, BLOCK_K])
         else:
             if PAIRS:  # even and odd rows: W seen as [N/2, K] with row stride 2 sw, from rows 0 and 1
@@ -186,7 +195,9 @@ def qkv_rope_kernel(
         rmask = rows < M
         rows64 = rows.to(tl.int64)
         col0 = head * D
-        if EPILOGUE == 0:
+        jm = j < HALF
+        tm = t < TAIL
+        if SINGLE:  # one [BM, D] accumulator over the head's rows
             acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
             wd_rows = (col0 + dcol).to(tl.int64)
             for ki in tl.range(0, k_tiles, num_stages=NUM_STAGES):
@@ -201,17 +212,22 @@ def qkv_rope_kernel(
                                 other=0.0)
                     b = _w_rows(w_ptr, wd_rows, dcol < D, kk, km, sw)
                 acc = _dot(a, b, acc, IEEE)
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + col0 + dcol, mask=dcol < D, other=0.0).to(tl.float32)[None, :]
-            dst = out_ptr + rows64[:, None] * so + col0
-            tl.store(dst + dcol[None, :], _round_out(acc, out_ptr.dtype.element_ty),
-                     mask=rmask[:, None] & (dcol < D)[None, :])
+            if EPILOGUE == 0:
+                if HAS_BIAS:
+                    acc += tl.load(b_ptr + col0 + dcol, mask=dcol < D, other=0.0).to(tl.float32)[None, :]
+                dst = out_ptr + rows64[:, None] * so + col0
+                tl.store(dst + dcol[None, :], _round_out(acc, out_ptr.dtype.element_ty),
+                         mask=rmask[:, None] & (dcol < D)[None, :])
+            else:  # ONE_ACC: the partners split out of the accumulator (D == R, a power of two)
+                if PAIRS:  # columns (2j, 2j + 1)
+                    acc1, acc2 = tl.split(tl.reshape(acc, [BLOCK_M, HALF, 2]))
+                else:  # columns j and HALF + j
+                    acc1, acc2 = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, HALF]), (0, 2, 1)))
+                acc_t = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
         else:
             acc1 = tl.zeros((BLOCK_M, HALF_PAD), dtype=tl.float32)
             acc2 = tl.zeros((BLOCK_M, HALF_PAD), dtype=tl.float32)
             acc_t = tl.zeros((BLOCK_M, TAIL_PAD if TAIL_PAD > 0 else 1), dtype=tl.float32)
-            jm = j < HALF
-            tm = t < TAIL
             w1_rows = (col0 + j * PSTEP).to(tl.int64)
             wt_rows = (col0 + ROT + t).to(tl.int64)
             for ki in tl.range(0, k_tiles, num_stages=NUM_STAGES):
@@ -240,6 +256,7 @@ def qkv_rope_kernel(
                 if TAIL_PAD > 0:
                     acc_t = _dot(a, bt, acc_t, IEEE)
 
+        if EPILOGUE:
             y1 = acc1
             y2 = acc2
             yt = acc_t

@@ -32,7 +32,10 @@ class QkvConfig(NamedTuple):
     ``warp_specialize`` go to the persistent tile loop's ``tl.range`` (untested on
     Hopper with triton 3.6: off by default); ``use_desc`` reads x and W through tensor
     descriptors (None: wherever the alignment allows it); ``num_progs`` persistent
-    programs (None: the SM count)."""
+    programs (None: the SM count); ``one_acc`` accumulates a head in one ``[BM, D]`` tile
+    (one dot per step, as the plain GEMM) and splits the rotation partners out of it in the
+    epilogue (reshape / permute / split), where the head is all rotary and ``D`` a power
+    of two; elsewhere it is ignored (two accumulators)."""
 
     block_m: int = 128
     block_k: int = 64
@@ -43,6 +46,7 @@ class QkvConfig(NamedTuple):
     warp_specialize: bool = False
     use_desc: Optional[bool] = None
     num_progs: Optional[int] = None
+    one_acc: bool = False
 
 
 # The interpreter runs programs one after another in Python: small tiles, a few programs
@@ -60,14 +64,14 @@ def default_config() -> QkvConfig:
 def candidate_configs() -> List[QkvConfig]:
     """The benchmark's sweep of the fused kernel (GPU only): each is timed and recorded."""
     out = []
-    for bm in (64, 128):
+    for bm, warps in ((64, 4), (128, 8)):  # one warpgroup per 64 rows of the tile
         for bk in (64, 128):
             for stages in (3, 4):
-                for warps in (4, 8):
-                    for flatten in (False, True):
-                        if bm * bk > 128 * 64 and stages > 3:  # > 192 KiB of stages with the epilogue
-                            continue
-                        out.append(QkvConfig(bm, bk, stages, warps, 8, flatten, False))
+                if bm * bk > 128 * 64 and stages > 3:  # > 192 KiB of stages with the epilogue
+                    continue
+                for flatten in (False, True):
+                    for one_acc in (False, True):
+                        out.append(QkvConfig(bm, bk, stages, warps, 8, flatten, False, one_acc=one_acc))
     out.append(QkvConfig(128, 64, 3, 8, 8, True, True))  # warp specialization, if 3.6 takes it
     return out
 
@@ -138,6 +142,7 @@ def launch_qkv(
     pairs, out_pairs = LAYOUT_SWITCHES[layout]
     half = rot // 2
     tail = head_dim - rot
+    one_acc = cfg.one_acc and epilogue == 1 and tail == 0 and head_dim == _next_pow2(head_dim)
     use_desc = _desc_ok(x, w) if cfg.use_desc is None else (cfg.use_desc and _desc_ok(x, w))
     if use_desc and x.device.type == "cuda":
         _ensure_allocator()
@@ -158,5 +163,6 @@ def launch_qkv(
         IEEE=x.dtype == torch.float32,
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         NUM_STAGES=cfg.num_stages, USE_DESC=use_desc, FLATTEN=cfg.flatten, WARP_SPECIALIZE=cfg.warp_specialize,
+        ONE_ACC=one_acc,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
