@@ -22,9 +22,10 @@ are to ``cublas``. The ship line: fused faster than ``cublas_rope`` at 4K and 16
 ``fused / cublas <= 1.02`` there. ``--sweep`` times every ``candidate_configs()`` entry on
 the fused kernel (a config that fails to compile is recorded with its error).
 
-ncu (one fused launch at 16K tokens)::
+ncu (one fused launch at 16K tokens: the first ``qkv`` kernel of a run is the fused call of
+the first row's correctness check; add ``--launch-skip 1`` for its plain GEMM)::
 
-    ncu --kernel-name regex:qkv --launch-skip 3 --launch-count 1 --set full \\
+    ncu --kernel-name regex:qkv --launch-count 1 --set full \\
         python bench/bench_qkv.py --models llama3-8b --tokens 16384 --out /tmp/x.json
 
 With no GPU it checks the fused kernel through Triton's interpreter at a tiny shape and

@@ -188,7 +188,7 @@ class _QkvRope(torch.autograd.Function):
         meta = ctx.meta
         x2, w, bias, q_norm, k_norm, positions = ctx.saved_tensors
         T = x2.shape[0]
-        dy = grad.contiguous().clone()  # rotated back in place: not the caller's gradient tensor
+        dy = grad.clone(memory_format=torch.contiguous_format)  # rotated back in place: a copy of the gradient
         gq, gk, _ = _views(dy, (T,), meta)
         apply_rope_(gq, gk, positions, meta.params, layout=meta.layout, rotary_dim=meta.rot, inverse=True,
                     precise_angles=meta.precise)
