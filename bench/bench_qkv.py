@@ -145,7 +145,9 @@ def run_row(model, tokens, dtype, gen) -> dict:
     return row
 
 
-def sweep(model, tokens, dtype, gen) -> list:
+def sweep(model, tokens, dtype, gen, save) -> list:
+    """Every candidate config on the fused call; ``save(records)`` after each one, so that a
+    compiler crash that takes the process down still leaves the configs timed before it."""
     from yarn_triton.kernels.qkv_launcher import candidate_configs
 
     c = make_case(model, tokens, dtype, "cuda", gen)
@@ -166,6 +168,7 @@ def sweep(model, tokens, dtype, gen) -> list:
         print(f"  {model} {tokens} {tuple(cfg)} -> {rec.get('us', float('nan')):.1f} us "
               f"{rec.get('x_cublas', float('nan')):.3f}x {rec.get('error', '')}", file=sys.stderr, flush=True)
         out.append(rec)
+        save(out)
     return out
 
 
@@ -260,19 +263,25 @@ def main(argv=None) -> int:
         for t in tokens:
             print(f"{model} {t} tokens ...", file=sys.stderr, flush=True)
             rows.append(run_row(model, t, dtype, gen))
-    result = {"meta": meta, "rows": rows}
-    if args.sweep:
-        result["sweep"] = [rec for model in args.sweep_models.split(",") if model
-                           for t in (int(s) for s in args.sweep_tokens.split(",") if s)
-                           for rec in sweep(model, t, dtype, gen)]
     verdict = ship_line(rows)
-    result["ship"] = verdict
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    result = {"meta": meta, "rows": rows, "ship": verdict}
+
+    def save(sweep_records=None):
+        if sweep_records is not None:
+            result["sweep"] = done + sweep_records
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    done = []
+    save()  # the rows and the ship line are on disk before the sweep compiles anything
     if args.sweep:
+        print_table(meta, rows, verdict)
+        for model in (m for m in args.sweep_models.split(",") if m):
+            for t in (int(s) for s in args.sweep_tokens.split(",") if s):
+                done = done + sweep(model, t, dtype, gen, save)
         print("\nsweep, best per (model, tokens):")
-        for key in sorted({(r["model"], r["tokens"]) for r in result["sweep"]}):
-            ok = [r for r in result["sweep"] if (r["model"], r["tokens"]) == key and "us" in r]
+        for key in sorted({(r["model"], r["tokens"]) for r in done}):
+            ok = [r for r in done if (r["model"], r["tokens"]) == key and "us" in r]
             if ok:
                 best = min(ok, key=lambda r: r["us"])
                 print(f"  {key[0]} {key[1]}: {best['us']:.1f} us ({best['x_cublas']:.3f}x cuBLAS) {best['config']}")
