@@ -61,16 +61,17 @@ def _truth(x, w, b, qn, kn, pos, p, hq, hk, d, layout, unit_offset=False):
 # offset, descriptors, one accumulator): every layout with full and partial rotary (rot 24 of
 # 32 pads both the pairs (12 -> 16) and the tail (8)), token counts off the tile (16) and
 # [B, S] inputs, hidden off the K step (32), both load paths, both accumulator forms (one
-# applies to full-rotary heads only), GQA and MHA
+# applies to full-rotary heads only), GQA and MHA; 2 or 4 heads per tile where the last field
+# says so (one cos/sin for them; 3 does not divide 5 heads: one per tile)
 FORWARD_CASES = [
-    ("neox", torch.float32, (33,), 64, 4, 2, 32, 32, False, 0, True, False),
+    ("neox", torch.float32, (33,), 64, 4, 2, 32, 32, False, 0, True, False, 4),
     ("neox", torch.bfloat16, (7,), 48, 2, 1, 32, 24, True, 1, False, False),
     ("neox", torch.float16, (2, 5), 40, 2, 2, 16, 8, True, 2, True, False),
     ("neox", torch.float32, (9,), 32, 2, 1, 16, 16, True, 1, False, True),
     ("interleaved", torch.float32, (1,), 48, 2, 1, 32, 24, True, 2, True, False),
     ("interleaved", torch.bfloat16, (33,), 32, 2, 1, 16, 16, False, 0, False, False),
-    ("interleaved", torch.float32, (2, 3), 40, 2, 1, 32, 32, False, 2, True, True),
-    ("deepseek", torch.float32, (2, 7), 40, 3, 1, 16, 16, False, 1, True, False),
+    ("interleaved", torch.float32, (2, 3), 40, 2, 1, 32, 32, False, 2, True, True, 2),
+    ("deepseek", torch.float32, (2, 7), 40, 3, 1, 16, 16, False, 1, True, False, 3),
     ("deepseek", torch.bfloat16, (17,), 48, 2, 1, 32, 24, True, 0, True, False),
     ("deepseek", torch.bfloat16, (5,), 32, 2, 1, 16, 16, True, 0, True, True),
 ]
@@ -78,11 +79,11 @@ FORWARD_CASES = [
 
 @pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: "-".join(str(v).replace("torch.", "") for v in c))
 def test_forward_matches_float64_composition(kdev, gen, case):
-    layout, dtype, tokens, hidden, hq, hk, d, rot, bias, norm, desc, one_acc = case
+    layout, dtype, tokens, hidden, hq, hk, d, rot, bias, norm, desc, one_acc, *heads = case
     p = _params(rot)
     # the [B, S] cases also take x as a slice of wider rows (a row stride of hidden + 8)
     x, w, b, qn, kn, pos = _case(gen, dtype, tokens, hidden, hq, hk, d, bias, norm, kdev, 8 * (len(tokens) > 1))
-    cfg = QkvConfig(16, 32, 1, 1, 2, use_desc=desc, num_progs=3, one_acc=one_acc)
+    cfg = QkvConfig(16, 32, 1, 1, 2, use_desc=desc, num_progs=3, one_acc=one_acc, heads=(heads or [1])[0])
     q, k, v = qkv_rope(x, w, pos, p, num_heads=hq, num_kv_heads=hk, head_dim=d, layout=layout, bias=b,
                        q_norm=qn, k_norm=kn, norm_unit_offset=norm == 2, config=cfg)
     assert q.shape == (*tokens, hq, d) and k.shape == v.shape == (*tokens, hk, d)
@@ -99,10 +100,11 @@ def test_every_output_written_and_plain_gemm(kdev, gen, layout):
     hq, hk, d, rot, T = 2, 1, 32, 24, 19
     p = _params(rot)
     x, w, b, qn, kn, pos = _case(gen, torch.float32, (T,), 48, hq, hk, d, True, 1, kdev)
-    for epilogue in (1, 0):
+    for epilogue, heads in ((1, 2), (0, 1)):  # the fused one with two heads per tile
         out = torch.full((T, w.shape[0]), POISON, device=kdev)
         launch_qkv(x, w, b, out, pos, p.inv_freq_on(x.device), p.cos_sin_scale, n_q_heads=hq, n_k_heads=hk,
-                   head_dim=d, rot=rot, layout=layout, q_norm=qn, k_norm=kn, norm_kind=1, epilogue=epilogue)
+                   head_dim=d, rot=rot, layout=layout, q_norm=qn, k_norm=kn, norm_kind=1, epilogue=epilogue,
+                   config=QkvConfig(16, 32, 1, 1, 2, num_progs=3, heads=heads))
         if epilogue:
             want = torch.cat([t.flatten(1) for t in _truth(x, w, b, qn, kn, pos, p, hq, hk, d, layout)], dim=1)
         else:

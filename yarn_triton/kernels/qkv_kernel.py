@@ -36,6 +36,9 @@ rounded once and stored: neox and deepseek write ``o1`` to columns ``[0, R/2)`` 
 ``[R/2, R)`` of the head (deepseek's de-interleave), interleaved back to ``2j`` / ``2j + 1``.
 v's heads are stored in their own order.
 
+``HEADS`` heads per tile (a knob): the tile's cos/sin are computed once and serve each of
+its heads in turn (the heads' main loops and epilogues are unrolled one after the other).
+
 Performance structure (for the device run; the interpreter checks the arithmetic only):
 a persistent grid of ``n_progs`` programs walking the tiles with a ``GROUP_M`` L2 swizzle,
 the main loop pipelined by ``tl.range(num_stages=NUM_STAGES)``, x and W read through tensor
@@ -135,9 +138,9 @@ def qkv_rope_kernel(
     HAS_BIAS: tl.constexpr, PRECISE: tl.constexpr, SINCOS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_STAGES: tl.constexpr, USE_DESC: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    ONE_ACC: tl.constexpr,
+    ONE_ACC: tl.constexpr, HEADS: tl.constexpr,
 ):
-    """Grid: ``n_progs = min(tiles, SMs)`` programs, ``tiles = cdiv(M, BLOCK_M) * n_heads``.
+    """Grid: ``n_progs = min(tiles, SMs)`` programs, ``tiles = cdiv(M, BLOCK_M) * n_heads / HEADS``.
 
     x ``[M, K]`` (row stride ``sx``), w ``[n_heads * D, K]`` (``sw``), out ``[M, n_heads * D]``
     (``so``), the last dims contiguous; positions ``[M]`` (stride ``sp``); heads
@@ -156,7 +159,8 @@ def qkv_rope_kernel(
     OFF2: tl.constexpr = 1 if PAIRS else HALF
     start = tl.program_id(0)
     n_m = tl.cdiv(M, BLOCK_M)
-    n_tiles = n_m * n_heads
+    n_groups = n_heads // HEADS  # the launcher makes HEADS divide n_heads
+    n_tiles = n_m * n_groups
     k_tiles = tl.cdiv(K, BLOCK_K)
     N = n_heads * D
     scale = tl.cast(scale, tl.float32)
@@ -189,117 +193,125 @@ def qkv_rope_kernel(
                                                     block_shape=[TAIL_PAD, BLOCK_K])
 
     for tile_id in tl.range(start, n_tiles, n_progs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
-        pid_m, head = _tile_of(tile_id, n_m, n_heads, GROUP_M)
+        pid_m, hg = _tile_of(tile_id, n_m, n_groups, GROUP_M)
         m0 = pid_m * BLOCK_M
         rows = m0 + tl.arange(0, BLOCK_M)
         rmask = rows < M
         rows64 = rows.to(tl.int64)
-        col0 = head * D
-        jm = j < HALF
-        tm = t < TAIL
-        if SINGLE:  # one [BM, D] accumulator over the head's rows
-            acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
-            wd_rows = (col0 + dcol).to(tl.int64)
-            for ki in tl.range(0, k_tiles, num_stages=NUM_STAGES):
-                k0 = ki * BLOCK_K
-                if USE_DESC:
-                    a = x_desc.load([m0, k0])
-                    b = wd_desc.load([col0, k0])
-                else:
-                    kk = k0 + offs_k
-                    km = kk < K
-                    a = tl.load(x_ptr + rows64[:, None] * sx + kk[None, :], mask=rmask[:, None] & km[None, :],
-                                other=0.0)
-                    b = _w_rows(w_ptr, wd_rows, dcol < D, kk, km, sw)
-                acc = _dot(a, b, acc, IEEE)
-            if EPILOGUE == 0:
-                if HAS_BIAS:
-                    acc += tl.load(b_ptr + col0 + dcol, mask=dcol < D, other=0.0).to(tl.float32)[None, :]
-                dst = out_ptr + rows64[:, None] * so + col0
-                tl.store(dst + dcol[None, :], _round_out(acc, out_ptr.dtype.element_ty),
-                         mask=rmask[:, None] & (dcol < D)[None, :])
-            else:  # ONE_ACC: the partners split out of the accumulator (D == R, a power of two)
-                if PAIRS:  # columns (2j, 2j + 1)
-                    acc1, acc2 = tl.split(tl.reshape(acc, [BLOCK_M, HALF, 2]))
-                else:  # columns j and HALF + j
-                    acc1, acc2 = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, HALF]), (0, 2, 1)))
-                acc_t = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
-        else:
-            acc1 = tl.zeros((BLOCK_M, HALF_PAD), dtype=tl.float32)
-            acc2 = tl.zeros((BLOCK_M, HALF_PAD), dtype=tl.float32)
-            acc_t = tl.zeros((BLOCK_M, TAIL_PAD if TAIL_PAD > 0 else 1), dtype=tl.float32)
-            w1_rows = (col0 + j * PSTEP).to(tl.int64)
-            wt_rows = (col0 + ROT + t).to(tl.int64)
-            for ki in tl.range(0, k_tiles, num_stages=NUM_STAGES):
-                k0 = ki * BLOCK_K
-                if USE_DESC:
-                    a = x_desc.load([m0, k0])
-                    if PAIRS:
-                        b1 = w1_desc.load([col0 // 2, k0])
-                        b2 = w2_desc.load([col0 // 2, k0])
-                    else:
-                        b1 = w1_desc.load([col0, k0])
-                        b2 = w2_desc.load([col0 + HALF, k0])
-                    if TAIL_PAD > 0:
-                        bt = wt_desc.load([col0 + ROT, k0])
-                else:
-                    kk = k0 + offs_k
-                    km = kk < K
-                    a = tl.load(x_ptr + rows64[:, None] * sx + kk[None, :], mask=rmask[:, None] & km[None, :],
-                                other=0.0)
-                    b1 = _w_rows(w_ptr, w1_rows, jm, kk, km, sw)
-                    b2 = _w_rows(w_ptr, w1_rows + OFF2, jm, kk, km, sw)
-                    if TAIL_PAD > 0:
-                        bt = _w_rows(w_ptr, wt_rows, tm, kk, km, sw)
-                acc1 = _dot(a, b1, acc1, IEEE)
-                acc2 = _dot(a, b2, acc2, IEEE)
-                if TAIL_PAD > 0:
-                    acc_t = _dot(a, bt, acc_t, IEEE)
-
         if EPILOGUE:
-            y1 = acc1
-            y2 = acc2
-            yt = acc_t
-            if HAS_BIAS:
-                y1 += tl.load(b_ptr + col0 + j * PSTEP, mask=jm, other=0.0).to(tl.float32)[None, :]
-                y2 += tl.load(b_ptr + col0 + OFF2 + j * PSTEP, mask=jm, other=0.0).to(tl.float32)[None, :]
-                if TAIL_PAD > 0:
-                    yt += tl.load(b_ptr + col0 + ROT + t, mask=tm, other=0.0).to(tl.float32)[None, :]
-            dst = out_ptr + rows64[:, None] * so + col0
-            smask = rmask[:, None]
-            if head < n_qk_heads:  # q or k: normalise, rotate
-                if NORM:
-                    if HALF_PAD != HALF:  # padded columns may hold the next part's sums
-                        y1 = tl.where(jm[None, :], y1, 0.0)
-                        y2 = tl.where(jm[None, :], y2, 0.0)
-                    sq = tl.sum(y1 * y1 + y2 * y2, axis=1)
-                    if TAIL_PAD > 0:
-                        if TAIL_PAD != TAIL:
-                            yt = tl.where(tm[None, :], yt, 0.0)
-                        sq += tl.sum(yt * yt, axis=1)
-                    r = tl.rsqrt(sq * (1.0 / D) + eps)[:, None]
-                    if head < n_q_heads:
-                        nw_ptr = qw_ptr
-                    else:
-                        nw_ptr = kw_ptr
-                    w1 = tl.load(nw_ptr + j * PSTEP, mask=jm, other=0.0).to(tl.float32)[None, :]
-                    w2 = tl.load(nw_ptr + OFF2 + j * PSTEP, mask=jm, other=0.0).to(tl.float32)[None, :]
-                    if NORM == 2:
-                        w1 += 1.0
-                        w2 += 1.0
-                    y1 = y1 * r * w1
-                    y2 = y2 * r * w2
-                    if TAIL_PAD > 0:
-                        wt = tl.load(nw_ptr + ROT + t, mask=tm, other=0.0).to(tl.float32)[None, :]
-                        if NORM == 2:
-                            wt += 1.0
-                        yt = yt * r * wt
+            # cos/sin of the tile's tokens, once for its HEADS heads (none for v's heads)
+            if hg * HEADS < n_qk_heads:
                 pos = tl.load(pos_ptr + rows64 * sp, mask=rmask, other=0).to(tl.int64)[:, None]
                 c, s = _cos_sin(pos, inv_freq, PRECISE, SINCOS)
                 c = c * scale
                 s = s * scale
-                o1 = y1 * c - y2 * s
-                o2 = y2 * c + y1 * s
-                _store_head(dst, smask, o1, o2, yt, j, t, OUT_PAIRS, HALF, HALF_PAD, ROT, TAIL, TAIL_PAD, BLOCK_M)
-            else:  # v: the projection as it is, in its own column order
-                _store_head(dst, smask, y1, y2, yt, j, t, PAIRS, HALF, HALF_PAD, ROT, TAIL, TAIL_PAD, BLOCK_M)
+            else:
+                c = tl.zeros((BLOCK_M, HALF_PAD), dtype=tl.float32)
+                s = tl.zeros((BLOCK_M, HALF_PAD), dtype=tl.float32)
+        for hh in tl.static_range(HEADS):
+            head = hg * HEADS + hh
+            col0 = head * D
+            jm = j < HALF
+            tm = t < TAIL
+            if SINGLE:  # one [BM, D] accumulator over the head's rows
+                acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+                wd_rows = (col0 + dcol).to(tl.int64)
+                for ki in tl.range(0, k_tiles, num_stages=NUM_STAGES):
+                    k0 = ki * BLOCK_K
+                    if USE_DESC:
+                        a = x_desc.load([m0, k0])
+                        b = wd_desc.load([col0, k0])
+                    else:
+                        kk = k0 + offs_k
+                        km = kk < K
+                        a = tl.load(x_ptr + rows64[:, None] * sx + kk[None, :], mask=rmask[:, None] & km[None, :],
+                                    other=0.0)
+                        b = _w_rows(w_ptr, wd_rows, dcol < D, kk, km, sw)
+                    acc = _dot(a, b, acc, IEEE)
+                if EPILOGUE == 0:
+                    if HAS_BIAS:
+                        acc += tl.load(b_ptr + col0 + dcol, mask=dcol < D, other=0.0).to(tl.float32)[None, :]
+                    dst = out_ptr + rows64[:, None] * so + col0
+                    tl.store(dst + dcol[None, :], _round_out(acc, out_ptr.dtype.element_ty),
+                             mask=rmask[:, None] & (dcol < D)[None, :])
+                else:  # ONE_ACC: the partners split out of the accumulator (D == R, a power of two)
+                    if PAIRS:  # columns (2j, 2j + 1)
+                        acc1, acc2 = tl.split(tl.reshape(acc, [BLOCK_M, HALF, 2]))
+                    else:  # columns j and HALF + j
+                        acc1, acc2 = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, HALF]), (0, 2, 1)))
+                    acc_t = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
+            else:
+                acc1 = tl.zeros((BLOCK_M, HALF_PAD), dtype=tl.float32)
+                acc2 = tl.zeros((BLOCK_M, HALF_PAD), dtype=tl.float32)
+                acc_t = tl.zeros((BLOCK_M, TAIL_PAD if TAIL_PAD > 0 else 1), dtype=tl.float32)
+                w1_rows = (col0 + j * PSTEP).to(tl.int64)
+                wt_rows = (col0 + ROT + t).to(tl.int64)
+                for ki in tl.range(0, k_tiles, num_stages=NUM_STAGES):
+                    k0 = ki * BLOCK_K
+                    if USE_DESC:
+                        a = x_desc.load([m0, k0])
+                        if PAIRS:
+                            b1 = w1_desc.load([col0 // 2, k0])
+                            b2 = w2_desc.load([col0 // 2, k0])
+                        else:
+                            b1 = w1_desc.load([col0, k0])
+                            b2 = w2_desc.load([col0 + HALF, k0])
+                        if TAIL_PAD > 0:
+                            bt = wt_desc.load([col0 + ROT, k0])
+                    else:
+                        kk = k0 + offs_k
+                        km = kk < K
+                        a = tl.load(x_ptr + rows64[:, None] * sx + kk[None, :], mask=rmask[:, None] & km[None, :],
+                                    other=0.0)
+                        b1 = _w_rows(w_ptr, w1_rows, jm, kk, km, sw)
+                        b2 = _w_rows(w_ptr, w1_rows + OFF2, jm, kk, km, sw)
+                        if TAIL_PAD > 0:
+                            bt = _w_rows(w_ptr, wt_rows, tm, kk, km, sw)
+                    acc1 = _dot(a, b1, acc1, IEEE)
+                    acc2 = _dot(a, b2, acc2, IEEE)
+                    if TAIL_PAD > 0:
+                        acc_t = _dot(a, bt, acc_t, IEEE)
+
+            if EPILOGUE:
+                y1 = acc1
+                y2 = acc2
+                yt = acc_t
+                if HAS_BIAS:
+                    y1 += tl.load(b_ptr + col0 + j * PSTEP, mask=jm, other=0.0).to(tl.float32)[None, :]
+                    y2 += tl.load(b_ptr + col0 + OFF2 + j * PSTEP, mask=jm, other=0.0).to(tl.float32)[None, :]
+                    if TAIL_PAD > 0:
+                        yt += tl.load(b_ptr + col0 + ROT + t, mask=tm, other=0.0).to(tl.float32)[None, :]
+                dst = out_ptr + rows64[:, None] * so + col0
+                smask = rmask[:, None]
+                if head < n_qk_heads:  # q or k: normalise, rotate
+                    if NORM:
+                        if HALF_PAD != HALF:  # padded columns may hold the next part's sums
+                            y1 = tl.where(jm[None, :], y1, 0.0)
+                            y2 = tl.where(jm[None, :], y2, 0.0)
+                        sq = tl.sum(y1 * y1 + y2 * y2, axis=1)
+                        if TAIL_PAD > 0:
+                            if TAIL_PAD != TAIL:
+                                yt = tl.where(tm[None, :], yt, 0.0)
+                            sq += tl.sum(yt * yt, axis=1)
+                        r = tl.rsqrt(sq * (1.0 / D) + eps)[:, None]
+                        if head < n_q_heads:
+                            nw_ptr = qw_ptr
+                        else:
+                            nw_ptr = kw_ptr
+                        w1 = tl.load(nw_ptr + j * PSTEP, mask=jm, other=0.0).to(tl.float32)[None, :]
+                        w2 = tl.load(nw_ptr + OFF2 + j * PSTEP, mask=jm, other=0.0).to(tl.float32)[None, :]
+                        if NORM == 2:
+                            w1 += 1.0
+                            w2 += 1.0
+                        y1 = y1 * r * w1
+                        y2 = y2 * r * w2
+                        if TAIL_PAD > 0:
+                            wt = tl.load(nw_ptr + ROT + t, mask=tm, other=0.0).to(tl.float32)[None, :]
+                            if NORM == 2:
+                                wt += 1.0
+                            yt = yt * r * wt
+                    o1 = y1 * c - y2 * s
+                    o2 = y2 * c + y1 * s
+                    _store_head(dst, smask, o1, o2, yt, j, t, OUT_PAIRS, HALF, HALF_PAD, ROT, TAIL, TAIL_PAD, BLOCK_M)
+                else:  # v: the projection as it is, in its own column order
+                    _store_head(dst, smask, y1, y2, yt, j, t, PAIRS, HALF, HALF_PAD, ROT, TAIL, TAIL_PAD, BLOCK_M)

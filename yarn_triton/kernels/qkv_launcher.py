@@ -35,7 +35,10 @@ class QkvConfig(NamedTuple):
     programs (None: the SM count); ``one_acc`` accumulates a head in one ``[BM, D]`` tile
     (one dot per step, as the plain GEMM) and splits the rotation partners out of it in the
     epilogue (reshape / permute / split), where the head is all rotary and ``D`` a power
-    of two; elsewhere it is ignored (two accumulators)."""
+    of two; elsewhere it is ignored (two accumulators). ``heads``: heads per tile, one
+    after the other on the same tokens, which share one computation of the tile's cos/sin
+    (the float64 angle reduction is the epilogue's largest cost); 1 where it does not
+    divide the head count."""
 
     block_m: int = 128
     block_k: int = 64
@@ -47,6 +50,7 @@ class QkvConfig(NamedTuple):
     use_desc: Optional[bool] = None
     num_progs: Optional[int] = None
     one_acc: bool = False
+    heads: int = 1
 
 
 # The interpreter runs programs one after another in Python: small tiles, a few programs
@@ -72,6 +76,9 @@ def candidate_configs() -> List[QkvConfig]:
                 for flatten in (False, True):
                     for one_acc in (False, True):
                         out.append(QkvConfig(bm, bk, stages, warps, 8, flatten, False, one_acc=one_acc))
+    for heads in (2, 4):  # cos/sin shared by several heads of a tile
+        out.append(QkvConfig(128, 64, 3, 8, 8, False, False, heads=heads))
+        out.append(QkvConfig(128, 64, 3, 8, 8, True, False, heads=heads, one_acc=True))
     out.append(QkvConfig(128, 64, 3, 8, 8, True, True))  # warp specialization, if 3.6 takes it
     return out
 
@@ -146,7 +153,8 @@ def launch_qkv(
     use_desc = _desc_ok(x, w) if cfg.use_desc is None else (cfg.use_desc and _desc_ok(x, w))
     if use_desc and x.device.type == "cuda":
         _ensure_allocator()
-    n_tiles = triton.cdiv(T, cfg.block_m) * n_heads
+    heads = cfg.heads if cfg.heads >= 1 and n_heads % cfg.heads == 0 else 1
+    n_tiles = triton.cdiv(T, cfg.block_m) * (n_heads // heads)
     progs = cfg.num_progs or _num_progs(x.device)
     grid = (min(n_tiles, progs),)
     filler = inv_freq  # never read where the switch is off
@@ -163,6 +171,6 @@ def launch_qkv(
         IEEE=x.dtype == torch.float32,
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         NUM_STAGES=cfg.num_stages, USE_DESC=use_desc, FLATTEN=cfg.flatten, WARP_SPECIALIZE=cfg.warp_specialize,
-        ONE_ACC=one_acc,
+        ONE_ACC=one_acc, HEADS=heads,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
