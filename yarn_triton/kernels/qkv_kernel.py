@@ -13,12 +13,14 @@ shuffle across lanes) whatever the layout:
 
 * ``acc1`` over the W rows of the first members of the pairs, ``acc2`` over their
   partners: neox (rotate-half) rows ``h*D + j`` and ``h*D + R/2 + j``; interleaved and
-  deepseek (adjacent pairs) rows ``h*D + 2j`` and ``h*D + 2j + 1``. The adjacent-pair case
-  takes two accumulators over the even / odd rows rather than one accumulator split by
-  ``reshape(acc, [BM, R/2, 2])`` + ``split`` in the epilogue: the split of a dot's
-  accumulator layout is a register shuffle the compiler may lower through shared memory,
-  while even/odd W rows are just another load (a descriptor over W with a row stride of
-  ``2 K``), and it keeps one code path for the three layouts.
+  deepseek (adjacent pairs) rows ``h*D + 2j`` and ``h*D + 2j + 1``. By default the
+  adjacent-pair case takes two accumulators over the even / odd rows rather than one
+  accumulator split by ``reshape(acc, [BM, R/2, 2])`` + ``split`` in the epilogue: the
+  split of a dot's accumulator layout is a register shuffle the compiler may lower through
+  shared memory, while even/odd W rows are just another load (a descriptor over W with a
+  row stride of ``2 K``); it is one code path for the three layouts and for partial
+  rotary. Both triton 3.9's interpreter and its sm_90 compile take either form
+  (``ONE_ACC`` below is the split one).
 * ``acc_t`` over the pass-through rows ``[R, D)`` of a partial rotary (none when R == D).
 
 ``ONE_ACC`` (a config knob for the device sweep; only where the head is all rotary and D a
