@@ -79,19 +79,6 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _round_out(x, ty: tl.constexpr):
-    """float32 -> the output dtype, rounded to nearest even. On the GPU that is the cast
-    (:func:`.rope_kernel._round_to`); triton 3.9's interpreter truncates float32 ->
-    bfloat16 whatever rounding is asked for (a plain GEMM's outputs then err 2x a
-    rounding), so there the rounding is done on the bits first and the cast is exact."""
-    if _INTERPRETED and ty == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN stays NaN
-    return _round_to(x, ty)
-
-
-@triton.jit
 def _tile_of(tile_id, n_m, n_heads, GROUP_M: tl.constexpr):
     """``(token block, head)`` of a tile: ``GROUP_M`` token blocks sweep all heads before the
     next group starts, so those blocks of x and all of W stay in L2 together."""
@@ -119,13 +106,13 @@ def _store_head(dst, rmask, y1, y2, yt, j, t, PAIRED: tl.constexpr, HALF: tl.con
     if PAIRED:  # one contiguous store of the joined pairs, not two stride-2 ones
         d = tl.arange(0, 2 * HALF_PAD)
         y = tl.reshape(tl.join(y1, y2), [BLOCK_M, 2 * HALF_PAD])
-        tl.store(dst + d[None, :], _round_out(y, ty), mask=rmask & (d < 2 * HALF)[None, :])
+        tl.store(dst + d[None, :], _round_to(y, ty), mask=rmask & (d < 2 * HALF)[None, :])
     else:
         jm = rmask & (j < HALF)[None, :]
-        tl.store(dst + j[None, :], _round_out(y1, ty), mask=jm)
-        tl.store(dst + HALF + j[None, :], _round_out(y2, ty), mask=jm)
+        tl.store(dst + j[None, :], _round_to(y1, ty), mask=jm)
+        tl.store(dst + HALF + j[None, :], _round_to(y2, ty), mask=jm)
     if TAIL_PAD > 0:
-        tl.store(dst + ROT + t[None, :], _round_out(yt, ty), mask=rmask & (t < TAIL)[None, :])
+        tl.store(dst + ROT + t[None, :], _round_to(yt, ty), mask=rmask & (t < TAIL)[None, :])
 
 
 @triton.jit(do_not_specialize=["M", "n_progs"])
@@ -234,7 +221,7 @@ def qkv_rope_kernel(
                     if HAS_BIAS:
                         acc += tl.load(b_ptr + col0 + dcol, mask=dcol < D, other=0.0).to(tl.float32)[None, :]
                     dst = out_ptr + rows64[:, None] * so + col0
-                    tl.store(dst + dcol[None, :], _round_out(acc, out_ptr.dtype.element_ty),
+                    tl.store(dst + dcol[None, :], _round_to(acc, out_ptr.dtype.element_ty),
                              mask=rmask[:, None] & (dcol < D)[None, :])
                 else:  # ONE_ACC: the partners split out of the accumulator (D == R, a power of two)
                     if PAIRS:  # columns (2j, 2j + 1)

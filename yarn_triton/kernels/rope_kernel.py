@@ -214,22 +214,28 @@ def _cp_index(local, n_local, cp_size, cp_rank):
 
 
 @triton.jit
-def _round_to(x, out_ty: tl.constexpr):
-    """fp32 -> storage dtype, round-to-nearest-even spelled out (the GPU does it anyway;
-    the interpreter would otherwise truncate)."""
-    if out_ty == tl.float32:
-        return x
-    else:
-        return x.to(out_ty, fp_downcast_rounding="rtne")
-
-
-@triton.jit
 def _probe():
     pass
 
 
 # (INTERPRETED, below, as a constexpr the kernel's helpers can branch on)
 _INTERPRETED = tl.constexpr(not isinstance(_probe, triton.runtime.JITFunction))
+
+
+@triton.jit
+def _round_to(x, out_ty: tl.constexpr):
+    """fp32 -> storage dtype, rounded to nearest even: the GPU's cast. Triton's interpreter
+    truncates float32 -> bfloat16 whatever rounding is asked for (outputs would then err
+    twice a rounding step), so there the rounding is done on the bits first (NaN kept) and
+    the cast that follows is exact."""
+    if out_ty == tl.float32:
+        return x
+    else:
+        if _INTERPRETED and out_ty == tl.bfloat16 and x.dtype == tl.float32:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+        return x.to(out_ty, fp_downcast_rounding="rtne")
 
 
 @triton.jit
