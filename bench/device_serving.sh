@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The serving op's device checks, for the device tool (one GPU), from the repository root,
-# carrying .flashinfer (bench/flashinfer/fetch_headers.sh) and .whl (liger-kernel 0.8.5):
+# carrying .flashinfer (bench/flashinfer/fetch_headers.sh) and .whl (bench/fetch_wheels.sh):
 #   bash bench/device_serving.sh bench   # bench/bench_cache.py, then the standalone decode rows
 #   bash bench/device_serving.sh check   # the GPU suite, then compute-sanitizer on the serving ops
 #   bash bench/device_serving.sh all     # both in one call: FlashInfer's bindings build (carry

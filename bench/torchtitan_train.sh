@@ -5,7 +5,7 @@
 #
 # Here (a CPU machine where pip reaches the registry), once: the packages the device image
 # lacks, as wheels for its Python 3.12, into .whl/ (git-ignored):
-#     bash bench/torchtitan_train.sh --fetch-wheels
+#     bash bench/fetch_wheels.sh      (or: bash bench/torchtitan_train.sh --fetch-wheels)
 # On the device machine (one GPU; carry .whl), both models side by side in one call:
 #     bash bench/torchtitan_train.sh              # or one model: ... llama3
 # Optional: second argument the modes, eager,compile (default); third the autocast dtype,
@@ -15,19 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# torchtitan 0.2.2 and what it imports that the device image (KINDS.md) does not hold
-WHEELS="torchtitan==0.2.2 tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1 torchdata==0.11.0
-        datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19"
-
-if [ "${1:-}" = "--fetch-wheels" ]; then
-  exclude=$(git rev-parse --git-path info/exclude)
-  grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"
-  # shellcheck disable=SC2086
-  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl $WHEELS
-  ls .whl && du -sh .whl
-  exit 0
+if [ "${1:-}" = "--fetch-wheels" ]; then  # (the device's wheels: bench/fetch_wheels.sh)
+  exec bash bench/fetch_wheels.sh
 fi
 
 if compgen -G ".whl/*.whl" >/dev/null; then
