@@ -466,6 +466,22 @@ class Row:
             qp = [(self.q_nope, self.q_out[..., : w - r]), (q_rot, self.q_out[..., w - r:])] if self.fp8 else []
         cache_store(self.slots, kv, sc, qp, self.q_scale if self.fp8 else None)
 
+    def moves(self):
+        """The fused column's bytes moved in one launch of the plain store kernel, no
+        arithmetic: q's rope part read and written back (FP8: all of q to ``q_out``), k and v
+        (MLA: kv_c and k_pe) to the cache. Not a peer: evidence of what the access pattern
+        costs beyond the floor's byte count (the floor does not know how the bytes lie)."""
+        c, sc = self.caches, ([self.kv_scale, self.kv_scale] if self.fp8 else None)
+        if self.m["kind"] == "gqa":
+            kv = [(self.k, c.k), (self.v, c.v)]
+            qp = [(self.q, self.q_out if self.fp8 else self.q)]
+        else:
+            kv = [(self.kv_c.unsqueeze(1), c.ckv.unsqueeze(2)), (self.k_pe3, c.kpe.unsqueeze(2))]
+            w, r = self.q_width, self.m["rope_dim"]
+            qp = ([(self.q_nope, self.q_out[..., : w - r]), (self.q_pe, self.q_out[..., w - r:])] if self.fp8
+                  else [(self.q_pe, self.q_pe)])
+        cache_store(self.slots, kv, sc, qp, self.q_scale if self.fp8 else None)
+
     # -- columns ------------------------------------------------------------------------------
     def methods(self, liger=None, fi=None) -> dict:
         """name -> (function, layout of its reference, note)."""
@@ -726,6 +742,13 @@ def run_row(model, cache, row, caches, args, liger, fi, bw, log, device="cuda", 
         except Exception as e:
             out[f"{m}_error"] = f"{type(e).__name__}: {e}"[:400]
             log(f"  {model} {cache} {row}: {m} failed in timing: {out[f'{m}_error']}")
+    if timing:
+        try:
+            out["moves_us"] = graph_us(r.moves)
+            if bw:
+                out["moves_x_floor"] = out["moves_us"] / out["floor_us"]
+        except Exception as e:  # evidence, not a column: reported, not fatal
+            out["moves_error"] = f"{type(e).__name__}: {e}"[:400]
     if timing and "liger" in methods and "liger_us" in out:
         out["liger_table_us"] = graph_us(r.liger_table)
         out["liger_e2e_us"] = out["liger_us"] + out["liger_table_us"] / out["layers"]
@@ -756,14 +779,14 @@ def print_table(meta, rows):
           f"{meta.get('empty_kernel_us', float('nan')):.2f} us | yarn_triton fused op: "
           f"{'yes' if meta.get('fused_available') else 'NO (ours skipped)'}")
     print("device time per call, us (20 calls in a CUDA graph); x fl = ours / floor; gain = unfused / ours; "
-          "fi/ours = flashinfer / ours; ! = failed its check")
+          "fi/ours = flashinfer / ours; moves = the same bytes in one launch, no arithmetic; ! = failed its check")
     print(f"{'model':12s} {'cache':5s} {'row':11s} {'tokens':>6s} {'floor':>7s} {'ours':>7s} {'x fl':>6s} "
-          f"{'unfused':>7s} {'gain':>5s} {'liger':>7s} {'fi':>7s} {'fi/ours':>7s}")
+          f"{'unfused':>7s} {'gain':>5s} {'liger':>7s} {'fi':>7s} {'fi/ours':>7s} {'moves':>7s}")
     for r in rows:
         print(f"{r['model']:12s} {r['cache']:5s} {r['row']:11s} {r['tokens']:6d} {_fmt(r, 'floor_us')} "
               f"{_fmt(r, 'ours_us')} {_fmt(r, 'ours_x_floor', '6.2f')} {_fmt(r, 'unfused_us')} "
               f"{_fmt(r, 'fuse_gain', '5.2f')} {_fmt(r, 'liger_us')} {_fmt(r, 'flashinfer_us')} "
-              f"{_fmt(r, 'fi_over_ours', '7.2f')}")
+              f"{_fmt(r, 'fi_over_ours', '7.2f')} {_fmt(r, 'moves_us')}")
     tables = {r["model"]: r["fi_table_bytes"] for r in rows if "fi_table_bytes" in r}
     for model, nbytes in tables.items():
         print(f"FlashInfer's fp32 cos/sin table, {model}: {MAX_POS} positions x {MODELS[model]['rope_dim']} = "

@@ -369,3 +369,35 @@ def test_liger_column_plumbing(monkeypatch, model, cache):
     assert layout == "neox"
     chk = r.check(fn, layout)
     assert chk["ok"], chk
+
+
+@pytest.mark.parametrize("model", list(bc.MODELS))
+@pytest.mark.parametrize("cache", bc.CACHES)
+def test_moves_writes_the_fused_columns_bytes_unrotated(monkeypatch, model, cache):
+    """The ``moves`` evidence column: k and v (MLA: kv_c, k_pe) land at their slots as they
+    are, q's rope part is read and written back unchanged (FP8: all of q to q_out)."""
+    monkeypatch.setattr(bc, "cache_store", _torch_store)
+    r = _row(model, cache)
+    for c in r.caches.all:
+        c.view(torch.uint8).fill_(0x7F)
+    q0 = r.q.clone()
+    r.moves()
+    assert torch.equal(r.q, q0)
+    keep = r.slots >= 0
+    s = r.slots[keep]
+    blk, off = s // bc.BLOCK_SIZE, s % bc.BLOCK_SIZE
+    fp8 = cache == "fp8"
+
+    def stored(x):
+        return _quant(x, r.kv_scale).view(torch.uint8) if fp8 else x.to(torch.bfloat16).view(torch.int16)
+
+    def bits(c):
+        return c.view(torch.uint8) if fp8 else c.view(torch.int16)
+    if model == "llama3-8b":
+        assert torch.equal(bits(r.caches.k)[blk, off], stored(r.k[keep]))
+        assert torch.equal(bits(r.caches.v)[blk, off], stored(r.v[keep]))
+    else:
+        assert torch.equal(bits(r.caches.ckv)[blk, off], stored(r.kv_c[keep]))
+        assert torch.equal(bits(r.caches.kpe)[blk, off], stored(r.k_pe[keep]))
+    if fp8:
+        assert torch.equal(r.q_out.view(torch.uint8), _quant(q0, r.q_scale).view(torch.uint8))
