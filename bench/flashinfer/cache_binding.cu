@@ -28,25 +28,14 @@
 #include <flashinfer/page.cuh>
 #include <flashinfer/pos_enc.cuh>
 
+#include "cache_binding.h"
+
 namespace yarn_bench_fi_cache {
 
 using bf16 = nv_bfloat16;
 using fp8 = __nv_fp8_e4m3;
 
-// "" on success, else why (a CUDA error, or FlashInfer's exception for an unsupported shape)
-static thread_local std::string last_error;
-
-template <typename F>
-const char* guarded(const char* what, F&& f) {
-  last_error.clear();
-  try {
-    const cudaError_t err = f();
-    if (err != cudaSuccess) last_error = std::string(what) + ": " + cudaGetErrorString(err);
-  } catch (const std::exception& e) {
-    last_error = std::string(what) + ": " + e.what();
-  }
-  return last_error.c_str();
-}
+#include "guarded.cuh"  // guarded(), last_error
 
 // q [nnz, hq, head_dim] (rope part = first `rot` channels), k [nnz, hk, head_dim], v [nnz, hk,
 // head_dim], q_out [nnz, hq, head_dim] FP8; caches [pages, page_size, hk, head_dim] FP8 (NHD,

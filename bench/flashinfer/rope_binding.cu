@@ -26,22 +26,11 @@
 
 #include <flashinfer/pos_enc.cuh>
 
+#include "rope_binding.h"
+
 namespace yarn_bench_fi {
 
-// "" on success, else why (a CUDA error, or FlashInfer's exception for an unsupported shape)
-static thread_local std::string last_error;
-
-template <typename F>
-const char* guarded(const char* what, F&& f) {
-  last_error.clear();
-  try {
-    const cudaError_t err = f();
-    if (err != cudaSuccess) last_error = std::string(what) + ": " + cudaGetErrorString(err);
-  } catch (const std::exception& e) {
-    last_error = std::string(what) + ": " + e.what();
-  }
-  return last_error.c_str();
-}
+#include "guarded.cuh"  // guarded(), last_error
 
 // q, k: bf16, rotated in place (q_rope = q, k_rope = k); pos: int32 or int64 [nnz]
 const char* cos_sin_cache(void* q, void* k, const float* cache, const void* pos, bool pos_i64, uint32_t nnz,
