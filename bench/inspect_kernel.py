@@ -86,6 +86,8 @@ def main(argv=None):
     ap.add_argument("--wide", action="store_true", help="64-bit offsets (tensors of 2**31+ elements)")
     ap.add_argument("--rows", type=int, default=1, help="0 batched rows, 1 one row, 2 one token per row")
     ap.add_argument("--one-step", action="store_true", help="one head step covers each group (no head loop)")
+    ap.add_argument("--low-rot", action="store_true",
+                    help="the opt-in low-precision rotation (LOW_ROT: 16-bit products, YARN_TRITON_LOW_PRECISION_ROTATION)")
     ap.add_argument("--dump", default="", help="write SASS here")
     a = ap.parse_args(argv)
     in_pairs, out_pairs = {"neox": (0, 0), "interleaved": (1, 1), "deepseek": (1, 0)}[a.layout]
@@ -95,7 +97,9 @@ def main(argv=None):
              SEC_W=a.half - 2 * (a.half // 3), BLOCK_T=a.block_t, Q_BLOCK_H=a.block_h,
              K_BLOCK_H=a.k_block_h or a.block_h, HEAD_GROUPS=a.groups, WIDE=int(a.wide),
              Q_ONE_STEP=int(a.one_step), K_ONE_STEP=int(a.one_step),
-             ROWS=a.rows, Q_SCALE=int(a.q_scale), TAIL_FIRST=0, SINCOS=a.sincos)
+             ROWS=a.rows, Q_SCALE=int(a.q_scale), TAIL_FIRST=0, SINCOS=a.sincos,
+             # the serving op's cache write and the context-parallel derivation: off here
+             CACHE=0, V_DIM=0, V_PAD=1, QUANT_PTRS=0, V_BLOCK_H=1, V_ONE_STEP=1, CP=0, LOW_ROT=int(a.low_rot))
     c.update({n: 1 for n in ("q_sd", "qo_sd", "k_sd", "ko_sd", "pos_ss")})
     # pointers and the token/head strides of q, k and their outputs 16-aligned, as for
     # contiguous or fused-projection tensors of a real model
