@@ -104,3 +104,31 @@ def test_ignored_where_it_does_not_apply(kdev, gen, monkeypatch, case):
     off, on = torch.cat(outs[:len(outs) // 2]), torch.cat(outs[len(outs) // 2:])
     assert torch.isfinite(off).all()
     assert torch.equal(off, on)
+
+
+def test_compiles_to_packed_16bit_arithmetic_for_hopper(tmp_path):
+    """sm_90 SASS, compiled without a GPU (bench/inspect_kernel.py, in a process of its own:
+    under TRITON_INTERPRET=1 nothing compiles): with the switch the rotation is packed bf16
+    FMAs, and the decode shape's thread runs fewer instructions."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")):
+        pytest.skip("this triton has no nvdisasm to read SASS with")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shape = ["--block-t", "1", "--block-h", "32", "--k-block-h", "8", "--warps", "4", "--rows", "2", "--one-step"]
+    script = (f"import sys; sys.path.insert(0, {os.path.join(root, 'bench')!r}); import inspect_kernel as ik\n"
+              f"ik.main({shape!r} + ['--dump', {str(tmp_path / 'low0.sass')!r}])\n"
+              f"ik.main({shape!r} + ['--low-rot', '--dump', {str(tmp_path / 'low1.sass')!r}])\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    totals = [int(part.split()[0]) for part in out.stdout.split("total:")[1:]]
+    sass = [(tmp_path / f"low{i}.sass").read_text() for i in (0, 1)]
+    # packed bf16 arithmetic (HFMA2.BF16_V2 / HMUL2.BF16_V2) only with the switch
+    assert sass[1].count("BF16_V2") >= 16
+    assert "BF16_V2" not in sass[0]
+    assert len(totals) == 2 and totals[1] < 0.85 * totals[0]
