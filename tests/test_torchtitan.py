@@ -341,7 +341,9 @@ def test_verify_checks_every_call_against_torchtitans(family, positions, rope_ca
     finally:
         report = tt.verify(False)
     assert report["calls"] == len(rope_calls) == (2 if family == "deepseek_v3" else 1)
-    assert 0 < report["max_rel_err"] < 1e-5  # float32 rounding apart, not equal by construction
+    # float32 rounding apart at most (the kernel under the interpreter differs in the last
+    # bits; the PyTorch path of CPU tensors may match torchtitan's complex product exactly)
+    assert 0 <= report["max_rel_err"] < 1e-5
     model(tokens, positions=positions)  # off again: nothing more counted
     assert tt.verify(False)["calls"] == report["calls"]
 
