@@ -45,13 +45,14 @@ def _check_tensor(name: str, t: torch.Tensor, inplace: bool) -> None:
         )
 
 
-def _check_index_tensor(name: str, t: torch.Tensor, device: torch.device) -> None:
+def _check_index_tensor(name: str, t: torch.Tensor, device: torch.device, on: str = "q") -> None:
+    """``t`` an int32/int64 tensor on ``device``, the device of the argument named ``on``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _INT_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but q is on {device}; they must share a device")
+        raise ValueError(f"{name} is on {t.device} but {on} is on {device}; they must share a device")
 
 
 def mrope_spec(params: RopeParams) -> Tuple[int, int, int, int]:

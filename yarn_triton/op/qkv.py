@@ -26,12 +26,12 @@ from ..reference import LAYOUTS, qk_norm_rope_reference, rope_reference
 from ..rope import RopeParams
 from .api import apply_rope_
 from .launch import uses_kernel
+from .checks import _check_index_tensor
 from .library import _norm_rope_backward
 
 __all__ = ["qkv_rope"]
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
-_INT = (torch.int32, torch.int64)
 
 
 class _Meta(NamedTuple):
@@ -91,12 +91,7 @@ def _check(x, w, positions, params, num_heads, num_kv_heads, head_dim, layout, b
         raise TypeError(f"w_qkv's dtype {w.dtype} must equal x's {x.dtype}")
     if w.device != x.device:
         raise ValueError(f"w_qkv is on {w.device} but x is on {x.device}; they must share a device")
-    if not isinstance(positions, torch.Tensor):
-        raise TypeError(f"positions must be a torch.Tensor, got {type(positions).__name__}")
-    if positions.dtype not in _INT:
-        raise TypeError(f"positions must be int32 or int64, got {positions.dtype}")
-    if positions.device != x.device:
-        raise ValueError(f"positions is on {positions.device} but x is on {x.device}; they must share a device")
+    _check_index_tensor("positions", positions, x.device, on="x")
     tokens = math.prod(x.shape[:-1])
     if positions.numel() != tokens:
         raise ValueError(f"positions must hold one position per token ({tokens} for x of shape {tuple(x.shape)}), "
