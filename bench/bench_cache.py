@@ -42,7 +42,7 @@ verified untouched:
   also writes q to an FP8 ``q_out`` (``q_scale``), as FlashInfer's fused function does (q is then
   left as it was); MLA: ``q_nope`` and the rotated ``q_pe`` both, through the op's ``q_nope``.
   Skipped, with a message, while yarn_triton lacks the op.
-* ``unfused``: ``yarn_triton.apply_rope_`` (q, k in place), then ``cache_store`` (below): k, v
+* ``unfused``: ``yarn_triton.apply_rope_`` (q, k in place), then ``cache_store`` (``cache_store.py``): k, v
   to the cache at the slots (FP8: quantized), and in FP8 rows q to ``q_out``. Two launches.
 * ``liger``: Liger-Kernel's ``LigerRopeFunction`` on the ``[B, H, S, D]`` views transformers
   hands it (``[B, S, H, D]`` storage, transposed) with the cos/sin table transformers builds
@@ -84,16 +84,16 @@ import types
 import zlib
 
 import torch
+import triton
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
+# the unfused columns' store kernel, its page size and FP8 format (q_heads_per_program: for the tests)
+from cache_store import BLOCK_SIZE, FP8, FP8_MAX, cache_store, q_heads_per_program  # noqa: E402,F401
 
-BLOCK_SIZE = 16
 MAX_POS = 128 * 1024
 NUM_BLOCKS = 16384
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 KV_SCALE = 1.0 / 32  # powers of two: x / s and FlashInfer's x * (1 / s) round alike
 Q_SCALE = 1.0 / 16
 MLA_LAYOUT = "interleaved"
@@ -219,156 +219,6 @@ def expected_kernels(method: str, model: str, cache: str):
         return None
     return {"ours": 1, "unfused": 2, "liger": 2,
             "flashinfer": 1 if cache == "fp8" else 2}[method]
-
-
-def q_heads_per_program(n_heads: int, widths) -> int:
-    """Heads of q one store program quantizes: about 4096 elements (padded widths), a power of two."""
-    per = sum(1 << (max(w, 1) - 1).bit_length() for w in widths)
-    h = 1
-    while h * 2 * per <= 4096 and h * 2 <= (1 << (n_heads - 1).bit_length()):
-        h *= 2
-    return h
-
-
-# ------------------------------------------------------------------------------------------
-# The store kernel of the unfused columns
-# ------------------------------------------------------------------------------------------
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-
-@triton.jit
-def _move(src, src_sh, dst, dst_sh, scale_ptr, n_heads, D: tl.constexpr, H_P: tl.constexpr, D_P: tl.constexpr,
-          QUANT: tl.constexpr, QMAX: tl.constexpr):
-    """``n_heads`` rows of ``D`` (row strides ``src_sh``/``dst_sh``), quantized if ``QUANT``."""
-    h = tl.arange(0, H_P)[:, None]
-    d = tl.arange(0, D_P)[None, :]
-    m = (h < n_heads) & (d < D)
-    x = tl.load(src + h * src_sh + d, mask=m)
-    if QUANT:
-        y = x.to(tl.float32) / tl.load(scale_ptr)
-        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-        tl.store(dst + h * dst_sh + d, y.to(dst.dtype.element_ty), mask=m)
-    else:
-        tl.store(dst + h * dst_sh + d, x.to(dst.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _store_q(t, g, qa_ptr, qa_st, qa_sh, qao_ptr, qao_st, qao_sh, qb_ptr, qb_st, qb_sh, qbo_ptr, qbo_st, qbo_sh,
-             sq_ptr, n_q_heads, DQA: tl.constexpr, DQA_P: tl.constexpr, DQB: tl.constexpr, DQB_P: tl.constexpr,
-             QH: tl.constexpr, HAS_QB: tl.constexpr, Q_QUANT: tl.constexpr, QMAX: tl.constexpr):
-    h0 = g * QH
-    _move(qa_ptr + t * qa_st + h0 * qa_sh, qa_sh, qao_ptr + t * qao_st + h0 * qao_sh, qao_sh, sq_ptr,
-          n_q_heads - h0, DQA, QH, DQA_P, Q_QUANT, QMAX)
-    if HAS_QB:
-        _move(qb_ptr + t * qb_st + h0 * qb_sh, qb_sh, qbo_ptr + t * qbo_st + h0 * qbo_sh, qbo_sh, sq_ptr,
-              n_q_heads - h0, DQB, QH, DQB_P, Q_QUANT, QMAX)
-
-
-@triton.jit
-def _cache_store_kernel(
-    slot_ptr, block_size,
-    a_ptr, a_st, a_sh, ca_ptr, ca_sb, ca_ss, ca_sh, sa_ptr,
-    b_ptr, b_st, b_sh, cb_ptr, cb_sb, cb_ss, cb_sh, sb_ptr,
-    qa_ptr, qa_st, qa_sh, qao_ptr, qao_st, qao_sh,
-    qb_ptr, qb_st, qb_sh, qbo_ptr, qbo_st, qbo_sh, sq_ptr,
-    n_q_heads,
-    HA: tl.constexpr, DA: tl.constexpr, HA_P: tl.constexpr, DA_P: tl.constexpr,
-    HB: tl.constexpr, DB: tl.constexpr, HB_P: tl.constexpr, DB_P: tl.constexpr,
-    DQA: tl.constexpr, DQA_P: tl.constexpr, DQB: tl.constexpr, DQB_P: tl.constexpr, QH: tl.constexpr,
-    HAS_KV: tl.constexpr, HAS_B: tl.constexpr, HAS_QB: tl.constexpr,
-    KV_QUANT: tl.constexpr, Q_QUANT: tl.constexpr, QMAX: tl.constexpr,
-):
-    """Program (t, 0): token t's two cache parts (a: k / kv_c, b: v / k_pe) to its slot (skipped
-    when < 0). Programs (t, 1 + g) (or (t, g) with no cache part): q heads [g*QH, g*QH + QH)
-    of token t, both q parts (a: all of q / q_nope, b: q_pe), to q_out."""
-    t = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
-    if HAS_KV:
-        if j == 0:
-            slot = tl.load(slot_ptr + t).to(tl.int64)
-            if slot >= 0:
-                blk = slot // block_size
-                off = slot - blk * block_size
-                _move(a_ptr + t * a_st, a_sh, ca_ptr + blk * ca_sb + off * ca_ss, ca_sh, sa_ptr, HA, DA, HA_P, DA_P,
-                      KV_QUANT, QMAX)
-                if HAS_B:
-                    _move(b_ptr + t * b_st, b_sh, cb_ptr + blk * cb_sb + off * cb_ss, cb_sh, sb_ptr, HB, DB, HB_P,
-                          DB_P, KV_QUANT, QMAX)
-        else:
-            _store_q(t, j - 1, qa_ptr, qa_st, qa_sh, qao_ptr, qao_st, qao_sh, qb_ptr, qb_st, qb_sh, qbo_ptr, qbo_st,
-                     qbo_sh, sq_ptr, n_q_heads, DQA, DQA_P, DQB, DQB_P, QH, HAS_QB, Q_QUANT, QMAX)
-    else:
-        _store_q(t, j, qa_ptr, qa_st, qa_sh, qao_ptr, qao_st, qao_sh, qb_ptr, qb_st, qb_sh, qbo_ptr, qbo_st,
-                 qbo_sh, sq_ptr, n_q_heads, DQA, DQA_P, DQB, DQB_P, QH, HAS_QB, Q_QUANT, QMAX)
-
-
-_ONES: dict = {}
-
-
-def _one(device):
-    """A float32 1 on ``device``, made once (a fresh one in a captured call would add a kernel)."""
-    key = str(device)
-    if key not in _ONES:
-        _ONES[key] = torch.ones(1, device=device, dtype=torch.float32)
-    return _ONES[key]
-
-
-def _p2(n: int) -> int:
-    return 1 << (max(int(n), 1) - 1).bit_length()
-
-
-def cache_store(slots, kv_parts=(), kv_scales=None, q_parts=(), q_scale=None, block_size: int = BLOCK_SIZE):
-    """One launch: ``kv_parts`` (0-2 ``(src [T, H, D], cache [nb, bs, H, D])``, last dims
-    contiguous) written at ``slots`` (``cache[s // bs, s % bs] = quant(src[t])``, negative slots
-    skipped), and ``q_parts`` (0-2 ``(src [T, H, D], dst [T, H, D])``, one head count) copied
-    token by token. Quantized (``clamp(x / scale, -448, 448)``) when the destination is FP8:
-    ``kv_scales`` (one scale tensor per kv part) and ``q_scale``, float32 one-element tensors."""
-    kv_parts, q_parts = list(kv_parts), list(q_parts)
-    if not kv_parts and not q_parts:
-        return
-    assert len(kv_parts) <= 2 and len(q_parts) <= 2
-    T = (kv_parts[0][0] if kv_parts else q_parts[0][0]).shape[0]
-    dummy_x = (kv_parts[0][0] if kv_parts else q_parts[0][0])
-    kv_quant = bool(kv_parts) and kv_parts[0][1].dtype == FP8
-    q_quant = bool(q_parts) and q_parts[0][1].dtype == FP8
-    if kv_quant and (kv_scales is None or len(kv_scales) != len(kv_parts)):
-        raise ValueError("an FP8 cache needs one scale per part")
-    if q_quant and q_scale is None:
-        raise ValueError("an FP8 q destination needs q_scale")
-    one = _one(dummy_x.device)
-
-    def kv_args(i):
-        if i >= len(kv_parts):  # unused (HAS_B False): any pointer, sizes 1
-            return (dummy_x, 0, 0, dummy_x, 0, 0, 0, one), (1, 16, 1, 16)
-        src, cache = kv_parts[i]
-        assert src.dim() == 3 and cache.dim() == 4 and src.stride(-1) == 1 and cache.stride(-1) == 1
-        assert src.shape[1:] == cache.shape[2:] and src.shape[0] == T
-        scale = kv_scales[i] if kv_quant else one
-        return ((src, src.stride(0), src.stride(1), cache, cache.stride(0), cache.stride(1), cache.stride(2), scale),
-                (src.shape[1], src.shape[2], _p2(src.shape[1]), _p2(src.shape[2])))
-
-    def q_args(i):
-        if i >= len(q_parts):
-            return (dummy_x, 0, 0, dummy_x, 0, 0), (16, 16)
-        src, dst = q_parts[i]
-        assert src.dim() == 3 and dst.shape == src.shape and src.stride(-1) == 1 and dst.stride(-1) == 1
-        return (src, src.stride(0), src.stride(1), dst, dst.stride(0), dst.stride(1)), (src.shape[2], _p2(src.shape[2]))
-
-    (a, (ha, da, hap, dap)), (b, (hb, db, hbp, dbp)) = kv_args(0), kv_args(1)
-    (qa, (dqa, dqap)), (qb, (dqb, dqbp)) = q_args(0), q_args(1)
-    hq = q_parts[0][0].shape[1] if q_parts else 1
-    if len(q_parts) == 2:
-        assert q_parts[1][0].shape[1] == hq
-    qh = q_heads_per_program(hq, [p[0].shape[2] for p in q_parts]) if q_parts else 1
-    groups = triton.cdiv(hq, qh) if q_parts else 0
-    grid = (T, (1 if kv_parts else 0) + groups)
-    _cache_store_kernel[grid](
-        slots if kv_parts else dummy_x, block_size, *a, *b, *qa, *qb, q_scale if q_quant else one, hq,
-        HA=ha, DA=da, HA_P=hap, DA_P=dap, HB=hb, DB=db, HB_P=hbp, DB_P=dbp,
-        DQA=dqa, DQA_P=dqap, DQB=dqb, DQB_P=dqbp, QH=qh,
-        HAS_KV=bool(kv_parts), HAS_B=len(kv_parts) == 2, HAS_QB=len(q_parts) == 2,
-        KV_QUANT=kv_quant, Q_QUANT=q_quant, QMAX=FP8_MAX, num_warps=4)
 
 
 # ------------------------------------------------------------------------------------------
@@ -909,7 +759,8 @@ def main(argv=None) -> int:
         log("yarn_triton has no apply_rope_and_cache_ / apply_mla_rope_and_cache_ (the op has not landed): "
             "the 'ours' column is skipped")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "commit": _git_commit(), "yarn_triton_digest": _package_digest(), "fused_available": fused, "block_size": BLOCK_SIZE, "num_blocks": NUM_BLOCKS,
+            "commit": _git_commit(), "yarn_triton_digest": _package_digest(), "fused_available": fused,
+            "block_size": BLOCK_SIZE, "num_blocks": NUM_BLOCKS,
             "max_pos": MAX_POS, "kv_scale": KV_SCALE, "q_scale": Q_SCALE, "fp8": str(FP8),
             "prefill_seqs": args.prefill_seqs, "mla_fp8_q_nope": args.mla_fp8_q_nope, "timing": "cuda graph, 20 calls"}
     if timing:
