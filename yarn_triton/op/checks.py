@@ -144,6 +144,16 @@ def check_rope_args(
             )
         _check_offsets(offsets, q.shape[0] if q.dim() == 4 else 1, q.device)
 
+    rot = check_rotary_dim(rotary_dim, params)
+    for name, t in (("q", q), ("k", k)):
+        if t is not None and t.shape[-1] < rot:
+            raise ValueError(f"{name}'s head dim (last dim) is {t.shape[-1]}, smaller than rotary_dim={rot}")
+    return rot
+
+
+def check_rotary_dim(rotary_dim, params: RopeParams) -> int:
+    """The rotary dim of a call (``params.rope_dim`` when None): TypeError/ValueError naming
+    the argument unless it is a positive even int equal to the params' dim."""
     rot = params.rope_dim if rotary_dim is None else rotary_dim
     if isinstance(rot, bool) or not isinstance(rot, int):
         raise TypeError(f"rotary_dim must be an int or None, got {type(rotary_dim).__name__}")
@@ -154,9 +164,6 @@ def check_rope_args(
             f"rotary_dim={rot} but params were built for rope_dim={params.rope_dim} "
             f"({params.rope_dim // 2} frequencies); build the params with dim={rot}"
         )
-    for name, t in (("q", q), ("k", k)):
-        if t is not None and t.shape[-1] < rot:
-            raise ValueError(f"{name}'s head dim (last dim) is {t.shape[-1]}, smaller than rotary_dim={rot}")
     return rot
 
 

@@ -26,7 +26,7 @@ from ..reference import LAYOUTS, qk_norm_rope_reference, rope_reference
 from ..rope import RopeParams
 from .api import apply_rope_
 from .launch import uses_kernel
-from .checks import _check_index_tensor
+from .checks import _check_index_tensor, check_rotary_dim
 from .library import _norm_rope_backward
 
 __all__ = ["qkv_rope"]
@@ -121,14 +121,7 @@ def _check(x, w, positions, params, num_heads, num_kv_heads, head_dim, layout, b
             raise ValueError(f"norm_eps must be a finite number > 0, got {eps!r}")
     if not isinstance(norm_unit_offset, bool):
         raise TypeError(f"norm_unit_offset must be a bool, got {type(norm_unit_offset).__name__}")
-    rot = params.rope_dim if rotary_dim is None else rotary_dim
-    if isinstance(rot, bool) or not isinstance(rot, int):
-        raise TypeError(f"rotary_dim must be an int or None, got {type(rotary_dim).__name__}")
-    if rot <= 0 or rot % 2:
-        raise ValueError(f"rotary_dim must be a positive even integer, got {rot}")
-    if rot != params.rope_dim:
-        raise ValueError(f"rotary_dim={rot} but params were built for rope_dim={params.rope_dim}; "
-                         f"build the params with dim={rot}")
+    rot = check_rotary_dim(rotary_dim, params)
     if rot > d:
         raise ValueError(f"rotary_dim={rot} is larger than head_dim={d}")
     return rot
