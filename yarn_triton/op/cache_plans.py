@@ -166,7 +166,7 @@ def remember(key, launch, params, inv_freq, q, q_out, k, v, k_cache, v_cache) ->
         return
     written, read = _written_and_read(q, q_out, k, v, k_cache, v_cache)
     plan = _plans._PLANS.get(key)
-    if plan is None or plan.launch is not launch:
+    if plan is None:  # (a known signature keeps its plan, and what it learned: this call only teaches it)
         plan = CachePlan(launch, params, inv_freq, written + read, len(written))
         _plans._PLANS[key] = plan
         while len(_plans._PLANS) > _plans._PLANS_MAX:
