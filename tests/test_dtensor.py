@@ -75,20 +75,25 @@ def _cases(mesh):
         cases.append((fn.__name__, fn))
         return fn
 
+    def fwd_bwd_matches(p, pos, prm):
+        """apply_rope of q/k placed as ``p`` against the unsharded op: outputs and gradients."""
+        q, k = dist_(q0, p, True), dist_(k0, p, True)
+        qo, ko = yt.apply_rope(q, k, pos, prm)
+        loss(qo, ko).backward()
+        qr, kr = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        rqo, rko = yt.apply_rope(qr, kr, full(pos), prm)
+        loss(rqo, rko).backward()
+        same(qo, rqo, "q out")
+        same(ko, rko, "k out")
+        same(q.grad, qr.grad, "q grad")
+        same(k.grad, kr.grad, "k grad")
+        return q, k, qo, ko
+
     for name, p in placements.items():
         def rope_fwd_bwd(p=p):
             for pos in (pos0, dist_(pos0, Replicate()), dist_(pos0, pos_placement(p)), pos0[0]):
-                q, k = dist_(q0, p, True), dist_(k0, p, True)
-                qo, ko = yt.apply_rope(q, k, pos, params)
-                loss(qo, ko).backward()
-                qr, kr = q0.clone().requires_grad_(), k0.clone().requires_grad_()
-                rqo, rko = yt.apply_rope(qr, kr, full(pos), params)
-                loss(rqo, rko).backward()
-                same(qo, rqo, "q out")
-                same(ko, rko, "k out")
+                q, k, qo, ko = fwd_bwd_matches(p, pos, params)
                 assert qo.placements == q.placements and ko.placements == k.placements
-                same(q.grad, qr.grad, "q grad")
-                same(k.grad, kr.grad, "k grad")
             qo, ko = yt.apply_rope(dist_(q0, p), None, pos0, params)  # k None
             assert ko is None
             same(qo, yt.apply_rope(q0, None, pos0, params)[0], "q alone")
@@ -142,16 +147,7 @@ def _cases(mesh):
 
         def mrope(p=p):
             for pos in (mpos0, dist_(mpos0, pos_placement(p, lead=1)), pos0):
-                q, k = dist_(q0, p, True), dist_(k0, p, True)
-                qo, ko = yt.apply_rope(q, k, pos, mparams)
-                loss(qo, ko).backward()
-                qr, kr = q0.clone().requires_grad_(), k0.clone().requires_grad_()
-                rqo, rko = yt.apply_rope(qr, kr, full(pos), mparams)
-                loss(rqo, rko).backward()
-                same(qo, rqo, "q out")
-                same(ko, rko, "k out")
-                same(q.grad, qr.grad, "q grad")
-                same(k.grad, kr.grad, "k grad")
+                fwd_bwd_matches(p, pos, mparams)
             q, k = dist_(q0, p), dist_(k0, p)
             yt.apply_qk_norm_rope_(q, k, mpos0, mparams, qw0, kw0)
             want = yt.apply_qk_norm_rope(q0, k0, mpos0, mparams, qw0, kw0)
