@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Device checks and timings for the device tool (one GPU), as named parts run in the order
+# given, all under one call budget (BUDGET seconds from the start, default 560: a call has
+# 600). A slow part shortens or skips the later ones, and what is skipped is printed.
+# From the repository root, carrying .whl (bench/fetch_wheels.sh) and .flashinfer/include
+# (bench/flashinfer/fetch_headers.sh):
+#   bash bench/device.sh fi qkv ncu cache host decode   # timings (#26, #24, #25's host ratio)
+#   bash bench/device.sh titan suite san                # torchtitan curves, GPU suite, sanitizer
+# Parts:
+#   fi      build FlashInfer's two bindings in the background (CPU only; `cache` waits for it)
+#   qkv     bench/bench_qkv.py --sweep: the fused QKV GEMM rows, ship line, every config (#26)
+#   ncu     Nsight Compute on one fused QKV launch and one plain Triton GEMM at 16K tokens
+#   cache   bench/bench_cache.py: the serving table (#24)
+#   decode  bench/bench_rope.py decode rows, default and YARN_TRITON_LOW_PRECISION_ROTATION=1
+#   host    bench/profile_host.py: host time per eager call vs a trivial torch op (#25)
+#   titan   bench/torchtitan_train.sh: llama3 + deepseek_v3 loss curves, eager and compiled
+#   suite   the GPU test suite (-rf names failures)
+#   san     compute-sanitizer memcheck on the serving ops
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+export OUT
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/device.txt"
+git log -1 --format=%H 2>/dev/null > "$OUT/commit.txt"
+BUDGET=${BUDGET:-560}
+step() {  # step SECONDS CMD...: at most SECONDS, and never past the budget
+  local want=$1 left=$((BUDGET - SECONDS))
+  shift
+  if [ "$left" -lt 20 ]; then echo "skipped (no time left): $*"; return 0; fi
+  timeout $((want < left ? want : left)) "$@"
+}
+fi_pid=
+for part in "$@"; do
+  t0=$SECONDS
+  case "$part" in
+    fi) (cd bench/flashinfer && timeout 400 python3 -c "import load; load.load(); load.load_cache(); print('built')" \
+          > "$OUT/flashinfer_build.txt" 2>&1) &
+        fi_pid=$! ;;
+    qkv) step "${QKV_SECONDS:-200}" python3 bench/bench_qkv.py --sweep --out "$OUT/qkv.json" > "$OUT/qkv_log.txt" 2>&1
+         echo "qkv rc=$?" ;;
+    ncu) YARN_TRITON_AUTOTUNE=0 step 120 ncu --kernel-name regex:qkv --launch-count 2 --set full \
+           --export "$OUT/qkv_16k" --force-overwrite \
+           python3 bench/bench_qkv.py --models llama3-8b --tokens 16384 --out "$OUT/qkv_ncu_run.json" > "$OUT/ncu_log.txt" 2>&1
+         echo "ncu rc=$?"
+         [ -f "$OUT/qkv_16k.ncu-rep" ] && ncu --import "$OUT/qkv_16k.ncu-rep" --page details > "$OUT/qkv_16k_ncu.txt" 2>&1 ;;
+    cache) [ -n "$fi_pid" ] && { wait "$fi_pid"; tail -1 "$OUT/flashinfer_build.txt"; }
+           step "${CACHE_SECONDS:-220}" python3 bench/bench_cache.py --out "$OUT/cache.json" > "$OUT/cache_log.txt" 2>&1
+           echo "cache rc=$?" ;;
+    decode) step 90 python3 bench/bench_rope.py --shapes decode-1,decode-64,decode-256 --no-sweep --no-qknorm --no-mrope \
+              --no-host --out "$OUT/rope_decode.json" > "$OUT/rope_decode_log.txt" 2>&1
+            echo "decode rc=$?"
+            YARN_TRITON_LOW_PRECISION_ROTATION=1 step 90 python3 bench/bench_rope.py --shapes decode-1,decode-64,decode-256 \
+              --no-sweep --no-qknorm --no-mrope --no-host --out "$OUT/rope_decode_lowrot.json" > "$OUT/rope_decode_lowrot_log.txt" 2>&1
+            echo "decode low-precision rotation rc=$?" ;;
+    host) step 60 python3 bench/profile_host.py --calls 3000 --rounds 5 > "$OUT/host.txt" 2>&1
+          echo "host rc=$?" ;;
+    titan) step "${TITAN_SECONDS:-420}" bash bench/torchtitan_train.sh > "$OUT/torchtitan.txt" 2>&1
+           echo "titan rc=$?" ;;
+    suite) step "${SUITE_SECONDS:-300}" python3 -m pytest -q -p no:cacheprovider -n 16 --dist worksteal -rf --durations=15 \
+             tests > "$OUT/gpu_suite.txt" 2>&1
+           echo "suite rc=$?" ;;
+    san) YARN_TRITON_AUTOTUNE=0 step 100 compute-sanitizer --tool memcheck --error-exitcode 3 \
+           python3 bench/sanitize_cache.py > "$OUT/sanitizer.txt" 2>&1
+         echo "san rc=$?" ;;
+    *) echo "unknown part: $part" >&2 ;;
+  esac
+  echo "  ($part: $((SECONDS - t0)) s, $((BUDGET - SECONDS)) s left)"
+done
+[ -n "$fi_pid" ] && kill "$fi_pid" 2>/dev/null
+# the short report, last
+[ -f "$OUT/gpu_suite.txt" ] && { grep -E "^(FAILED|ERROR)" "$OUT/gpu_suite.txt" | head -20; tail -1 "$OUT/gpu_suite.txt"; }
+[ -f "$OUT/sanitizer.txt" ] && tail -1 "$OUT/sanitizer.txt"
+[ -f "$OUT/torchtitan.txt" ] && tail -8 "$OUT/torchtitan.txt"
+[ -f "$OUT/host.txt" ] && grep -E "add_|apply_rope" "$OUT/host.txt"
+[ -f "$OUT/rope_decode_log.txt" ] && grep -A4 "^device time" "$OUT/rope_decode_log.txt"
+[ -f "$OUT/rope_decode_lowrot_log.txt" ] && grep -A4 "^device time" "$OUT/rope_decode_lowrot_log.txt"
+[ -f "$OUT/cache_log.txt" ] && tail -30 "$OUT/cache_log.txt"
+[ -f "$OUT/qkv_log.txt" ] && tail -12 "$OUT/qkv_log.txt"
+exit 0
