@@ -44,7 +44,7 @@ torchtitan's own rotate function on the same inputs and compares
 (``yarn_triton.integrations.torchtitan.verify``: the positions the kernel derives and the
 rotation), and the report (calls checked, largest relative error) goes into the JSON. The
 compiled runs' rope calls run inside compiled blocks, where nothing can be checked by
-Python: their report counts the traced calls, and their loss curve is the check.
+Python: their report shows no calls, and their loss curve is the check.
 
 deepseek_v3's YaRN only runs when ``max_seq_len`` (set to ``--training.seq_len``) exceeds
 ``original_seq_len`` (4096 in the flavor). ``--ds-original-seq-len`` (default 512, 0 to keep

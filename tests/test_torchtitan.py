@@ -146,7 +146,7 @@ def _run(model, tokens, positions=None):
     model.zero_grad(set_to_none=True)
     logits = model(tokens, positions=positions)
     (logits.float().square().mean()).backward()
-    return logits.detach(), {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters()
+    return logits.detach(), {n.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""): p.grad.clone() for n, p in model.named_parameters()
                              if p.grad is not None}
 
 
@@ -260,6 +260,40 @@ def test_compiled_blocks_match_torchtitan(family, positions, rope_calls):
     finally:
         torch._dynamo.reset()
     assert rope_calls  # traced through the switch
+    _assert_same(got, want)
+
+
+def test_compiled_checkpointed_blocks_with_verify_on():
+    """torchtitan's debug runs: activation checkpointing around each compiled block, with
+    step 1's verification on. A compiled call must not touch the switch's Python state
+    (dynamo refuses a side effect inside the checkpoint HOP: seen on the device). The op
+    must be in the compiled graphs (a recording backend; a counting spy would itself be
+    such a side effect), and no compiled call is checked or counted."""
+    from torch._dynamo.backends.debugging import aot_eager
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = _build("llama3")
+    tokens = torch.randint(0, model.model_args.vocab_size, (1, 4), generator=torch.Generator().manual_seed(4))
+    with torchtitans_rope("llama3"):
+        want = _run(model, tokens, None)
+    code = []
+
+    def recording(gm, example_inputs):
+        code.extend(m.code for m in gm.modules() if isinstance(m, torch.fx.GraphModule))
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    tt.verify(True)
+    try:
+        for name, block in list(model.layers.named_children()):
+            wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
+            model.layers.register_module(name, torch.compile(wrapped, backend=recording, fullgraph=True))
+        got = _run(model, tokens, None)
+    finally:
+        report = tt.verify(False)
+        torch._dynamo.reset()
+    assert any("yarn_triton.rope" in c for c in code)  # traced through the switch
+    assert report["calls"] == 0
     _assert_same(got, want)
 
 

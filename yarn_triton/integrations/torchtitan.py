@@ -229,7 +229,7 @@ def _rotate_pair(site: _Site, original: Callable, xq, xk, table, positions):
         _fallback_warning(site, table)
         return original(xq, xk, table, positions)
     out = apply_rope(xq, xk, positions, params, layout=site.layout, precise_angles=_OPTIONS["precise_angles"])
-    if _VERIFY["on"]:
+    if not torch.compiler.is_compiling() and _VERIFY["on"]:  # (see verify: eager calls only)
         _verify(site, original, (xq, xk, table, positions), out)
     return out
 
@@ -250,7 +250,7 @@ def _make_rotate(site: _Site, original: Callable) -> Callable:
                 return original(x, freqs_cis, positions)
             out = apply_rope(x, None, positions, params, layout=site.layout,
                              precise_angles=_OPTIONS["precise_angles"])[0]
-            if _VERIFY["on"]:
+            if not torch.compiler.is_compiling() and _VERIFY["on"]:
                 _verify(site, original, (x, freqs_cis, positions), (out,))
             return out
     assert tuple(inspect.signature(rotate).parameters) == site.rotate_args
@@ -264,7 +264,7 @@ def _make_rotate(site: _Site, original: Callable) -> Callable:
 # --------------------------------------------------------------------------------------
 # Verification: switched calls checked against torchtitan's own function
 # --------------------------------------------------------------------------------------
-_VERIFY: Dict[str, object] = {"on": False, "tol": None, "calls": 0, "max_rel_err": 0.0, "traced": 0}
+_VERIFY: Dict[str, object] = {"on": False, "tol": None, "calls": 0, "max_rel_err": 0.0}
 
 
 def verify(enabled: bool, tol: Optional[float] = None) -> dict:
@@ -276,15 +276,18 @@ def verify(enabled: bool, tol: Optional[float] = None) -> dict:
     context parallelism) and the rotation itself are checked. A relative error (by norm,
     in float64) above ``tol`` raises RuntimeError; the default is 1e-3 for float32 inputs
     (torchtitan's table forms its angles in float32: ~1e-4 rad of difference at a few
-    thousand positions) and 2e-2 for 16-bit ones. Calls traced by ``torch.compile`` are
-    only counted (``traced``): there the check would become part of the graph.
+    thousand positions) and 2e-2 for 16-bit ones. Calls that ``torch.compile`` traces are
+    neither checked nor counted, and the compiled code never reads this switch: a check
+    would become part of the graph, and any write to this module's state from inside a
+    traced region breaks torchtitan's compiled, activation-checkpointed blocks ("HOP:
+    Unsafe side effect"; seen on the device, torchtitan 0.2.2 with ``--compile.enable``).
 
-    Returns the report so far: ``{"calls", "max_rel_err", "traced"}``; enabling resets it.
+    Returns the report so far: ``{"calls", "max_rel_err"}``; enabling resets it.
     For a first training step: ``verify(True)`` before it, ``verify(False)`` after."""
     with _LOCK:
-        report = {k: _VERIFY[k] for k in ("calls", "max_rel_err", "traced")}
+        report = {k: _VERIFY[k] for k in ("calls", "max_rel_err")}
         if enabled:
-            _VERIFY.update(on=True, tol=tol, calls=0, max_rel_err=0.0, traced=0)
+            _VERIFY.update(on=True, tol=tol, calls=0, max_rel_err=0.0)
         else:
             _VERIFY["on"] = False
     return report
@@ -296,9 +299,6 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _verify(site: _Site, original: Callable, args: tuple, ours: tuple) -> None:
-    if torch.compiler.is_compiling():
-        _VERIFY["traced"] += 1
-        return
     with torch.no_grad():
         theirs = original(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
     theirs = theirs if isinstance(theirs, tuple) else (theirs,)
