@@ -6,6 +6,7 @@
 # (bench/flashinfer/fetch_headers.sh):
 #   bash bench/device.sh fi qkv ncu cache host decode   # timings (#26, #24, #25's host ratio)
 #   bash bench/device.sh titan suite san                # torchtitan curves, GPU suite, sanitizer
+# Everything written under $OUT comes back as $OUT/device_out.tgz (KEEP_FILES=1: as files).
 # Parts:
 #   fi      build FlashInfer's two bindings in the background (CPU only; `cache` waits for it)
 #   qkv     bench/bench_qkv.py --sweep: the fused QKV GEMM rows, ship line, every config (#26)
@@ -84,4 +85,10 @@ done
 [ -f "$OUT/rope_decode_lowrot_log.txt" ] && grep -A4 "^device time" "$OUT/rope_decode_lowrot_log.txt"
 [ -f "$OUT/cache_log.txt" ] && tail -30 "$OUT/cache_log.txt"
 [ -f "$OUT/qkv_log.txt" ] && tail -12 "$OUT/qkv_log.txt"
+# The device tool returns at most 8 files from $OUT: everything goes back as one archive
+# (an earlier call lost its qkv logs and Nsight Compute report to that limit).
+if [ -z "${KEEP_FILES:-}" ]; then
+  (cd "$OUT" && tar czf /tmp/device_out.tgz . && find . -mindepth 1 -delete && mv /tmp/device_out.tgz device_out.tgz)
+  echo "all outputs: \$OUT/device_out.tgz"
+fi
 exit 0
