@@ -3,6 +3,9 @@
     python bench/plot_losses.py OUT/llama3/torchtitan_train_*.json OUT/deepseek_v3/torchtitan_train_*.json \
         --png docs/distributed_loss.png
 
+The inputs may also be compare's logs (``torchtitan_train.log``): the per-step tables it
+prints for each model and mode (what survives a run that failed before its summary).
+
 One column per model: the top panel has the loss per step of every run (torchtitan's own rope
 and ours, eager and compiled), the bottom panel ``|ours - torchtitan|`` per step and mode on a
 log axis, with the tolerance the comparison used. The numbers come only from the JSON files.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 
 def _curves(summaries: list) -> dict:
@@ -24,6 +28,33 @@ def _curves(summaries: list) -> dict:
     return out
 
 
+def _from_log(path: str) -> dict:
+    """A summary-like dict of the step tables in one of compare's logs."""
+    runs, diffs, cur = {}, {}, None
+    for line in open(path):
+        m = re.match(r"== (\S+) (\S+): rope ", line)
+        if m:
+            cur = m.groups()
+            continue
+        m = re.match(r"\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)$", line)
+        if cur and m:
+            step, theirs, ours = int(m[1]), float(m[2]), float(m[3])
+            # the log's losses have 5 decimals; its |diff| column is exact
+            diffs.setdefault(f"{cur[0]}/{cur[1]}", {})[step] = float(m[4])
+            for variant, loss in (("torchtitan", theirs), ("yarn_triton", ours)):
+                runs.setdefault(f"{cur[0]}/{cur[1]}-{variant}", {"losses": []})["losses"].append([step, loss, 0.0])
+        elif line.startswith("== "):
+            cur = None
+    tol = re.search(r"\(tol ([0-9.e+-]+);", open(path).read())
+    steps = max((len(r["losses"]) for r in runs.values()), default=0)
+    prec = re.search(r"--training\.mixed_precision_param (\S+)", open(path).read())
+    seq = re.search(r"--training\.seq_len (\d+)", open(path).read())
+    batch = re.search(r"--training\.local_batch_size (\d+)", open(path).read())
+    return {"runs": runs, "diffs": diffs, "tol": float(tol[1]) if tol else 1e-3, "steps": steps,
+            "precision": prec[1] if prec else "?", "seq_len": int(seq[1]) if seq else 0,
+            "batch": int(batch[1]) if batch else 0}
+
+
 def plot(summaries: list, png: str) -> None:
     import matplotlib
 
@@ -31,6 +62,7 @@ def plot(summaries: list, png: str) -> None:
     import matplotlib.pyplot as plt
 
     curves = _curves(summaries)
+    exact = {k: v for s in summaries for k, v in s.get("diffs", {}).items()}
     tol = max(s["tol"] for s in summaries)
     fig, axes = plt.subplots(2, len(curves), figsize=(5.5 * len(curves), 6), squeeze=False,
                              gridspec_kw={"height_ratios": [2, 1]}, sharex="col")
@@ -43,14 +75,15 @@ def plot(summaries: list, png: str) -> None:
         for mode in sorted({r.split("-", 1)[0] for r in runs}):
             a, b = dict(runs.get(f"{mode}-torchtitan", [])), dict(runs.get(f"{mode}-yarn_triton", []))
             steps = sorted(set(a) & set(b))
+            d = exact.get(f"{model}/{mode}") or {s: abs(a[s] - b[s]) for s in steps}
             # a zero difference cannot sit on a log axis: it is drawn at the axis floor
-            diff = [max(abs(a[s] - b[s]), 1e-9) for s in steps]
+            diff = [max(d[s], 1e-9) for s in steps]
             bottom.semilogy(steps, diff, marker=".", label=mode)
         bottom.axhline(tol, color="k", lw=0.8, ls=":", label=f"tolerance {tol:g}")
         top.set_title(model)
         top.set_ylabel("loss")
         top.legend(fontsize=8)
-        bottom.set_ylabel("|loss diff|")
+        bottom.set_ylabel("|loss diff| (0 at 1e-9)")
         bottom.set_xlabel("step")
         bottom.legend(fontsize=8)
     meta = summaries[0]
@@ -61,13 +94,16 @@ def plot(summaries: list, png: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("summaries", nargs="+", help="JSON files written by torchtitan_train.py compare")
+    ap.add_argument("summaries", nargs="+", help="JSON files written by torchtitan_train.py compare, or its logs")
     ap.add_argument("--png", required=True, help="the image to write")
     args = ap.parse_args(argv)
     summaries = []
     for path in args.summaries:
-        with open(path) as f:
-            summaries.append(json.load(f))
+        if path.endswith(".json"):
+            with open(path) as f:
+                summaries.append(json.load(f))
+        else:
+            summaries.append(_from_log(path))
     plot(summaries, args.png)
     print("wrote", args.png)
     return 0
