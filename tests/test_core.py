@@ -386,3 +386,18 @@ def test_one_step_and_head_loop_agree(case, layout, kdev, gen):
     eq, ek = qk_norm_rope_reference(q.cpu().double(), k.cpu().double(), pos.cpu(), p, wq.double(), wk.double(),
                                     layout=layout, compute_dtype=torch.float64)
     assert rel_err(nq, eq) < TOL[torch.float32] and rel_err(nk, ek) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("shape", [(1, 128, 1, 32), (8, 128, 1, 32), (1, 32, 8, 64), (256, 32, 8, 64),
+                                   (16384, 32, 8, 64)], ids=str)
+def test_tuner_times_the_untuned_shape_too(shape):
+    """Tuning can only improve on the launch shape used without it: the heuristic's shape is
+    always among the candidates, once (a 1-token MLA call's 128 heads get one group each,
+    which the fixed list, ending at 32 groups, lacks)."""
+    from yarn_triton.kernels import configs
+
+    cands = configs.candidate_configs(*shape)
+    default = configs.heuristic_config(*shape)
+    assert cands.count(default) == 1 and len(set(cands)) == len(cands)
+    if shape[:2] == (1, 128):
+        assert max(c.head_groups for c in cands) == 128
