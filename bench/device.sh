@@ -30,7 +30,6 @@ else
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/device.txt"
-git log -1 --format=%H 2>/dev/null > "$OUT/commit.txt"
 BUDGET=${BUDGET:-560}
 step() {  # step SECONDS CMD...: at most SECONDS, and never past the budget
   local want=$1 left=$((BUDGET - SECONDS))
