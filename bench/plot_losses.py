@@ -8,7 +8,7 @@ prints for each model and mode (what survives a run that failed before its summa
 
 One column per model: the top panel has the loss per step of every run (torchtitan's own rope
 and ours, eager and compiled), the bottom panel ``|ours - torchtitan|`` per step and mode on a
-log axis, with the tolerance the comparison used. The numbers come only from the JSON files.
+log axis, with the tolerance the comparison used. The numbers come only from those files.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ def _curves(summaries: list) -> dict:
 
 def _from_log(path: str) -> dict:
     """A summary-like dict of the step tables in one of compare's logs."""
+    with open(path) as f:
+        text = f.read()
     runs, diffs, cur = {}, {}, None
-    for line in open(path):
+    for line in text.splitlines():
         m = re.match(r"== (\S+) (\S+): rope ", line)
         if m:
             cur = m.groups()
@@ -45,12 +47,11 @@ def _from_log(path: str) -> dict:
                 runs.setdefault(f"{cur[0]}/{cur[1]}-{variant}", {"losses": []})["losses"].append([step, loss, 0.0])
         elif line.startswith("== "):
             cur = None
-    tol = re.search(r"\(tol ([0-9.e+-]+);", open(path).read())
-    steps = max((len(r["losses"]) for r in runs.values()), default=0)
-    prec = re.search(r"--training\.mixed_precision_param (\S+)", open(path).read())
-    seq = re.search(r"--training\.seq_len (\d+)", open(path).read())
-    batch = re.search(r"--training\.local_batch_size (\d+)", open(path).read())
-    return {"runs": runs, "diffs": diffs, "tol": float(tol[1]) if tol else 1e-3, "steps": steps,
+    tol = re.search(r"\(tol ([0-9.e+-]+);", text)
+    prec = re.search(r"--training\.mixed_precision_param (\S+)", text)
+    seq = re.search(r"--training\.seq_len (\d+)", text)
+    batch = re.search(r"--training\.local_batch_size (\d+)", text)
+    return {"runs": runs, "diffs": diffs, "tol": float(tol[1]) if tol else 1e-3,
             "precision": prec[1] if prec else "?", "seq_len": int(seq[1]) if seq else 0,
             "batch": int(batch[1]) if batch else 0}
 

@@ -229,7 +229,7 @@ def _rotate_pair(site: _Site, original: Callable, xq, xk, table, positions):
         _fallback_warning(site, table)
         return original(xq, xk, table, positions)
     out = apply_rope(xq, xk, positions, params, layout=site.layout, precise_angles=_OPTIONS["precise_angles"])
-    if not torch.compiler.is_compiling() and _VERIFY["on"]:  # (see verify: eager calls only)
+    if _verifying():
         _verify(site, original, (xq, xk, table, positions), out)
     return out
 
@@ -250,7 +250,7 @@ def _make_rotate(site: _Site, original: Callable) -> Callable:
                 return original(x, freqs_cis, positions)
             out = apply_rope(x, None, positions, params, layout=site.layout,
                              precise_angles=_OPTIONS["precise_angles"])[0]
-            if not torch.compiler.is_compiling() and _VERIFY["on"]:
+            if _verifying():
                 _verify(site, original, (x, freqs_cis, positions), (out,))
             return out
     assert tuple(inspect.signature(rotate).parameters) == site.rotate_args
@@ -291,6 +291,12 @@ def verify(enabled: bool, tol: Optional[float] = None) -> dict:
         else:
             _VERIFY["on"] = False
     return report
+
+
+def _verifying() -> bool:
+    """Whether this call is checked: only eager ones while enabled (under torch.compile the
+    switch is not even read; see :func:`verify`)."""
+    return not torch.compiler.is_compiling() and _VERIFY["on"]
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -27,7 +27,6 @@ from .library import _cp_args, _q_scale_args
 from .plans import _remember, _signature
 
 
-
 def _needs_grad(q: torch.Tensor, k: Optional[torch.Tensor], norm: Optional[Norm] = None) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -35,7 +34,6 @@ def _needs_grad(q: torch.Tensor, k: Optional[torch.Tensor], norm: Optional[Norm]
         return True
     return norm is not None and (norm.q_weight.requires_grad or
                                  (norm.k_weight is not None and norm.k_weight.requires_grad))
-
 
 
 def _rope_inplace(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse,

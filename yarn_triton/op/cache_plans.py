@@ -24,7 +24,7 @@ import torch
 from . import plans as _plans
 from .cache_checks import CHECK_SLOTS
 from .checks import _check_cu
-from .plans import _offsets_sig, _span, _tsig
+from .plans import _offsets_sig, _span, _tsig, exact_cp
 
 _Tensor = torch.Tensor
 
@@ -66,8 +66,7 @@ def cache_signature(tag, q, q_out, k, v, k_cache, v_cache, slot_mapping, k_scale
     if type(precise) is not bool or type(layout) is not str or type(rotary_at) is not str or \
             (rotary_dim is not None and type(rotary_dim) is not int):
         return None
-    if cp is not None and (type(cp) is not tuple or len(cp) != 2 or type(cp[0]) is not int
-                           or type(cp[1]) is not int):
+    if cp is not None and not exact_cp(cp):
         return None
     return (tag, id(params), layout, rotary_dim, precise, config, cp, rotary_at, _tsig(q), _tsig(q_out), _tsig(k),
             _tsig(v), _tsig(k_cache), _tsig(v_cache), _tsig(slot_mapping), _tsig(positions), off, _tsig(cu_seqlens),
@@ -168,7 +167,5 @@ def remember(key, launch, params, inv_freq, q, q_out, k, v, k_cache, v_cache) ->
     plan = _plans._PLANS.get(key)
     if plan is None:  # (a known signature keeps its plan, and what it learned: this call only teaches it)
         plan = CachePlan(launch, params, inv_freq, written + read, len(written))
-        _plans._PLANS[key] = plan
-        while len(_plans._PLANS) > _plans._PLANS_MAX:
-            _plans._PLANS.popitem(last=False)
+        _plans.keep(key, plan)
     plan.learn(written + read)

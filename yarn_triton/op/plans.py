@@ -157,16 +157,25 @@ def _signature(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
         q_scale = (q_scale[0], q_scale[1])
     if type(rotary_at) is not str:  # (a plan exists only for checked values, which are str)
         return None
-    if cp is not None:  # only an exact pair of ints keys a plan (the launch holds its values)
-        if type(cp) is not tuple or len(cp) != 2 or type(cp[0]) is not int or type(cp[1]) is not int:
-            return None
+    if cp is not None and not exact_cp(cp):  # only an exact pair of ints keys a plan (the launch holds its values)
+        return None
     return (id(params), layout, rotary_dim, precise, inverse, config, inplace, q.shape, q.stride(), q.dtype,
             q.get_device(), ks, ps, off, cs, norm, q_scale, rotary_at, cp)
+
+
+def exact_cp(cp) -> bool:
+    """``cp`` is an exact ``(int, int)`` pair, the only form that keys a plan."""
+    return type(cp) is tuple and len(cp) == 2 and type(cp[0]) is int and type(cp[1]) is int
+
+
+def keep(key, plan: PlanBase) -> None:
+    """Store ``plan`` under ``key`` in the bounded cache, dropping the least recent ones."""
+    _PLANS[key] = plan
+    while len(_PLANS) > _PLANS_MAX:
+        _PLANS.popitem(last=False)
 
 
 def _remember(key, plan_launch, params, inv_freq, q, k) -> None:
     if key is None or plan_launch is None:
         return
-    _PLANS[key] = _Plan(plan_launch, params, inv_freq, q, k)
-    while len(_PLANS) > _PLANS_MAX:
-        _PLANS.popitem(last=False)
+    keep(key, _Plan(plan_launch, params, inv_freq, q, k))
