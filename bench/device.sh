@@ -17,6 +17,9 @@
 #   titan   bench/torchtitan_train.sh: llama3 + deepseek_v3 loss curves, eager and compiled
 #   suite   the GPU test suite (-rf names failures)
 #   san     compute-sanitizer memcheck on the serving ops
+#   why     profiler evidence for the serving misses: Nsight Compute on DeepSeek-V3 FP8
+#           decode-1 (ours, the plain store of the same bytes), each launch shape's graph
+#           time there and at 8 tokens, and decode-256 ours against Liger's kernel
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -70,6 +73,23 @@ for part in "$@"; do
     san) YARN_TRITON_AUTOTUNE=0 step 100 compute-sanitizer --tool memcheck --error-exitcode 3 \
            python3 bench/sanitize_cache.py > "$OUT/sanitizer.txt" 2>&1
          echo "san rc=$?" ;;
+    why) for m in ours moves; do
+           YARN_TRITON_AUTOTUNE=1 step 60 ncu --profile-from-start off --set full --export "$OUT/ds_fp8_d1_$m" \
+             --force-overwrite python3 bench/ncu_cache_case.py deepseek-v3 fp8 decode-1 $m > "$OUT/ncu_ds_$m.log" 2>&1
+           ncu --import "$OUT/ds_fp8_d1_$m.ncu-rep" --page details > "$OUT/ds_fp8_d1_$m.txt" 2>&1
+         done
+         for r in decode-1 decode-8; do
+           step 60 python3 bench/ncu_cache_case.py deepseek-v3 fp8 $r ours --shapes 2>&1 | tee -a "$OUT/ds_fp8_shapes.txt" | tail -1
+         done
+         for peer in ours liger; do
+           a=""; [ $peer = liger ] && a="liger"
+           step 60 ncu --profile-from-start off --set full --export "$OUT/decode256_$peer" --force-overwrite \
+             python3 bench/ncu_case.py decode-256 1 $a > "$OUT/ncu_d256_$peer.log" 2>&1
+           ncu --import "$OUT/decode256_$peer.ncu-rep" --page details > "$OUT/decode256_$peer.txt" 2>&1
+         done
+         grep -hE "^  [a-z_]+|Duration|Elapsed Cycles|Registers Per|Achieved Occupancy|Grid Size|Block Size" \
+           "$OUT"/ds_fp8_d1_*.txt "$OUT"/decode256_*.txt | head -40
+         echo "why done" ;;
     *) echo "unknown part: $part" >&2 ;;
   esac
   echo "  ($part: $((SECONDS - t0)) s, $((BUDGET - SECONDS)) s left)"

@@ -318,26 +318,43 @@ def _cache_rows(slot_ptr, slot_off, tok_mask, n_slots, block_size, WIDE: tl.cons
 
 
 @triton.jit
-def _copy_heads(src_row, dst_row, mask, h_lo, h_hi, in_sh, in_sd, out_sh, out_sd, qscale, qinv,
-                DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr,
-                ONE_STEP: tl.constexpr):
-    """Copy heads ``h_lo .. h_hi`` (``DIM`` channels) of ``BLOCK_T`` tokens from
-    ``src_row`` to ``dst_row`` (``[1, BLOCK_T, 1]`` pointers to each token's first head),
-    converted to the destination's dtype (:func:`_quantize`), ``BLOCK_H`` heads a step;
-    ``mask`` ``[1, BLOCK_T, 1]`` picks the tokens (loads and stores alike)."""
+def _copy_tile(h0, h_hi, mask, dim, DIM_PAD: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr):
+    """Head offsets ``[BLOCK_H, 1, 1]``, channel offsets ``[1, 1, DIM_PAD]`` and the mask of
+    one step of a copy: heads ``h0 ..`` below ``h_hi``, channels below ``dim``, the tokens
+    of ``mask`` (``[1, BLOCK_T, 1]``)."""
     d = _idx(tl.arange(0, DIM_PAD), WIDE)[None, None, :]
-    out_ty = dst_row.dtype.element_ty
-    if ONE_STEP:
-        h = _idx(h_lo + tl.arange(0, BLOCK_H), WIDE)[:, None, None]
-        m = mask & (h < h_hi) & (d < DIM)
-        x = tl.load(src_row + h * in_sh + d * in_sd, mask=m, other=0.0)
-        tl.store(dst_row + h * out_sh + d * out_sd, _quantize(x, out_ty, qscale, qinv), mask=m)
-    else:
-        for h0 in range(h_lo, h_hi, BLOCK_H):
-            h = _idx(h0 + tl.arange(0, BLOCK_H), WIDE)[:, None, None]
-            m = mask & (h < h_hi) & (d < DIM)
-            x = tl.load(src_row + h * in_sh + d * in_sd, mask=m, other=0.0)
-            tl.store(dst_row + h * out_sh + d * out_sd, _quantize(x, out_ty, qscale, qinv), mask=m)
+    h = _idx(h0 + tl.arange(0, BLOCK_H), WIDE)[:, None, None]
+    return h, d, mask & (h < h_hi) & (d < dim)
+
+
+@triton.jit
+def _copy_load(src_row, mask, h0, h_hi, in_sh, in_sd, dim, DIM_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
+               WIDE: tl.constexpr):
+    """The loads of one step of :func:`_copy_heads` (``src_row``: ``[1, BLOCK_T, 1]``
+    pointers to each token's first head)."""
+    h, d, m = _copy_tile(h0, h_hi, mask, dim, DIM_PAD, BLOCK_H, WIDE)
+    return tl.load(src_row + h * in_sh + d * in_sd, mask=m, other=0.0)
+
+
+@triton.jit
+def _copy_store(dst_row, x, mask, h0, h_hi, out_sh, out_sd, qscale, qinv, dim, DIM_PAD: tl.constexpr,
+                BLOCK_H: tl.constexpr, WIDE: tl.constexpr):
+    """The stores of one step of :func:`_copy_heads`: ``x`` from :func:`_copy_load`,
+    converted to the destination's dtype (:func:`_quantize`)."""
+    h, d, m = _copy_tile(h0, h_hi, mask, dim, DIM_PAD, BLOCK_H, WIDE)
+    tl.store(dst_row + h * out_sh + d * out_sd, _quantize(x, dst_row.dtype.element_ty, qscale, qinv), mask=m)
+
+
+@triton.jit
+def _copy_heads(src_row, dst_row, mask, h_lo, h_hi, in_sh, in_sd, out_sh, out_sd, qscale, qinv,
+                dim, DIM_PAD: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr):
+    """Copy heads ``h_lo .. h_hi`` (``dim`` channels) of ``BLOCK_T`` tokens from
+    ``src_row`` to ``dst_row`` (``[1, BLOCK_T, 1]`` pointers to each token's first head),
+    converted to the destination's dtype, ``BLOCK_H`` heads a step; ``mask``
+    ``[1, BLOCK_T, 1]`` picks the tokens (loads and stores alike)."""
+    for h0 in range(h_lo, h_hi, BLOCK_H):
+        x = _copy_load(src_row, mask, h0, h_hi, in_sh, in_sd, dim, DIM_PAD, BLOCK_H, WIDE)
+        _copy_store(dst_row, x, mask, h0, h_hi, out_sh, out_sd, qscale, qinv, dim, DIM_PAD, BLOCK_H, WIDE)
 
 
 @triton.jit
@@ -695,15 +712,57 @@ def rope_kernel(
     kx1, kx2 = _load_heads(k_ptr + k_row[None, :, None], k_lo, k_hi, tok_mask, k_sh, k_sd,
                            HALF, HALF_PAD, IN_PAIRS, BLOCK_T, K_BLOCK_H, WIDE)
 
+    # Copies that need no angle go before the trigonometry: v into its cache, and a
+    # pass-through tail that is only copied or quantized (an out-of-place or FP8 q_out, a
+    # cache's k; no norm, no query scale), e.g. the 512 q_nope channels of an MLA head in
+    # a decode step's FP8 q. Where one step covers a group (decode), all their loads are
+    # issued before any of their stores waits, so the round trips overlap one another
+    # and the position load's, instead of one waiting for the angles (1 us of a 1-token
+    # launch). Otherwise (many tokens, bandwidth bound) they copy step by step.
+    K_INPLACE: tl.constexpr = INPLACE and CACHE == 0
+    Q_TAIL_EARLY: tl.constexpr = Q_TAIL_PAD > 0 and not INPLACE and NORM == 0 and not Q_SCALE and Q_ONE_STEP
+    K_TAIL_EARLY: tl.constexpr = K_TAIL_PAD > 0 and not K_INPLACE and NORM == 0 and K_ONE_STEP
+    q_qinv = _inverse(q_qs)
+    k_qinv = _inverse(k_qs)
+    if TAIL_FIRST:  # [tail | rotary part]: the tail ends where the rotary part starts
+        q_toff = -q_tail
+        k_toff = -k_tail
+    else:  # [rotary part | tail]
+        q_toff = 2 * HALF
+        k_toff = 2 * HALF
+    tmask3 = tok_mask[None, :, None]
+    if Q_TAIL_EARLY:
+        q_tsrc = q_ptr + (q_row + q_toff * q_sd)[None, :, None]
+        q_tx = _copy_load(q_tsrc, tmask3, q_lo, q_hi, q_sh, q_sd, q_tail, Q_TAIL_PAD, Q_BLOCK_H, WIDE)
+    if K_TAIL_EARLY:
+        kmask3 = k_store[None, :, None]
+        k_tsrc = k_ptr + (k_row + k_toff * k_sd)[None, :, None]
+        k_tx = _copy_load(k_tsrc, kmask3, k_lo, k_hi, k_sh, k_sd, k_tail, K_TAIL_PAD, K_BLOCK_H, WIDE)
     if CACHE:
-        # v goes to its cache untouched but for the dtype: its round trip to memory
-        # overlaps the angles' wait for the positions
+        # v goes to its cache untouched but for the dtype
         v_per = tl.cdiv(n_v_heads, HEAD_GROUPS)
         v_lo = pid_g * v_per
-        _copy_heads(v_ptr + (b * v_sb + s * v_ss)[None, :, None],
-                    vc_ptr + (blk * vc_sb + blk_row * vc_ss)[None, :, None], k_store[None, :, None],
-                    v_lo, tl.minimum(v_lo + v_per, n_v_heads), v_sh, v_sd, vc_sh, vc_sd, v_qs, _inverse(v_qs),
-                    V_DIM, V_PAD, V_BLOCK_H, WIDE, V_ONE_STEP)
+        v_hi = tl.minimum(v_lo + v_per, n_v_heads)
+        v_src = v_ptr + (b * v_sb + s * v_ss)[None, :, None]
+        v_dst = vc_ptr + (blk * vc_sb + blk_row * vc_ss)[None, :, None]
+        vmask3 = k_store[None, :, None]
+        v_qinv = _inverse(v_qs)
+        if V_ONE_STEP:
+            vx = _copy_load(v_src, vmask3, v_lo, v_hi, v_sh, v_sd, V_DIM, V_PAD, V_BLOCK_H, WIDE)
+            _copy_store(v_dst, vx, vmask3, v_lo, v_hi, vc_sh, vc_sd, v_qs, v_qinv, V_DIM, V_PAD, V_BLOCK_H, WIDE)
+        else:
+            _copy_heads(v_src, v_dst, vmask3, v_lo, v_hi, v_sh, v_sd, vc_sh, vc_sd, v_qs, v_qinv, V_DIM, V_PAD,
+                        V_BLOCK_H, WIDE)
+    if Q_TAIL_EARLY:
+        _copy_store(qo_ptr + (qo_row + q_toff * qo_sd)[None, :, None], q_tx, tmask3, q_lo, q_hi, qo_sh, qo_sd, q_qs,
+                    q_qinv, q_tail, Q_TAIL_PAD, Q_BLOCK_H, WIDE)
+    if K_TAIL_EARLY:
+        _copy_store(ko_ptr + (ko_row + k_toff * ko_sd)[None, :, None], k_tx, kmask3, k_lo, k_hi, ko_sh, ko_sd, k_qs,
+                    k_qinv, k_tail, K_TAIL_PAD, K_BLOCK_H, WIDE)
+    # what is left of a tail for the rotation steps (theirs: normalised or scaled, or
+    # looped over many heads)
+    Q_TAIL_LEFT: tl.constexpr = 0 if Q_TAIL_EARLY else Q_TAIL_PAD
+    K_TAIL_LEFT: tl.constexpr = 0 if K_TAIL_EARLY else K_TAIL_PAD
 
     jf = tl.arange(0, HALF_PAD)
     inv_freq = tl.load(inv_freq_ptr + jf, mask=jf < HALF, other=0.0)
@@ -728,14 +787,13 @@ def rope_kernel(
         q_scale = scale
 
     # with CACHE, k is only read: its rotation goes to the cache (pass-through channels too)
-    K_INPLACE: tl.constexpr = INPLACE and CACHE == 0
     _rotate_heads(q_ptr, qo_ptr, q_row, qo_row, tok_mask, tok_mask, q_lo, q_hi, qx1, qx2,
-                  q_sh, q_sd, qo_sh, qo_sd, cos, sin, q_tail, qw_ptr, eps, q_scale, q_qs, _inverse(q_qs),
-                  HALF, HALF_PAD, Q_TAIL_PAD, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, Q_BLOCK_H, WIDE, Q_SCALE,
+                  q_sh, q_sd, qo_sh, qo_sd, cos, sin, q_tail, qw_ptr, eps, q_scale, q_qs, q_qinv,
+                  HALF, HALF_PAD, Q_TAIL_LEFT, IN_PAIRS, OUT_PAIRS, INPLACE, NORM, BLOCK_T, Q_BLOCK_H, WIDE, Q_SCALE,
                   TAIL_FIRST, Q_ONE_STEP, LOW_ROT)
     _rotate_heads(k_ptr, ko_ptr, k_row, ko_row, tok_mask, k_store, k_lo, k_hi, kx1, kx2,
-                  k_sh, k_sd, ko_sh, ko_sd, cos, sin, k_tail, kw_ptr, eps, scale, k_qs, _inverse(k_qs),
-                  HALF, HALF_PAD, K_TAIL_PAD, IN_PAIRS, OUT_PAIRS, K_INPLACE, NORM, BLOCK_T, K_BLOCK_H, WIDE, False,
+                  k_sh, k_sd, ko_sh, ko_sd, cos, sin, k_tail, kw_ptr, eps, scale, k_qs, k_qinv,
+                  HALF, HALF_PAD, K_TAIL_LEFT, IN_PAIRS, OUT_PAIRS, K_INPLACE, NORM, BLOCK_T, K_BLOCK_H, WIDE, False,
                   TAIL_FIRST, K_ONE_STEP, LOW_ROT)
 
 
