@@ -218,13 +218,13 @@ def main() -> None:
         if not cpu and name in stub_rows:  # the stub swapped in around this row's timing loop
             timed[name + " [launch stubbed]"] = fn
     if cpu:  # every launch stubbed for the whole run
-        launcher.PreparedLaunch.__call__ = lambda self, ptrs, pos_base, tensors: None
+        launcher.PreparedLaunch.__call__ = lambda self, ptrs, pos_base, tensors, bits=None: None
     samples = {name: [] for name in timed}
     try:
         for _ in range(a.rounds):
             for name, fn in timed.items():
                 if name.endswith("[launch stubbed]"):
-                    launcher.PreparedLaunch.__call__ = lambda self, ptrs, pos_base, tensors: None
+                    launcher.PreparedLaunch.__call__ = lambda self, ptrs, pos_base, tensors, bits=None: None
                     try:
                         samples[name].append(per_call_us(fn, a.calls, sync))
                     finally:

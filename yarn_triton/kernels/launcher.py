@@ -129,16 +129,20 @@ class PreparedLaunch:
         args[_N_PTRS + 1] = pos_base
         return args
 
-    def __call__(self, ptrs: Sequence[int], pos_base: int, tensors: Sequence[torch.Tensor]) -> None:
+    def __call__(self, ptrs: Sequence[int], pos_base: int, tensors: Sequence[torch.Tensor],
+                 bits: Optional[int] = None) -> None:
         """Launch on the current stream of the tensors' device. ``ptrs``: data pointers of
         the ``_N_PTRS`` pointer arguments; ``tensors``: the same as tensors, used only when a new
-        specialization must be compiled."""
+        specialization must be compiled; ``bits``: the OR of the pointers, where the caller
+        has it (their 16-byte alignment is all that is read of it)."""
         if INTERPRETED or not FAST_LAUNCH:  # Triton's own launcher (the interpreter's too)
             rope_kernel[self.grid](*self._args(tensors, pos_base), **self.switches, **_meta(self.cfg, self.args),
                                    num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
             return
+        if bits is None:
+            bits = _reduce(_or, ptrs)
         narrow = -(1 << 31) <= pos_base < (1 << 31)
-        common = not _reduce(_or, ptrs) & 15 and narrow
+        common = not bits & 15 and narrow
         if common and self._direct is not None and not _HOOKED():
             launch, head = self._direct
             launch(*self.grid, _RAW_STREAM(self.device), *head, *ptrs, self.args[_N_PTRS], pos_base, *self._tail)

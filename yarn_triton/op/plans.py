@@ -51,7 +51,9 @@ class _Plan(PlanBase):
         self.fused_ok: set = set()  # pointer distances of q/k views checked disjoint
 
     def run(self, q, k, positions, offsets, cu_seqlens, pos_base, qo=None, ko=None, norm=None) -> None:
-        """Checks what can differ for the same signature, then launches."""
+        """Checks what can differ for the same signature, then launches. (Each pointer is
+        read once, and their alignment bits are OR-ed here over the distinct ones: this
+        runs on every eager call.)"""
         qp = q.data_ptr()
         if k is None:
             kp = qp
@@ -60,22 +62,35 @@ class _Plan(PlanBase):
             kp = k.data_ptr()
             if qo is None:  # in place: q and k must not share elements
                 self._check_disjoint(q, k, qp, kp)
-        qop, kop = (qp, kp) if qo is None else (qo.data_ptr(), qp if ko is None else ko.data_ptr())
-        qo = q if qo is None else qo
-        ko = k if ko is None else ko
+        if qo is None:
+            qo, ko, qop, kop = q, k, qp, kp
+        else:
+            qop = qo.data_ptr()
+            if ko is None:
+                ko, kop = k, qp
+            else:
+                kop = ko.data_ptr()
         inv = self.inv_freq
+        ip = self.inv_ptr  # (also the cache write's six pointers: unused here)
         pos = positions if positions is not None else offsets
-        cu = cu_seqlens if cu_seqlens is not None else inv
-        pos = pos if pos is not None else inv
+        if pos is None:
+            pos, posp = inv, ip
+        else:
+            posp = pos.data_ptr()
+        if cu_seqlens is None:
+            cu, cup = inv, ip
+        else:
+            cu, cup = cu_seqlens, cu_seqlens.data_ptr()
         if norm is None:
             qw = kw = inv
+            qwp = kwp = ip
         else:
             qw = norm.q_weight
             kw = qw if norm.k_weight is None else norm.k_weight
-        ip = self.inv_ptr  # (the cache write's six pointers: unused here)
-        self.launch((qp, qop, kp, kop, pos.data_ptr(), cu.data_ptr(), ip, qw.data_ptr(), kw.data_ptr(),
-                     ip, ip, ip, ip, ip, ip), pos_base,
-                    (q, qo, k, ko, pos, cu, inv, qw, kw, inv, inv, inv, inv, inv, inv))
+            qwp, kwp = qw.data_ptr(), kw.data_ptr()
+        self.launch((qp, qop, kp, kop, posp, cup, ip, qwp, kwp, ip, ip, ip, ip, ip, ip), pos_base,
+                    (q, qo, k, ko, pos, cu, inv, qw, kw, inv, inv, inv, inv, inv, inv),
+                    qp | qop | kp | kop | posp | cup | ip | qwp | kwp)
 
     def _check_disjoint(self, q, k, qp, kp) -> None:
         (qlo, qhi), (klo, khi) = self.q_span, self.k_span
