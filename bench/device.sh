@@ -17,6 +17,7 @@
 #   titan   bench/torchtitan_train.sh: llama3 + deepseek_v3 loss curves, eager and compiled
 #   suite   the GPU test suite (-rf names failures)
 #   san     compute-sanitizer memcheck on the serving ops
+#   checks  titan, suite and san at once (correctness only, no timing: they share the GPU)
 #   why     profiler evidence for the serving misses: Nsight Compute on DeepSeek-V3 FP8
 #           decode-1 (ours, the plain store of the same bytes), each launch shape's graph
 #           time there and at 8 tokens, and decode-256 ours against Liger's kernel
@@ -73,6 +74,16 @@ for part in "$@"; do
     san) YARN_TRITON_AUTOTUNE=0 step 100 compute-sanitizer --tool memcheck --error-exitcode 3 \
            python3 bench/sanitize_cache.py > "$OUT/sanitizer.txt" 2>&1
          echo "san rc=$?" ;;
+    checks) step "${TITAN_SECONDS:-420}" bash bench/torchtitan_train.sh > "$OUT/torchtitan.txt" 2>&1 &
+            t_pid=$!
+            step "${SUITE_SECONDS:-300}" python3 -m pytest -q -p no:cacheprovider -n 12 --dist worksteal -rf \
+              --durations=15 tests > "$OUT/gpu_suite.txt" 2>&1 &
+            s_pid=$!
+            YARN_TRITON_AUTOTUNE=0 step 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
+              python3 bench/sanitize_cache.py > "$OUT/sanitizer.txt" 2>&1
+            echo "san rc=$?"
+            wait $s_pid; echo "suite rc=$?"
+            wait $t_pid; echo "titan rc=$?" ;;
     why) for m in ours moves; do
            YARN_TRITON_AUTOTUNE=1 step 60 ncu --profile-from-start off --set full --export "$OUT/ds_fp8_d1_$m" \
              --force-overwrite python3 bench/ncu_cache_case.py deepseek-v3 fp8 decode-1 $m > "$OUT/ncu_ds_$m.log" 2>&1

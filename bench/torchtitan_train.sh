@@ -20,7 +20,8 @@ if [ "${1:-}" = "--fetch-wheels" ]; then  # (the device's wheels: bench/fetch_wh
 fi
 
 if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  # (not again where bench/device.sh installed them: other parts may be importing from there)
+  [ -d /tmp/site/torchtitan ] || "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
