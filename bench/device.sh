@@ -50,11 +50,19 @@ for part in "$@"; do
         fi_pid=$! ;;
     qkv) step "${QKV_SECONDS:-200}" python3 bench/bench_qkv.py --sweep --out "$OUT/qkv.json" > "$OUT/qkv_log.txt" 2>&1
          echo "qkv rc=$?" ;;
-    ncu) YARN_TRITON_AUTOTUNE=0 step 120 ncu --kernel-name regex:qkv --launch-count 2 --set full \
+    ncu) # every qkv_rope_kernel launch of one 16K-token run (the plain GEMM's and the fused
+         # one's; EPILOGUE in the report's launch arguments tells them apart), then cuBLAS's
+         YARN_TRITON_AUTOTUNE=0 step 150 ncu --kernel-name regex:qkv --launch-count 6 --set full \
            --export "$OUT/qkv_16k" --force-overwrite \
            python3 bench/bench_qkv.py --models llama3-8b --tokens 16384 --out "$OUT/qkv_ncu_run.json" > "$OUT/ncu_log.txt" 2>&1
          echo "ncu rc=$?"
-         [ -f "$OUT/qkv_16k.ncu-rep" ] && ncu --import "$OUT/qkv_16k.ncu-rep" --page details > "$OUT/qkv_16k_ncu.txt" 2>&1 ;;
+         [ -f "$OUT/qkv_16k.ncu-rep" ] && ncu --import "$OUT/qkv_16k.ncu-rep" --page details > "$OUT/qkv_16k_ncu.txt" 2>&1
+         YARN_TRITON_AUTOTUNE=0 step 90 ncu --kernel-name regex:"nvjet|xmma|gemm|cutlass" --launch-count 1 --set full \
+           --export "$OUT/cublas_16k" --force-overwrite \
+           python3 bench/bench_qkv.py --models llama3-8b --tokens 16384 --out "$OUT/qkv_ncu_run2.json" > "$OUT/ncu_log2.txt" 2>&1
+         [ -f "$OUT/cublas_16k.ncu-rep" ] && ncu --import "$OUT/cublas_16k.ncu-rep" --page details > "$OUT/cublas_16k_ncu.txt" 2>&1
+         grep -hE "^  [a-zA-Z_0-9]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy" \
+           "$OUT/qkv_16k_ncu.txt" "$OUT/cublas_16k_ncu.txt" 2>/dev/null | head -40 ;;
     cache) [ -n "$fi_pid" ] && { wait "$fi_pid"; tail -1 "$OUT/flashinfer_build.txt"; }
            step "${CACHE_SECONDS:-220}" python3 bench/bench_cache.py --out "$OUT/cache.json" > "$OUT/cache_log.txt" 2>&1
            echo "cache rc=$?" ;;
