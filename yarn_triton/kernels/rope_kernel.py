@@ -712,6 +712,11 @@ def rope_kernel(
     kx1, kx2 = _load_heads(k_ptr + k_row[None, :, None], k_lo, k_hi, tok_mask, k_sh, k_sd,
                            HALF, HALF_PAD, IN_PAIRS, BLOCK_T, K_BLOCK_H, WIDE)
 
+    # inv_freq too, before any store: a load issued after a store waits until that store's
+    # data has arrived (one more round trip on a decode program's path)
+    jf = tl.arange(0, HALF_PAD)
+    inv_freq = tl.load(inv_freq_ptr + jf, mask=jf < HALF, other=0.0)
+
     # Copies that need no angle go before the trigonometry: v into its cache, and a
     # pass-through tail that is only copied or quantized (an out-of-place or FP8 q_out, a
     # cache's k; no norm, no query scale), e.g. the 512 q_nope channels of an MLA head in
@@ -764,8 +769,6 @@ def rope_kernel(
     Q_TAIL_LEFT: tl.constexpr = 0 if Q_TAIL_EARLY else Q_TAIL_PAD
     K_TAIL_LEFT: tl.constexpr = 0 if K_TAIL_EARLY else K_TAIL_PAD
 
-    jf = tl.arange(0, HALF_PAD)
-    inv_freq = tl.load(inv_freq_ptr + jf, mask=jf < HALF, other=0.0)
     cos, sin = _cos_sin(pos, inv_freq, PRECISE, SINCOS)
     # float arguments can arrive as float64 (Inductor's launches): the math stays float32
     scale = tl.cast(scale, tl.float32)
