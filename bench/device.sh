@@ -92,21 +92,25 @@ for part in "$@"; do
             echo "san rc=$?"
             wait $s_pid; echo "suite rc=$?"
             wait $t_pid; echo "titan rc=$?" ;;
-    why) for m in ours moves; do
-           YARN_TRITON_AUTOTUNE=1 step 60 ncu --profile-from-start off --set full --export "$OUT/ds_fp8_d1_$m" \
+    why) # (WHY_FULL=1: also the plain store's profile and each launch shape's graph time)
+         ms="ours"; [ -n "${WHY_FULL:-}" ] && ms="ours moves"
+         for m in $ms; do
+           step 60 ncu --profile-from-start off --set full --export "$OUT/ds_fp8_d1_$m" \
              --force-overwrite python3 bench/ncu_cache_case.py deepseek-v3 fp8 decode-1 $m > "$OUT/ncu_ds_$m.log" 2>&1
            ncu --import "$OUT/ds_fp8_d1_$m.ncu-rep" --page details > "$OUT/ds_fp8_d1_$m.txt" 2>&1
          done
-         for r in decode-1 decode-8; do
-           step 60 python3 bench/ncu_cache_case.py deepseek-v3 fp8 $r ours --shapes 2>&1 | tee -a "$OUT/ds_fp8_shapes.txt" | tail -1
-         done
+         if [ -n "${WHY_FULL:-}" ]; then
+           for r in decode-1 decode-8; do
+             step 60 python3 bench/ncu_cache_case.py deepseek-v3 fp8 $r ours --shapes 2>&1 | tee -a "$OUT/ds_fp8_shapes.txt" | tail -1
+           done
+         fi
          for peer in ours liger; do
            a=""; [ $peer = liger ] && a="liger"
            step 60 ncu --profile-from-start off --set full --export "$OUT/decode256_$peer" --force-overwrite \
              python3 bench/ncu_case.py decode-256 1 $a > "$OUT/ncu_d256_$peer.log" 2>&1
            ncu --import "$OUT/decode256_$peer.ncu-rep" --page details > "$OUT/decode256_$peer.txt" 2>&1
          done
-         grep -hE "^  [a-z_]+|Duration|Elapsed Cycles|Registers Per|Achieved Occupancy|Grid Size|Block Size" \
+         grep -hE "^  [a-z_]+|Duration|Registers Per|Achieved Occupancy|Grid Size|Block Size|Executed Ipc A" \
            "$OUT"/ds_fp8_d1_*.txt "$OUT"/decode256_*.txt | head -40
          echo "why done" ;;
     *) echo "unknown part: $part" >&2 ;;
