@@ -4,6 +4,11 @@ stores, special-function and float64 instructions).
 
     python bench/inspect_kernel.py                       # the prefill neox configuration
     python bench/inspect_kernel.py --layout deepseek --half 32 --block-t 4 --block-h 16
+    python bench/inspect_kernel.py --mla-fp8-decode       # the serving op's 1-token MLA FP8 launch
+
+``--order`` prints the global loads and stores in program order: in a decode launch what
+matters is how many round trips to memory lie on a program's path (a load issued after a
+store that waits for data waits that long too).
 """
 
 from __future__ import annotations
@@ -23,13 +28,16 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def compile_sm90(fn, constexprs: dict, dtype: str = "bf16", divisible=(), num_warps: int = 4):
-    """Compile ``fn`` with pointer args of ``dtype`` (int args i32, float args fp32)."""
+def compile_sm90(fn, constexprs: dict, dtype: str = "bf16", divisible=(), num_warps: int = 4, ptr_types=None):
+    """Compile ``fn`` with pointer args of ``dtype`` (int args i32, float args fp32;
+    ``ptr_types``: other types of named pointers)."""
     sig = {}
     for p in fn.params:
         name = p.name
         if name in constexprs:
             sig[name] = "constexpr"
+        elif ptr_types and name in ptr_types:
+            sig[name] = ptr_types[name]
         elif name.endswith("_ptr"):
             sig[name] = "*i64" if name in ("pos_ptr", "cu_ptr") else ("*fp32" if "freq" in name or "scale" in name and name.endswith("_ptr") else f"*{dtype}")
         elif name in ("scale", "qs_beta"):
@@ -88,6 +96,10 @@ def main(argv=None):
     ap.add_argument("--one-step", action="store_true", help="one head step covers each group (no head loop)")
     ap.add_argument("--low-rot", action="store_true",
                     help="the opt-in low-precision rotation (LOW_ROT: 16-bit products, YARN_TRITON_LOW_PRECISION_ROTATION)")
+    ap.add_argument("--mla-fp8-decode", action="store_true",
+                    help="the serving op's DeepSeek-V3 decode launch: one token, one q head (512 q_nope channels "
+                         "copied before 64 rotary ones) per one-warp program, FP8 q_out, k_pe and kv_c to an FP8 cache")
+    ap.add_argument("--order", action="store_true", help="print the global loads and stores in program order")
     ap.add_argument("--dump", default="", help="write SASS here")
     a = ap.parse_args(argv)
     in_pairs, out_pairs = {"neox": (0, 0), "interleaved": (1, 1), "deepseek": (1, 0)}[a.layout]
@@ -100,16 +112,30 @@ def main(argv=None):
              ROWS=a.rows, Q_SCALE=int(a.q_scale), TAIL_FIRST=0, SINCOS=a.sincos,
              # the serving op's cache write and the context-parallel derivation: off here
              CACHE=0, V_DIM=0, V_PAD=1, QUANT_PTRS=0, V_BLOCK_H=1, V_ONE_STEP=1, CP=0, LOW_ROT=int(a.low_rot))
+    ptr_types = None
+    extra_div = []
+    if a.mla_fp8_decode:
+        c.update(HALF=32, HALF_PAD=32, Q_TAIL_PAD=512, IN_PAIRS=1, OUT_PAIRS=0, INPLACE=0, BLOCK_T=1, Q_BLOCK_H=1,
+                 K_BLOCK_H=1, HEAD_GROUPS=128, TAIL_FIRST=1, Q_ONE_STEP=1, K_ONE_STEP=1, CACHE=1, V_DIM=512,
+                 V_PAD=512, QUANT_PTRS=7, V_BLOCK_H=1, V_ONE_STEP=1, NORM=0, MROPE=0, Q_SCALE=0, LOW_ROT=0)
+        c.update({n: 1 for n in ("v_sd", "vc_sd", "slot_ss")})
+        a.warps = 1
+        ptr_types = {"qo_ptr": "*fp8e4nv", "ko_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv", "qq_ptr": "*fp32",
+                     "kq_ptr": "*fp32", "vq_ptr": "*fp32", "slot_ptr": "*i64"}
+        # 512 q_nope channels, cache rows of 576 and slot counts: multiples of 16, as Triton sees them
+        extra_div = ["q_tail", "n_slots", "block_size", "v_sb", "v_ss", "v_sh", "vc_sb", "vc_ss", "vc_sh"]
     c.update({n: 1 for n in ("q_sd", "qo_sd", "k_sd", "ko_sd", "pos_ss")})
     # pointers and the token/head strides of q, k and their outputs 16-aligned, as for
     # contiguous or fused-projection tensors of a real model
     strides = [p.name for p in rope_kernel.params if p.name[:1] in "qk" and p.name[-3:-1] in ("_s", "os")]
-    k = compile_sm90(rope_kernel, c, num_warps=a.warps, divisible=strides + [
+    k = compile_sm90(rope_kernel, c, num_warps=a.warps, ptr_types=ptr_types, divisible=strides + extra_div + [
         p.name for p in rope_kernel.params if p.name.endswith("_ptr")])
     sass, ops = sass_mix(k.asm["cubin"])
     print(f"{resources(k.asm['cubin'])}, shared {k.metadata.shared} B")
     keys = [o for o in ops if o.startswith(("LDG", "STG", "MUFU", "D", "LDS", "STS", "SHFL", "BAR", "F2F", "I2F", "F2I", "CALL", "BRA"))]
     print("  ".join(f"{o}:{ops[o]}" for o in sorted(keys)), f" total:{sum(ops.values())}")
+    if a.order:
+        print("order:", " ".join(re.findall(r"\b(?:LDG|STG)[A-Z0-9_.]*", sass)))
     if a.dump:
         open(a.dump, "w").write(sass)
 
