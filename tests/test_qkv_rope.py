@@ -44,17 +44,20 @@ def _case(gen, dtype, tokens, hidden, hq, hk, d, bias, norm, dev="cpu", row_pad=
 
 
 def _truth(x, w, b, qn, kn, pos, p, hq, hk, d, layout, unit_offset=False):
-    """float64: F.linear, then the reference norm + rope of q's and k's heads."""
-    y = F.linear(x.double(), w.double(), None if b is None else b.double())
+    """float64: F.linear, then the reference norm + rope of q's and k's heads; computed on
+    the CPU (as the reference's angles are) and returned on x's device, differentiably
+    (the gradient test differentiates it)."""
+    dev = x.device
+    x, w, pos = x.cpu().double(), w.cpu().double(), pos.cpu()
+    y = F.linear(x, w, None if b is None else b.cpu().double())
     q, k, v = y.split([hq * d, hk * d, hk * d], dim=-1)
     q, k, v = q.unflatten(-1, (hq, d)), k.unflatten(-1, (hk, d)), v.unflatten(-1, (hk, d))
-    pos = pos.cpu()
     if qn is not None:
-        q, k = qk_norm_rope_reference(q, k, pos, p, qn.double(), kn.double(), eps=1e-6, unit_offset=unit_offset,
-                                      layout=layout, compute_dtype=torch.float64)
+        q, k = qk_norm_rope_reference(q, k, pos, p, qn.cpu().double(), kn.cpu().double(), eps=1e-6,
+                                      unit_offset=unit_offset, layout=layout, compute_dtype=torch.float64)
     else:
         q, k = rope_reference(q, k, pos, p, layout=layout, compute_dtype=torch.float64)
-    return q, k, v
+    return q.to(dev), k.to(dev), v.to(dev)
 
 
 # (layout, dtype, tokens, hidden, hq, hk, head dim, rotary dim, bias, norm: 0 / 1 / 2 unit

@@ -13,6 +13,8 @@ skipped). Kernel tests run on ``kdev`` (the interpreter on the CPU, or a GPU); a
 PyTorch path of CPU tensors; CUDA-graph replay needs a GPU.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -999,7 +1001,8 @@ def test_cpu_reference_path(monkeypatch, gen):
 def test_torch_compile_fullgraph_matches_eager(kdev, gen):
     """Both ops in one torch.compile(fullgraph=True) function give eager's results bit for
     bit: q_out (FP8), the caches, q_pe, and reads of the caches after the writes (the
-    compiler sees the caches mutated). Inductor on a GPU, aot_eager on the CPU."""
+    compiler sees the caches mutated). Inductor on a GPU, aot_eager on the CPU
+    (YT_TEST_BACKEND=inductor: Inductor there too)."""
     p, pm = _params(32), _params(16)
     T, hq, hk, d, nb, bs, L, R = 4, 4, 2, 32, 2, 4, 32, 16
     q, k, v = _qkv(gen, (T,), hq, hk, d, d, torch.bfloat16, kdev)
@@ -1029,7 +1032,7 @@ def test_torch_compile_fullgraph_matches_eager(kdev, gen):
         return list(outs) + [kv, q_out, qm_, kvm]
 
     want = run(f)
-    backend = "aot_eager" if kdev == "cpu" else "inductor"
+    backend = os.environ.get("YT_TEST_BACKEND") or ("aot_eager" if kdev == "cpu" else "inductor")
     torch._dynamo.reset()
     try:
         got = run(torch.compile(f, fullgraph=True, backend=backend))

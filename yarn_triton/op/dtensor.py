@@ -166,11 +166,14 @@ def _local_positions(positions, q, mesh, token_dims, shape, start, lead: int, dt
     if isinstance(positions, dt):
         _check_mesh("positions", positions, mesh)
         if not all(p.is_replicate() for p in positions.placements):
-            target = tuple(Replicate() if d is None or pos_dim(d) is None else Shard(pos_dim(d)) for d in token_dims)
+            # per mesh dim, the positions dim that must be sharded there (None: replicated),
+            # compared as ints: placement objects built here and compared under torch.compile
+            # (torch 2.11's Dynamo) did not compare equal to equal ones
+            want = tuple(None if d is None else pos_dim(d) for d in token_dims)
             given = tuple(positions.placements)
-            if any(not (a.is_replicate() and b.is_replicate()) and not (
-                    type(a) is Shard and type(b) is Shard and _shard_dim(a, npos) == b.dim)
-                    for a, b in zip(given, target)):
+            if any(not (a.is_replicate() or type(a) is Shard) or _shard_dim(a, npos) != w
+                   for a, w in zip(given, want)):
+                target = tuple(Replicate() if w is None else Shard(w) for w in want)
                 raise ValueError(
                     f"positions has placements {given} but q has {tuple(q.placements)}: give positions replicated, "
                     f"or sharded like the tokens they index, {target}")
