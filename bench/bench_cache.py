@@ -562,11 +562,14 @@ def run_row(model, cache, row, caches, args, liger, fi, bw, log, device="cuda", 
         out["fi_table_bytes"] = fi.table.numel() * fi.table.element_size()
         out["fi_table_positions"] = MAX_POS
     methods = r.methods(liger, fi)
+    from yarn_triton.kernels.launcher import tuned_configs
+
     for m, (fn, layout, note) in methods.items():
         out[f"{m}_note"] = note
         if fn is None:
             out[f"{m}_error"] = note
             continue
+        before = set(tuned_configs())
         try:
             chk = r.check(fn, layout)
             out[f"{m}_check"] = chk
@@ -589,6 +592,10 @@ def run_row(model, cache, row, caches, args, liger, fi, bw, log, device="cuda", 
                 log(f"  {model} {cache} {row}: {m} launched {len(ks)} kernels, not {want}: {ks}")
             if bw:
                 out[f"{m}_x_floor"] = out[f"{m}_us"] / out["floor_us"]
+            # the launch shapes the tuner picked for this column's calls (tokens per program,
+            # heads per step, warps, stages, head groups); empty when an earlier row's shape
+            # class already held them
+            out[f"{m}_tuned"] = [list(c) for key, c in tuned_configs().items() if key not in before]
         except Exception as e:
             out[f"{m}_error"] = f"{type(e).__name__}: {e}"[:400]
             log(f"  {model} {cache} {row}: {m} failed in timing: {out[f'{m}_error']}")
