@@ -155,11 +155,7 @@ def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
     # must keep refusing), Function.apply's Python wrapper adds nothing, and a call where
     # nothing needs a gradient gets the same result without the Function.
     plain = not torch._C._are_functorch_transforms_active() and _forward_ad._current_level < 0
-    if norm is None:  # (_needs_grad, inlined for the usual call)
-        grad = torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad))
-    else:
-        grad = _needs_grad(q, k, norm)
-    if plain and not grad:
+    if plain and not _needs_grad(q, k, norm):
         return _eager_copy(q, k, args, args[8], plan, key, norm)
     apply = _EAGER_ROPE_APPLY if plain else _EagerRope.apply
     if norm is None:

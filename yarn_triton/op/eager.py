@@ -43,9 +43,7 @@ class _EagerRope(torch.autograd.Function):
         # in-place change before the backward is an error, as autograd makes it for a saved
         # tensor, not wrong gradients. (Cheaper than save_for_backward, on every call.)
         ctx.meta = meta
-        p, o, c = args[0], args[1], args[2]  # (_versions, inlined: this runs on every call)
-        ctx.versions = (None if p is None else p._version, None if o is None else o._version,
-                        None if c is None else c._version)
+        ctx.versions = _versions(args)
         if weights:
             ctx.save_for_backward(q, k, *weights)
         return qo, ko
