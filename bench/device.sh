@@ -17,6 +17,9 @@
 #   titan   bench/torchtitan_train.sh: llama3 + deepseek_v3 loss curves, eager and compiled
 #   suite   the GPU test suite (-rf names failures)
 #   san     compute-sanitizer memcheck on the serving ops
+#   probe   (in the background) bench/compile_alias_probe.py: which compiled in-place calls lose a write (aot_eager,
+#           Inductor; the serving ops' kernel seen by the compiler and hidden), and the
+#           failing case's AOT graphs and Inductor code
 #   checks  titan, suite and san at once (correctness only, no timing: they share the GPU)
 #   why     profiler evidence for the serving misses: Nsight Compute on DeepSeek-V3 FP8
 #           decode-1 (ours, the plain store of the same bytes), each launch shape's graph
@@ -42,6 +45,7 @@ step() {  # step SECONDS CMD...: at most SECONDS, and never past the budget
   timeout $((want < left ? want : left)) "$@"
 }
 fi_pid=
+probe_pid=
 for part in "$@"; do
   t0=$SECONDS
   case "$part" in
@@ -82,6 +86,11 @@ for part in "$@"; do
     san) YARN_TRITON_AUTOTUNE=0 step 100 compute-sanitizer --tool memcheck --error-exitcode 3 \
            python3 bench/sanitize_cache.py > "$OUT/sanitizer.txt" 2>&1
          echo "san rc=$?" ;;
+    probe) (step 150 python3 bench/compile_alias_probe.py > "$OUT/probe.txt" 2>&1
+            step 90 python3 bench/compile_alias_probe.py --opaque --backends inductor >> "$OUT/probe.txt" 2>&1
+            TORCH_LOGS=aot_graphs,output_code step 90 python3 bench/compile_alias_probe.py --only cache_unbind_fp8 \
+              --backends inductor > "$OUT/probe_logs.txt" 2>&1) &
+           probe_pid=$! ;;  # (in the background: the next parts start at once; reported at the end)
     checks) step "${TITAN_SECONDS:-420}" bash bench/torchtitan_train.sh > "$OUT/torchtitan.txt" 2>&1 &
             t_pid=$!
             step "${SUITE_SECONDS:-300}" python3 -m pytest -q -p no:cacheprovider -n 12 --dist worksteal -rf \
@@ -118,6 +127,7 @@ for part in "$@"; do
   echo "  ($part: $((SECONDS - t0)) s, $((BUDGET - SECONDS)) s left)"
 done
 [ -n "$fi_pid" ] && kill "$fi_pid" 2>/dev/null
+[ -n "$probe_pid" ] && { wait "$probe_pid"; cat "$OUT/probe.txt"; }
 # the short report, last
 [ -f "$OUT/gpu_suite.txt" ] && { grep -E "^(FAILED|ERROR)" "$OUT/gpu_suite.txt" | head -20; tail -1 "$OUT/gpu_suite.txt"; }
 [ -f "$OUT/sanitizer.txt" ] && tail -1 "$OUT/sanitizer.txt"

@@ -1,0 +1,155 @@
+"""Which compiled calls of the in-place ops lose a write, and in which compiler stage.
+
+tests/test_rope_cache.py::test_torch_compile_fullgraph_matches_eager failed on the H100
+(torch 2.11, Inductor): after the compiled call, the v half of a cache passed as
+``kv.unbind(0)`` views held the wrong bytes, while reads of ``v_cache`` inside the
+compiled function were right. This probe runs each in-place op compiled with aot_eager
+and with Inductor, on graph inputs that alias each other (unbind views, views of one
+fused qkv buffer) and on ones that do not, and compares every base tensor bit for bit
+with eager. One line per case; with ``--only CASE`` run just that case (for
+``TORCH_LOGS=aot_graphs,output_code``).
+
+    python bench/compile_alias_probe.py [--only cache_unbind] [--backends aot_eager,inductor]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import yarn_triton as yt
+
+E4M3 = torch.float8_e4m3fn
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _params(rot: int) -> yt.RopeParams:
+    return yt.RopeParams.yarn(rot, 10000.0, 4.0, 64, mscale=0.707, mscale_all_dim=0.5)
+
+
+def _case_cache(dev, gen, unbind: bool, fp8: bool, in_graph_unbind: bool = False):
+    T, hq, hk, d, nb, bs = 4, 4, 2, 32, 2, 4
+    p = _params(32)
+    buf = torch.randn(T, (hq + 2 * hk) * d, generator=gen).to(dev, torch.bfloat16)
+    q, k, v = buf[:, :hq * d].unflatten(-1, (hq, d)), buf[:, hq * d:(hq + hk) * d].unflatten(-1, (hk, d)), \
+        buf[:, (hq + hk) * d:].unflatten(-1, (hk, d))
+    pos = torch.randint(0, 1 << 20, (T,), generator=gen).to(dev)
+    slots = torch.randperm(nb * bs, generator=gen)[:T].to(dev)
+    cdt = E4M3 if fp8 else torch.bfloat16
+    kv0 = torch.randn(2, nb, bs, hk, d, generator=gen).to(dev, cdt)
+    sc = dict(k_scale=torch.tensor(0.05, device=dev), v_scale=torch.tensor(0.03, device=dev)) if fp8 else {}
+
+    def f(q, k, v, pos, kc, vc, slots):
+        if in_graph_unbind:
+            kc, vc = kc.unbind(0)  # (kc is the whole kv here)
+        yt.apply_rope_and_cache_(q, k, v, pos, p, kc, vc, slots, **sc)
+        return q * 1
+
+    def run(fn):
+        kv, qq = kv0.clone(), q.clone()
+        if in_graph_unbind:
+            out = fn(qq, k, v, pos, kv, None, slots)
+        elif unbind:
+            kc, vc = kv.unbind(0)
+            out = fn(qq, k, v, pos, kc, vc, slots)
+        else:
+            kc, vc = kv[0].clone(), kv[1].clone()
+            out = fn(qq, k, v, pos, kc, vc, slots)
+            kv = torch.stack([kc, vc])
+        return {"out": out, "q": qq, "kv": kv}
+
+    return f, run
+
+
+def _case_rope_views(dev, gen):
+    T, hq, hk, d = 8, 4, 2, 64
+    p = _params(64)
+    buf0 = torch.randn(T, (hq + 2 * hk) * d, generator=gen).to(dev, torch.bfloat16)
+    pos = torch.randint(0, 1 << 20, (T,), generator=gen).to(dev)
+
+    def f(q, k, pos):
+        yt.apply_rope_(q, k, pos, p)
+        return q * 1, k * 1
+
+    def run(fn):
+        buf = buf0.clone()
+        q, k = buf[:, :hq * d].unflatten(-1, (hq, d)), buf[:, hq * d:(hq + hk) * d].unflatten(-1, (hk, d))
+        a, b = fn(q, k, pos)
+        return {"q*1": a, "k*1": b, "buf": buf}
+
+    return f, run
+
+
+def _case_mla(dev, gen):
+    T, H, nope, R, L, nb, bs = 4, 2, 16, 16, 32, 2, 4
+    pm = _params(R)
+    qm0 = torch.randn(T, H, nope + R, generator=gen).to(dev, torch.bfloat16)
+    k_pe = torch.randn(T, R, generator=gen).to(dev, torch.bfloat16)
+    kv_c = torch.randn(T, L, generator=gen).to(dev, torch.bfloat16)
+    cache0 = torch.randn(nb, bs, L + R, generator=gen).to(dev, torch.bfloat16)
+    pos = torch.randint(0, 1 << 20, (T,), generator=gen).to(dev)
+    slots = torch.randperm(nb * bs, generator=gen)[:T].to(dev)
+
+    def f(q_pe, k_pe, kv_c, pos, cache, slots):
+        yt.apply_mla_rope_and_cache_(q_pe, k_pe, kv_c, pos, pm, cache, slots)
+        return q_pe * 1
+
+    def run(fn):
+        qm, cache = qm0.clone(), cache0.clone()
+        out = fn(qm[..., nope:], k_pe, kv_c, pos, cache, slots)
+        return {"out": out, "q": qm, "cache": cache}
+
+    return f, run
+
+
+CASES = {
+    "cache_unbind_fp8": lambda dev, gen: _case_cache(dev, gen, True, True),
+    "cache_unbind_bf16": lambda dev, gen: _case_cache(dev, gen, True, False),
+    "cache_separate_fp8": lambda dev, gen: _case_cache(dev, gen, False, True),
+    "cache_unbind_in_graph": lambda dev, gen: _case_cache(dev, gen, True, True, True),
+    "rope_qk_views": _case_rope_views,
+    "mla_q_pe_view": _case_mla,
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=None)
+    ap.add_argument("--backends", default="aot_eager,inductor")
+    ap.add_argument("--opaque", action="store_true",
+                    help="the serving ops' kernel hidden from the compiler (their host custom op on CUDA too)")
+    a = ap.parse_args()
+    if a.opaque:
+        from yarn_triton.op import cache_api
+        cache_api.COMPILER_SEES_KERNEL = False
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"torch {torch.__version__} on {dev}{' (serving ops opaque)' if a.opaque else ''}")
+    for name, make in CASES.items():
+        if a.only and name != a.only:
+            continue
+        for backend in a.backends.split(","):
+            gen = torch.Generator().manual_seed(0)
+            f, run = make(dev, gen)
+            want = run(f)
+            torch._dynamo.reset()
+            try:
+                got = run(torch.compile(f, fullgraph=True, backend=backend))
+            except Exception as e:  # noqa: BLE001 - a probe: report and go on
+                print(f"{name:24s} {backend:10s} ERROR {type(e).__name__}: {str(e)[:200]}")
+                continue
+            finally:
+                torch._dynamo.reset()
+            bad = []
+            for key in want:
+                n = int((_bits(got[key]) != _bits(want[key])).sum())
+                if n:
+                    bad.append(f"{key}: {n}/{want[key].numel()} differ")
+            print(f"{name:24s} {backend:10s} {'ok' if not bad else 'WRONG ' + '; '.join(bad)}")
+
+
+if __name__ == "__main__":
+    main()
