@@ -63,7 +63,7 @@ def main() -> None:
 
         from yarn_triton.kernels.configs import LaunchConfig
 
-        shapes = [None] + [LaunchConfig(bt, 1, w, 1, g) for bt in (1, 4) for w in (1, 2)
+        shapes = [None] + [LaunchConfig(bt, 1, w, 1, g) for bt in (1, 2, 4) for w in (1, 2, 4)
                            for g in (32, 64, 128) if bt <= r.T]
         for cfg in shapes:
             fn = _with_config(r, cfg)

@@ -45,6 +45,8 @@ _CANDIDATES = [
     (1, 1, 32, 1), (1, 1, 16, 1), (2, 1, 16, 1), (4, 1, 32, 1), (1, 8, 4, 1), (1, 16, 2, 2), (1, 32, 1, 4),
     (1, 32, 1, 2),
     (2, 16, 1, 4), (2, 8, 4, 1), (2, 16, 2, 2), (4, 8, 4, 2),
+    # MLA's 128 heads at a few tokens: a group per head or two (576-channel rows)
+    (1, 1, 64, 1), (1, 1, 128, 1), (2, 1, 64, 1), (2, 1, 128, 1), (1, 1, 128, 2),
 ]
 # Tuning times candidates on scratch copies of q and k (the user's tensors are never
 # touched, and no restore copy pollutes the timing); past this size it is not worth it.
