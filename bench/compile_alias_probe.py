@@ -84,6 +84,27 @@ def _case_rope_views(dev, gen):
     return f, run
 
 
+def _case_rope_views_in_graph(dev, gen):
+    """q and k sliced inside the compiled function from an intermediate (a fused
+    projection's output), rotated in place: the Phi-3 / fused-QKV pattern."""
+    T, hq, hk, d = 8, 4, 2, 64
+    p = _params(64)
+    x = torch.randn(T, (hq + 2 * hk) * d, generator=gen).to(dev, torch.bfloat16)
+    pos = torch.randint(0, 1 << 20, (T,), generator=gen).to(dev)
+
+    def f(x, pos):
+        buf = x * 2
+        q, k = buf[:, :hq * d].unflatten(-1, (hq, d)), buf[:, hq * d:(hq + hk) * d].unflatten(-1, (hk, d))
+        yt.apply_rope_(q, k, pos, p)
+        return q * 1, k * 1, buf
+
+    def run(fn):
+        a, b, c = fn(x, pos)
+        return {"q*1": a, "k*1": b, "buf": c}
+
+    return f, run
+
+
 def _case_mla(dev, gen):
     T, H, nope, R, L, nb, bs = 4, 2, 16, 16, 32, 2, 4
     pm = _params(R)
@@ -112,6 +133,7 @@ CASES = {
     "cache_separate_fp8": lambda dev, gen: _case_cache(dev, gen, False, True),
     "cache_unbind_in_graph": lambda dev, gen: _case_cache(dev, gen, True, True, True),
     "rope_qk_views": _case_rope_views,
+    "rope_qk_views_in_graph": _case_rope_views_in_graph,
     "mla_q_pe_view": _case_mla,
 }
 
