@@ -1,15 +1,17 @@
-"""Which compiled calls of the in-place ops lose a write, and in which compiler stage.
+"""Which compiled calls of the in-place ops lose a write, and whose bug it is.
 
 tests/test_rope_cache.py::test_torch_compile_fullgraph_matches_eager failed on the H100
-(torch 2.11, Inductor): after the compiled call, the v half of a cache passed as
-``kv.unbind(0)`` views held the wrong bytes, while reads of ``v_cache`` inside the
-compiled function were right. This probe runs each in-place op compiled with aot_eager
-and with Inductor, on graph inputs that alias each other (unbind views, views of one
-fused qkv buffer) and on ones that do not, and compares every base tensor bit for bit
-with eager. One line per case; with ``--only CASE`` run just that case (for
-``TORCH_LOGS=aot_graphs,output_code``).
+(torch 2.11, Inductor), when the serving ops were ``triton_op``s: after the compiled call,
+the v half of a cache passed as ``kv.unbind(0)`` views held the wrong bytes, while reads of
+``v_cache`` inside the compiled function were right. This probe runs each in-place op
+compiled with aot_eager and with Inductor, on graph inputs that alias each other (unbind
+views, views of one fused qkv buffer), on ones that do not, and on views sliced inside
+the graph, and compares every base tensor bit for bit with eager. Then the same unbind
+pattern without our package (CUDA only): a two-line Triton kernel that adds to two
+mutated arguments, as a ``triton_op`` and as an opaque ``custom_op``. One line per case;
+with ``--only CASE`` just that case (for ``TORCH_LOGS=aot_graphs,output_code``).
 
-    python bench/compile_alias_probe.py [--only cache_unbind] [--backends aot_eager,inductor]
+    python bench/compile_alias_probe.py [--only cache_unbind_fp8] [--backends aot_eager,inductor]
 """
 
 from __future__ import annotations
@@ -127,6 +129,49 @@ def _case_mla(dev, gen):
     return f, run
 
 
+def _minimal_cases() -> dict:
+    """The unbind pattern without yarn_triton: ``a += 1; b += 2`` by one Triton kernel on
+    ``a, b = kv.unbind(0)``, registered as a ``triton_op`` (the compiler traces the launch)
+    and as an opaque ``custom_op`` (CUDA only: Triton compiles for the GPU)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add_two(a_ptr, b_ptr, n, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        m = o < n
+        tl.store(a_ptr + o, tl.load(a_ptr + o, mask=m) + 1.0, mask=m)
+        tl.store(b_ptr + o, tl.load(b_ptr + o, mask=m) + 2.0, mask=m)
+
+    def launch(a, b, kernel):
+        kernel[(1,)](a, b, a.numel(), BLOCK=triton.next_power_of_2(a.numel()))
+
+    @torch.library.triton_op("yt_probe::add_two_traced", mutates_args=("a", "b"))
+    def traced(a: torch.Tensor, b: torch.Tensor) -> None:
+        launch(a, b, torch.library.wrap_triton(add_two))
+
+    @torch.library.custom_op("yt_probe::add_two_opaque", mutates_args=("a", "b"))
+    def opaque(a: torch.Tensor, b: torch.Tensor) -> None:
+        launch(a, b, add_two)
+
+    def make(op):
+        def case(dev, gen):
+            kv0 = torch.randn(2, 64, generator=gen).to(dev)
+
+            def f(a, b):
+                op(a, b)
+                return a * 1, b * 1
+
+            def run(fn):
+                kv = kv0.clone()
+                x, y = fn(*kv.unbind(0))
+                return {"a*1": x, "b*1": y, "kv": kv}
+            return f, run
+        return case
+
+    return {"minimal_unbind_triton_op": make(traced), "minimal_unbind_custom_op": make(opaque)}
+
+
 CASES = {
     "cache_unbind_fp8": lambda dev, gen: _case_cache(dev, gen, True, True),
     "cache_unbind_bf16": lambda dev, gen: _case_cache(dev, gen, True, False),
@@ -142,15 +187,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=None)
     ap.add_argument("--backends", default="aot_eager,inductor")
-    ap.add_argument("--opaque", action="store_true",
-                    help="the serving ops' kernel hidden from the compiler (their host custom op on CUDA too)")
     a = ap.parse_args()
-    if a.opaque:
-        from yarn_triton.op import cache_api
-        cache_api.COMPILER_SEES_KERNEL = False
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"torch {torch.__version__} on {dev}{' (serving ops opaque)' if a.opaque else ''}")
-    for name, make in CASES.items():
+    print(f"torch {torch.__version__} on {dev}")
+    cases = dict(CASES)
+    if dev == "cuda":
+        cases.update(_minimal_cases())
+    for name, make in cases.items():
         if a.only and name != a.only:
             continue
         for backend in a.backends.split(","):

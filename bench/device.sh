@@ -18,8 +18,8 @@
 #   suite   the GPU test suite (-rf names failures)
 #   san     compute-sanitizer memcheck on the serving ops
 #   probe   (in the background) bench/compile_alias_probe.py: which compiled in-place calls lose a write (aot_eager,
-#           Inductor; the serving ops' kernel seen by the compiler and hidden), and the
-#           failing case's AOT graphs and Inductor code
+#           Inductor; ours, and a minimal kernel as triton_op and custom_op), and the
+#           serving case's AOT graphs and Inductor code
 #   checks  titan, suite and san at once (correctness only, no timing: they share the GPU)
 #   why     profiler evidence for the serving misses: Nsight Compute on DeepSeek-V3 FP8
 #           decode-1 (ours, the plain store of the same bytes), each launch shape's graph
@@ -87,8 +87,7 @@ for part in "$@"; do
            python3 bench/sanitize_cache.py > "$OUT/sanitizer.txt" 2>&1
          echo "san rc=$?" ;;
     probe) (step 150 python3 bench/compile_alias_probe.py > "$OUT/probe.txt" 2>&1
-            step 90 python3 bench/compile_alias_probe.py --opaque --backends inductor >> "$OUT/probe.txt" 2>&1
-            TORCH_LOGS=aot_graphs,output_code step 90 python3 bench/compile_alias_probe.py --only cache_unbind_fp8 \
+            TORCH_LOGS=aot_graphs,output_code step 90 python3 bench/compile_alias_probe.py --only minimal_unbind_triton_op \
               --backends inductor > "$OUT/probe_logs.txt" 2>&1) &
            probe_pid=$! ;;  # (in the background: the next parts start at once; reported at the end)
     checks) step "${TITAN_SECONDS:-420}" bash bench/torchtitan_train.sh > "$OUT/torchtitan.txt" 2>&1 &
