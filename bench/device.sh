@@ -20,7 +20,10 @@
 #   probe   (in the background) bench/compile_alias_probe.py: which compiled in-place calls lose a write (aot_eager,
 #           Inductor; ours, and a minimal kernel as triton_op and custom_op), and the
 #           serving case's AOT graphs and Inductor code
+#   verify  suite and san at once
 #   checks  titan, suite and san at once (correctness only, no timing: they share the GPU)
+#   shapes  DeepSeek-V3 FP8 serving rows (SHAPES_ROWS, default decode-1 decode-8): graph time of
+#           the fused call at the tuner's pick and at each decode launch shape
 #   why     profiler evidence for the serving misses: Nsight Compute on DeepSeek-V3 FP8
 #           decode-1 (ours, the plain store of the same bytes), each launch shape's graph
 #           time there and at 8 tokens, and decode-256 ours against Liger's kernel
@@ -100,6 +103,17 @@ for part in "$@"; do
             echo "san rc=$?"
             wait $s_pid; echo "suite rc=$?"
             wait $t_pid; echo "titan rc=$?" ;;
+    shapes) for r in ${SHAPES_ROWS:-decode-1 decode-8}; do  # graph time per launch shape, no profiler
+              step 60 python3 bench/ncu_cache_case.py deepseek-v3 fp8 $r ours --shapes 2>&1 | tee -a "$OUT/ds_fp8_shapes.txt" \
+                | sort -t: -k2 -n | head -3
+            done ;;
+    verify) step "${SUITE_SECONDS:-300}" python3 -m pytest -q -p no:cacheprovider -n 14 --dist worksteal -rf \
+              --durations=15 tests > "$OUT/gpu_suite.txt" 2>&1 &
+            s_pid=$!
+            YARN_TRITON_AUTOTUNE=0 step 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
+              python3 bench/sanitize_cache.py > "$OUT/sanitizer.txt" 2>&1
+            echo "san rc=$?"
+            wait $s_pid; echo "suite rc=$?" ;;
     why) # (WHY_FULL=1: also the plain store's profile and each launch shape's graph time)
          ms="ours"; [ -n "${WHY_FULL:-}" ] && ms="ours moves"
          for m in $ms; do
