@@ -123,9 +123,15 @@ class CachePlan(_plans.PlanBase):
         for pair in self._intersecting(ptrs):
             if (pair, ptrs[pair[1]] - ptrs[pair[0]]) not in self.checked:
                 return False
+        # (the pointers of written + read, in _written_and_read's order, reused: each is read once)
+        if q_out is None:
+            kcp, vcp, qp, kp, vp = ptrs
+            qo, qop = q, qp
+        else:
+            kcp, vcp, qop, qp, kp, vp = ptrs
+            qo = q_out
         inv = self.inv_freq
         ip = self.inv_ptr
-        qo = q if q_out is None else q_out
         if type(offsets) is _Tensor:
             pos, pos_base = offsets if positions is None else positions, 0
         else:
@@ -135,10 +141,11 @@ class CachePlan(_plans.PlanBase):
         qq = q_quant if type(q_quant) is _Tensor else inv
         kq = k_quant if type(k_quant) is _Tensor else inv
         vq = v_quant if type(v_quant) is _Tensor else inv
-        self.launch((q.data_ptr(), qo.data_ptr(), k.data_ptr(), k_cache.data_ptr(), pos.data_ptr(), cu.data_ptr(),
-                     ip, ip, ip, slots.data_ptr(), v.data_ptr(), v_cache.data_ptr(), qq.data_ptr(), kq.data_ptr(),
-                     vq.data_ptr()), pos_base,
-                    (q, qo, k, k_cache, pos, cu, inv, inv, inv, slots, v, v_cache, qq, kq, vq))
+        posp, cup, sp, qqp, kqp, vqp = (pos.data_ptr(), cu.data_ptr(), slots.data_ptr(), qq.data_ptr(),
+                                        kq.data_ptr(), vq.data_ptr())
+        self.launch((qp, qop, kp, kcp, posp, cup, ip, ip, ip, sp, vp, vcp, qqp, kqp, vqp), pos_base,
+                    (q, qo, k, k_cache, pos, cu, inv, inv, inv, slots, v, v_cache, qq, kq, vq),
+                    qp | qop | kp | kcp | posp | cup | ip | sp | vp | vcp | qqp | kqp | vqp)
         return True
 
 
