@@ -318,6 +318,17 @@ def _cache_rows(slot_ptr, slot_off, tok_mask, n_slots, block_size, WIDE: tl.cons
 
 
 @triton.jit
+def _tail_offset(tail, HALF: tl.constexpr, TAIL_FIRST: tl.constexpr):
+    """Channel offset of a head's ``tail`` pass-through channels from the start of its
+    rotary part: ``[tail | rotary part]`` (TAIL_FIRST) ends where the rotary part starts;
+    ``[rotary part | tail]`` starts where it ends."""
+    if TAIL_FIRST:
+        return -tail
+    else:
+        return 2 * HALF
+
+
+@triton.jit
 def _copy_tile(h0, h_hi, mask, dim, DIM_PAD: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr):
     """Head offsets ``[BLOCK_H, 1, 1]``, channel offsets ``[1, 1, DIM_PAD]`` and the mask of
     one step of a copy: heads ``h0 ..`` below ``h_hi``, channels below ``dim``, the tokens
@@ -479,10 +490,7 @@ def _rotate_step(
     if TAIL_PAD > 0 and (NORM or SCALED or not INPLACE):  # pass-through channels of a partial rotary
         t = _idx(tl.arange(0, TAIL_PAD), WIDE)[None, None, :]
         tail_mask = th_mask & (t < tail)
-        if TAIL_FIRST:  # [tail | rotary part]: the tail ends where the rotary part starts
-            tc = t - tail
-        else:  # [rotary part | tail]
-            tc = t + 2 * HALF
+        tc = t + _tail_offset(tail, HALF, TAIL_FIRST)
         tail_x = tl.load(src_row + h * in_sh + tc * in_sd, mask=tail_mask, other=0.0)
         if NORM or SCALED:
             tail_f = tail_x.to(tl.float32)
@@ -729,12 +737,8 @@ def rope_kernel(
     K_TAIL_EARLY: tl.constexpr = K_TAIL_PAD > 0 and not K_INPLACE and NORM == 0 and K_ONE_STEP
     q_qinv = _inverse(q_qs)
     k_qinv = _inverse(k_qs)
-    if TAIL_FIRST:  # [tail | rotary part]: the tail ends where the rotary part starts
-        q_toff = -q_tail
-        k_toff = -k_tail
-    else:  # [rotary part | tail]
-        q_toff = 2 * HALF
-        k_toff = 2 * HALF
+    q_toff = _tail_offset(q_tail, HALF, TAIL_FIRST)
+    k_toff = _tail_offset(k_tail, HALF, TAIL_FIRST)
     tmask3 = tok_mask[None, :, None]
     if Q_TAIL_EARLY:
         q_tsrc = q_ptr + (q_row + q_toff * q_sd)[None, :, None]
