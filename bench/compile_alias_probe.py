@@ -1,15 +1,21 @@
 """Which compiled calls of the in-place ops lose a write, and whose bug it is.
 
 tests/test_rope_cache.py::test_torch_compile_fullgraph_matches_eager failed on the H100
-(torch 2.11, Inductor), when the serving ops were ``triton_op``s: after the compiled call,
-the v half of a cache passed as ``kv.unbind(0)`` views held the wrong bytes, while reads of
-``v_cache`` inside the compiled function were right. This probe runs each in-place op
-compiled with aot_eager and with Inductor, on graph inputs that alias each other (unbind
-views, views of one fused qkv buffer), on ones that do not, and on views sliced inside
-the graph, and compares every base tensor bit for bit with eager. Then the same unbind
-pattern without our package (CUDA only): a two-line Triton kernel that adds to two
-mutated arguments, as a ``triton_op`` and as an opaque ``custom_op``. One line per case;
-with ``--only CASE`` just that case (for ``TORCH_LOGS=aot_graphs,output_code``).
+(torch 2.11, Inductor): after the compiled call, the v half of a cache passed as
+``kv.unbind(0)`` views held the wrong bytes, while the k half was right. This probe runs
+each in-place op compiled with aot_eager and with Inductor, on graph inputs that alias
+each other (unbind views, views of one fused qkv buffer), on ones that do not, and on
+views taken inside the graph, and compares every base tensor bit for bit with eager. Then
+the same unbind pattern without our package (CUDA only): a two-line Triton kernel that
+adds to two mutated arguments, registered as a ``triton_op`` and as an opaque
+``custom_op``. One line per case; with ``--only CASE`` just that case (for
+``TORCH_LOGS=aot_graphs,output_code``).
+
+On an H100 (torch 2.11, 2026-12-06): every case is right with aot_eager; with Inductor the
+serving op loses the v cache's writes when the caches are passed in (as unbind views, and
+as two separate tensors), is right when the whole cache is passed in and split inside, and
+the two-line kernel loses its second argument's writes as a ``triton_op`` and as a
+``custom_op`` alike: torch's bug, not the kernel's. On the CPU (torch 2.13) all are right.
 
     python bench/compile_alias_probe.py [--only cache_unbind_fp8] [--backends aot_eager,inductor]
 """

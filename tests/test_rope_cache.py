@@ -790,6 +790,44 @@ def test_mla_q_nope_must_precede_q_pe(gen):
         assert torch.equal(q, q0) and torch.equal(cache, c0)
 
 
+def test_mla_many_heads_at_every_wide_launch_shape(kdev, gen):
+    """The serving path's launch shapes of one to four tokens with 64 or 128 head groups
+    (the decode candidates for MLA's 128 heads, 1 to 4 warps), 3 tokens (a partial token
+    block): FP8 q_out with q_nope, FP8 cache, each shape against the float64 truth. The
+    interpreter, which has no warps and takes about 50 ms a program here, runs the
+    multi-token shapes of 128 groups at 2 tokens."""
+    from yarn_triton.kernels.configs import candidate_configs
+
+    dtype, H, nope, R, L, nb, bs = torch.bfloat16, 128, 16, 16, 32, 3, 4
+    T = 3 if kdev == "cuda" else 2
+    p = _params(R)
+    q, q_pe, k_pe, kv_c = _mla_inputs(gen, (T,), H, nope, R, L, dtype, kdev, False, False)
+    slots = _slots(gen, T, nb * bs, 1)
+    pos = _positions(gen, (T,))
+    sc = _maybe_scale(torch.cat((kv_c.reshape(-1), k_pe.reshape(-1))), E4M3, "float")
+    qs = _scale(q, E4M3, "tensor1")
+    q0 = q.cpu().clone()
+    tq, tk = rope_reference(q_pe.cpu().to(F64), k_pe.cpu().to(F64).reshape(T, 1, R), pos, p, layout="deepseek",
+                            compute_dtype=F64)
+    shapes = [c for c in candidate_configs(8, H, 1, R // 2) if c.head_groups >= 64]
+    assert len(shapes) >= 5 and {c.num_warps for c in shapes} >= {1, 4}
+    if kdev == "cpu":
+        shapes = list({(c.block_t, c.head_groups): c for c in shapes if c.block_t > 1 and c.head_groups == 128}
+                      .values())
+    for cfg in shapes:
+        cache = _Caches("mla", nb, bs, 1, L + R, None, E4M3, gen, kdev)
+        q_out = torch.full((T, H, nope + R), float("nan"), device=kdev).to(E4M3)
+        yt.apply_mla_rope_and_cache_(q_pe, k_pe, kv_c, pos.to(kdev), p, cache.views[0], slots.to(kdev), scale=sc,
+                                     q_out=q_out, q_scale=qs, q_nope=q[..., :nope], config=cfg)
+        got = q_out.cpu()
+        _assert_rotated(f"q_out rope part {cfg}", got[..., -R:], tq, E4M3, qs)
+        _assert_exact(f"q_out nope part {cfg}", got[..., :nope], _quant_input(q0[..., :nope], E4M3, qs))
+        ok, s = _valid(slots, cache.n_slots)
+        (rows,) = cache.rows(s)
+        _assert_rotated(f"kv_cache k_pe part {cfg}", rows[:, L:], tk.reshape(-1, R)[ok], E4M3, sc)
+        cache.assert_untouched_except(s)
+
+
 @pytest.mark.parametrize("cache", ["same", E4M3], ids=_name)
 def test_mla_deepseek_v3_shape(cache, kdev, gen):
     """DeepSeek-V3's MLA shapes, 2 tokens: q [T, H, 192] with q_pe = q[..., 128:], kv_c
@@ -998,11 +1036,25 @@ def test_cpu_reference_path(monkeypatch, gen):
 # ------------------------------------------------------------------------------------
 # torch.compile and CUDA graphs
 # ------------------------------------------------------------------------------------
-def test_torch_compile_fullgraph_matches_eager(kdev, gen):
+# torch 2.11's Inductor on CUDA (the device's) loses writes of an op that mutates two cache
+# views passed into the compiled function: ours as triton_op and as custom_op alike, and a
+# two-line Triton kernel registered either way (bench/compile_alias_probe.py, H100,
+# 2026-12-06). Views taken inside the compiled function are right there.
+_INDUCTOR_LOSES_INPUT_VIEW_WRITES = tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13)
+
+
+@pytest.mark.parametrize("views", ["inside", "passed"])
+def test_torch_compile_fullgraph_matches_eager(views, kdev, gen, request):
     """Both ops in one torch.compile(fullgraph=True) function give eager's results bit for
     bit: q_out (FP8), the caches, q_pe, and reads of the caches after the writes (the
     compiler sees the caches mutated). Inductor on a GPU, aot_eager on the CPU
-    (YT_TEST_BACKEND=inductor: Inductor there too)."""
+    (YT_TEST_BACKEND=inductor: Inductor there too). The vLLM-style cache ``kv`` is split
+    into its k and v views inside the compiled function ("inside") or before it, the views
+    passed in ("passed"; strict xfail with Inductor on CUDA before torch 2.13)."""
+    backend = os.environ.get("YT_TEST_BACKEND") or ("aot_eager" if kdev == "cpu" else "inductor")
+    if views == "passed" and kdev == "cuda" and backend == "inductor" and _INDUCTOR_LOSES_INPUT_VIEW_WRITES:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="torch < 2.13 Inductor on CUDA loses writes to "
+                                              "mutated input views (bench/compile_alias_probe.py)"))
     p, pm = _params(32), _params(16)
     T, hq, hk, d, nb, bs, L, R = 4, 4, 2, 32, 2, 4, 32, 16
     q, k, v = _qkv(gen, (T,), hq, hk, d, d, torch.bfloat16, kdev)
@@ -1015,6 +1067,8 @@ def test_torch_compile_fullgraph_matches_eager(kdev, gen):
     mla = _Caches("mla", nb, bs, 1, L + R, None, torch.bfloat16, gen, kdev)
 
     def f(q, k, v, pos, kc, vc, slots, q_out, ks, vs, qs, q_pe, k_pe, kv_c, kv_cache):
+        if vc is None:  # ("inside": kc is the whole kv)
+            kc, vc = kc.unbind(0)
         yt.apply_rope_and_cache_(q, k, v, pos, p, kc, vc, slots, layout="deepseek", k_scale=ks, v_scale=vs,
                                  q_out=q_out, q_scale=qs)
         yt.apply_mla_rope_and_cache_(q_pe, k_pe, kv_c, pos, pm, kv_cache, slots)
@@ -1027,12 +1081,11 @@ def test_torch_compile_fullgraph_matches_eager(kdev, gen):
 
     def run(fn):
         (kv,), q_out, qm_, kvm = state()
-        kc, vc = kv.unbind(0)
+        kc, vc = kv.unbind(0) if views == "passed" else (kv, None)
         outs = fn(q, k, v, pos, kc, vc, slots, q_out, ks, vs, qs, qm_[..., 16:], k_pe, kv_c, kvm)
         return list(outs) + [kv, q_out, qm_, kvm]
 
     want = run(f)
-    backend = os.environ.get("YT_TEST_BACKEND") or ("aot_eager" if kdev == "cpu" else "inductor")
     torch._dynamo.reset()
     try:
         got = run(torch.compile(f, fullgraph=True, backend=backend))

@@ -45,8 +45,11 @@ _CANDIDATES = [
     (1, 1, 32, 1), (1, 1, 16, 1), (2, 1, 16, 1), (4, 1, 32, 1), (1, 8, 4, 1), (1, 16, 2, 2), (1, 32, 1, 4),
     (1, 32, 1, 2),
     (2, 16, 1, 4), (2, 8, 4, 1), (2, 16, 2, 2), (4, 8, 4, 2),
-    # MLA's 128 heads at a few tokens: a group per head or two (576-channel rows)
-    (1, 1, 64, 1), (1, 1, 128, 1), (2, 1, 64, 1), (2, 1, 128, 1), (1, 1, 128, 2),
+    # MLA's 128 heads at a few tokens: a group per head or two (576-channel rows). The
+    # fastest shapes of DeepSeek-V3's FP8 serving call on an H100 (2026-12-06, graph time
+    # per shape, bench/ncu_cache_case.py --shapes): 1 token at 4 warps (2.42 us at 1
+    # token), 4 tokens at 4 warps (2.63 us at 8 tokens, where the list's pick took 2.95)
+    (1, 1, 128, 1), (1, 1, 128, 4), (2, 1, 128, 2), (4, 1, 128, 4), (1, 1, 64, 1),
 ]
 # Tuning times candidates on scratch copies of q and k (the user's tensors are never
 # touched, and no restore copy pollutes the timing); past this size it is not worth it.

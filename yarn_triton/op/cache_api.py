@@ -5,8 +5,7 @@ and v stored at each token's slot) and ``apply_mla_rope_and_cache_`` (DeepSeek M
 ``q_pe`` rotated in place; ``[kv_c, rope(k_pe)]`` stored in one cache). Both check
 everything first (:mod:`.cache_checks`), then launch the kernel's CACHE variant eagerly
 through :func:`.launch._execute`, or, under ``torch.compile``, through the custom ops
-defined here, which the compiler sees as opaque ops mutating q (or ``q_out``) and the
-caches.
+defined here, which the compiler sees as mutating q (or ``q_out``) and the caches.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from . import cache_plans as _cache_plans
 from .cache_checks import CacheCall, _check_slots, check_cache_call, mla_views, mla_whole_q
 from .checks import Offsets, _check_config, _check_cu, check_cp, check_rope_args, mrope_list, mrope_spec, split_offsets
 from .launch import CacheTarget, _execute
-from .library import _cp_args, _cp_of
+from .library import COMPILER_SEES_KERNEL, _cp_args, _cp_of, _define
 
 Scale = Union[float, torch.Tensor, None]
 
@@ -38,26 +37,21 @@ def _scale_of(t: Optional[torch.Tensor], f: float) -> Union[float, torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------
-# Custom ops (what torch.compile traces): opaque to the compiler on every device, unlike
-# the rope ops (triton_op, whose kernel Inductor launches itself). Serving caches are views
-# at an offset in a larger tensor (vLLM's ``kv_cache.unbind(0)``; MLA's halves of one
-# cache), and torch 2.11's functionalization of a traced Triton launch mishandles mutated
-# views at an offset: on an H100 it lost the v cache's writes of a compiled step
-# (bench/compile_alias_probe.py; PyTorch's fixes of that class: pytorch/pytorch#184050,
-# #192227). A custom op's mutations go through auto_functionalized, which keeps views of
-# one base right, and a cache write leaves the compiler nothing to fuse.
+# Custom ops (what torch.compile traces). CUDA tensors: the compiler sees the kernel
+# (triton_op); CPU tensors, and torch without triton_op: an opaque host op, whose body is
+# the reference (or the interpreter).
 # --------------------------------------------------------------------------------------
 def _run(q, qo, k, v, k_cache, v_cache, slots, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot,
-         layout, precise, mrope, qq_t, qq_f, kq_t, kq_f, vq_t, vq_f, rotary_at="start", cp_size=1,
+         layout, precise, mrope, qq_t, qq_f, kq_t, kq_f, vq_t, vq_f, traced, rotary_at="start", cp_size=1,
          cp_rank=0) -> None:
     cache = CacheTarget(v, k_cache, v_cache, slots, _scale_of(qq_t, qq_f), _scale_of(kq_t, kq_f),
                         _scale_of(vq_t, vq_f))
     _execute(q, qo, k, None, positions, offsets, cu_seqlens, inv_freq, scale, pos_base, rot, layout, False,
-             precise, mrope=mrope, cache=cache, rotary_at=rotary_at, cp=_cp_of(cp_size, cp_rank))
+             precise, traced=traced, mrope=mrope, cache=cache, rotary_at=rotary_at, cp=_cp_of(cp_size, cp_rank))
 
 
-@torch.library.custom_op("yarn_triton::rope_and_cache_", mutates_args=("q", "q_out", "k_cache", "v_cache"))
-def _rope_and_cache_op(
+@torch.library.custom_op("yarn_triton::rope_and_cache_host_", mutates_args=("q", "q_out", "k_cache", "v_cache"))
+def _host_op(
     q: torch.Tensor, q_out: Optional[torch.Tensor], k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     v_cache: torch.Tensor, slots: torch.Tensor, positions: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
     cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor, scale: float, pos_base: int, rotary_dim: int,
@@ -65,14 +59,43 @@ def _rope_and_cache_op(
     kq_t: Optional[torch.Tensor], kq_f: float, vq_t: Optional[torch.Tensor], vq_f: float, cp_size: int = 1,
     cp_rank: int = 0,
 ) -> None:
-    """:func:`apply_rope_and_cache_`'s launch, checked arguments flat."""
+    """The cache write outside the compiler's view (CPU tensors, old torch)."""
     _run(q, q if q_out is None else q_out, k, v, k_cache, v_cache, slots, positions, offsets, cu_seqlens, inv_freq,
-         scale, pos_base, rotary_dim, layout, precise, mrope, qq_t, qq_f, kq_t, kq_f, vq_t, vq_f,
+         scale, pos_base, rotary_dim, layout, precise, mrope, qq_t, qq_f, kq_t, kq_f, vq_t, vq_f, False,
          cp_size=cp_size, cp_rank=cp_rank)
 
 
-@torch.library.custom_op("yarn_triton::mla_rope_and_cache_", mutates_args=("q_pe", "q_out", "kv_cache"))
-def _mla_op(
+def _rope_and_cache_impl(
+    q: torch.Tensor, q_out: Optional[torch.Tensor], k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, slots: torch.Tensor, positions: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor, scale: float, pos_base: int, rotary_dim: int,
+    layout: str, precise: bool, mrope: Optional[List[int]], qq_t: Optional[torch.Tensor], qq_f: float,
+    kq_t: Optional[torch.Tensor], kq_f: float, vq_t: Optional[torch.Tensor], vq_f: float, cp_size: int = 1,
+    cp_rank: int = 0,
+) -> None:
+    if COMPILER_SEES_KERNEL and q.device.type == "cuda":
+        _run(q, q if q_out is None else q_out, k, v, k_cache, v_cache, slots, positions, offsets, cu_seqlens,
+             inv_freq, scale, pos_base, rotary_dim, layout, precise, mrope, qq_t, qq_f, kq_t, kq_f, vq_t, vq_f, True,
+             cp_size=cp_size, cp_rank=cp_rank)
+    else:
+        torch.ops.yarn_triton.rope_and_cache_host_(q, q_out, k, v, k_cache, v_cache, slots, positions, offsets,
+                                                   cu_seqlens, inv_freq, scale, pos_base, rotary_dim, layout,
+                                                   precise, mrope, qq_t, qq_f, kq_t, kq_f, vq_t, vq_f, cp_size, cp_rank)
+
+
+def _run_mla(q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, slots, positions, offsets, cu_seqlens, inv_freq, scale,
+             pos_base, rot, layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, traced, cp_size=1, cp_rank=0) -> None:
+    """The MLA call as the GQA one: one-head k and v, the two halves of the cache as the k
+    and v caches, and with ``q_nope`` the whole q (its rope part last) into ``q_out``."""
+    k, v, k_cache, v_cache = mla_views(q_pe, k_pe, kv_c, kv_cache)
+    q = q_pe if q_nope is None else mla_whole_q(q_pe, q_nope, q_out)
+    _run(q, q if q_out is None else q_out, k, v, k_cache, v_cache, slots, positions, offsets, cu_seqlens, inv_freq,
+         scale, pos_base, rot, layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, sc_t, sc_f, traced,
+         "start" if q_nope is None else "end", cp_size, cp_rank)
+
+
+@torch.library.custom_op("yarn_triton::mla_rope_and_cache_host_", mutates_args=("q_pe", "q_out", "kv_cache"))
+def _mla_host_op(
     q_pe: torch.Tensor, q_nope: Optional[torch.Tensor], q_out: Optional[torch.Tensor], k_pe: torch.Tensor,
     kv_c: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor, positions: Optional[torch.Tensor],
     offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor, scale: float,
@@ -80,14 +103,32 @@ def _mla_op(
     qq_t: Optional[torch.Tensor], qq_f: float, sc_t: Optional[torch.Tensor], sc_f: float, cp_size: int = 1,
     cp_rank: int = 0,
 ) -> None:
-    """:func:`apply_mla_rope_and_cache_`'s launch, as the GQA one: one-head k and v, the two
-    halves of the cache as the k and v caches, and with ``q_nope`` the whole q (its rope
-    part last) into ``q_out``."""
-    k, v, k_cache, v_cache = mla_views(q_pe, k_pe, kv_c, kv_cache)
-    q = q_pe if q_nope is None else mla_whole_q(q_pe, q_nope, q_out)
-    _run(q, q if q_out is None else q_out, k, v, k_cache, v_cache, slots, positions, offsets, cu_seqlens, inv_freq,
-         scale, pos_base, rotary_dim, layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, sc_t, sc_f,
-         "start" if q_nope is None else "end", cp_size, cp_rank)
+    """The MLA cache write outside the compiler's view (CPU tensors, old torch)."""
+    _run_mla(q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, slots, positions, offsets, cu_seqlens, inv_freq, scale,
+             pos_base, rotary_dim, layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, False, cp_size, cp_rank)
+
+
+def _mla_impl(
+    q_pe: torch.Tensor, q_nope: Optional[torch.Tensor], q_out: Optional[torch.Tensor], k_pe: torch.Tensor,
+    kv_c: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor, positions: Optional[torch.Tensor],
+    offsets: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_freq: torch.Tensor, scale: float,
+    pos_base: int, rotary_dim: int, layout: str, precise: bool, mrope: Optional[List[int]],
+    qq_t: Optional[torch.Tensor], qq_f: float, sc_t: Optional[torch.Tensor], sc_f: float, cp_size: int = 1,
+    cp_rank: int = 0,
+) -> None:
+    if COMPILER_SEES_KERNEL and q_pe.device.type == "cuda":
+        _run_mla(q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, slots, positions, offsets, cu_seqlens, inv_freq, scale,
+                 pos_base, rotary_dim, layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, True, cp_size, cp_rank)
+    else:
+        torch.ops.yarn_triton.mla_rope_and_cache_host_(q_pe, q_nope, q_out, k_pe, kv_c, kv_cache, slots, positions,
+                                                       offsets, cu_seqlens, inv_freq, scale, pos_base, rotary_dim,
+                                                       layout, precise, mrope, qq_t, qq_f, sc_t, sc_f, cp_size,
+                                                       cp_rank)
+
+
+_rope_and_cache_op = _define("yarn_triton::rope_and_cache_", ("q", "q_out", "k_cache", "v_cache"),
+                             _rope_and_cache_impl)
+_mla_op = _define("yarn_triton::mla_rope_and_cache_", ("q_pe", "q_out", "kv_cache"), _mla_impl)
 
 
 # --------------------------------------------------------------------------------------
