@@ -393,7 +393,7 @@ def test_one_step_and_head_loop_agree(case, layout, kdev, gen):
 def test_tuner_times_the_untuned_shape_too(shape):
     """Tuning can only improve on the launch shape used without it: the heuristic's shape is
     always among the candidates, once (a 1-token MLA call's 128 heads get one group each,
-    which the fixed list, ending at 32 groups, lacks)."""
+    which the fixed list has too, among its MLA shapes)."""
     from yarn_triton.kernels import configs
 
     cands = configs.candidate_configs(*shape)

@@ -60,10 +60,10 @@ def candidate_configs(n_tokens: int, n_q_heads: int, n_k_heads: int, half_pad: i
     """The launch shapes worth timing for a shape: no more tokens per program or head
     groups than there are tokens or heads, and at most 64 fp32 values per thread per step
     (more spill); and always the untuned :func:`heuristic_config`, so that tuning can only
-    improve on it. (The fixed list stops at 32 head groups; for a few tokens of MLA's 128
-    heads the heuristic's one group per head is the widest shape on offer: on an H100 the
-    tuner's pick among the list took a 1-token DeepSeek-V3 FP8 serving call to 3.50 us,
-    where one plain store launch of the same bytes takes 2.09.)"""
+    improve on it. (Before the list had shapes of 64 and 128 head groups, for a few tokens of
+    MLA's 128 heads the heuristic's one group per head was the widest shape on offer: on an
+    H100 the tuner's pick among the list took a 1-token DeepSeek-V3 FP8 serving call to
+    3.50 us, where one plain store launch of the same bytes takes 2.09.)"""
     heads = _next_pow2(max(n_q_heads, n_k_heads, 1))
     toks = _tok_class(n_tokens)
     keep = [LaunchConfig(bt, bh, w, 1, g) for bt, bh, g, w in _CANDIDATES
