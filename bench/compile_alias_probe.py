@@ -6,9 +6,9 @@ tests/test_rope_cache.py::test_torch_compile_fullgraph_matches_eager failed on t
 each in-place op compiled with aot_eager and with Inductor, on graph inputs that alias
 each other (unbind views, views of one fused qkv buffer), on ones that do not, and on
 views taken inside the graph, and compares every base tensor bit for bit with eager. Then
-the same unbind pattern without our package (CUDA only): a two-line Triton kernel that
-adds to two mutated arguments, registered as a ``triton_op`` and as an opaque
-``custom_op``. One line per case; with ``--only CASE`` just that case (for
+the same patterns without our package (CUDA only): a two-line Triton kernel that adds to
+two mutated arguments (unbind views, or two tensors of their own), registered as a
+``triton_op`` and as an opaque ``custom_op``. One line per case; with ``--only CASE`` just that case (for
 ``TORCH_LOGS=aot_graphs,output_code``).
 
 On an H100 (torch 2.11, 2026-12-06): every case is right with aot_eager; with Inductor the
@@ -160,7 +160,7 @@ def _minimal_cases() -> dict:
     def opaque(a: torch.Tensor, b: torch.Tensor) -> None:
         launch(a, b, add_two)
 
-    def make(op):
+    def make(op, unbind):
         def case(dev, gen):
             kv0 = torch.randn(2, 64, generator=gen).to(dev)
 
@@ -170,12 +170,18 @@ def _minimal_cases() -> dict:
 
             def run(fn):
                 kv = kv0.clone()
-                x, y = fn(*kv.unbind(0))
+                if unbind:
+                    x, y = fn(*kv.unbind(0))
+                else:  # two tensors of their own, stacked back for the comparison
+                    a, b = kv[0].clone(), kv[1].clone()
+                    x, y = fn(a, b)
+                    kv = torch.stack([a, b])
                 return {"a*1": x, "b*1": y, "kv": kv}
             return f, run
         return case
 
-    return {"minimal_unbind_triton_op": make(traced), "minimal_unbind_custom_op": make(opaque)}
+    return {"minimal_unbind_triton_op": make(traced, True), "minimal_unbind_custom_op": make(opaque, True),
+            "minimal_separate_triton_op": make(traced, False), "minimal_separate_custom_op": make(opaque, False)}
 
 
 CASES = {
