@@ -47,6 +47,21 @@ step() {  # step SECONDS CMD...: at most SECONDS, and never past the budget
   if [ "$left" -lt 20 ]; then echo "skipped (no time left): $*"; return 0; fi
   timeout $((want < left ? want : left)) "$@"
 }
+shapes_of() {  # shapes_of ROWS...: graph time per launch shape of DeepSeek-V3 FP8 rows, fastest 3 shown
+  for r in "$@"; do
+    step 60 python3 bench/ncu_cache_case.py deepseek-v3 fp8 "$r" ours --shapes 2>&1 | tee -a "$OUT/ds_fp8_shapes.txt" \
+      | sort -t: -k2 -n | head -3
+  done
+}
+suite_and_san() {  # suite_and_san WORKERS: the GPU suite in the background, the sanitizer beside it
+  step "${SUITE_SECONDS:-300}" python3 -m pytest -q -p no:cacheprovider -n "$1" --dist worksteal -rf \
+    --durations=15 tests > "$OUT/gpu_suite.txt" 2>&1 &
+  local s_pid=$!
+  YARN_TRITON_AUTOTUNE=0 step 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    python3 bench/sanitize_cache.py > "$OUT/sanitizer.txt" 2>&1
+  echo "san rc=$?"
+  wait $s_pid; echo "suite rc=$?"
+}
 fi_pid=
 probe_pid=
 for part in "$@"; do
@@ -95,25 +110,10 @@ for part in "$@"; do
            probe_pid=$! ;;  # (in the background: the next parts start at once; reported at the end)
     checks) step "${TITAN_SECONDS:-420}" bash bench/torchtitan_train.sh > "$OUT/torchtitan.txt" 2>&1 &
             t_pid=$!
-            step "${SUITE_SECONDS:-300}" python3 -m pytest -q -p no:cacheprovider -n 12 --dist worksteal -rf \
-              --durations=15 tests > "$OUT/gpu_suite.txt" 2>&1 &
-            s_pid=$!
-            YARN_TRITON_AUTOTUNE=0 step 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
-              python3 bench/sanitize_cache.py > "$OUT/sanitizer.txt" 2>&1
-            echo "san rc=$?"
-            wait $s_pid; echo "suite rc=$?"
+            suite_and_san 12  # (12 workers: torchtitan shares the CPUs)
             wait $t_pid; echo "titan rc=$?" ;;
-    shapes) for r in ${SHAPES_ROWS:-decode-1 decode-8}; do  # graph time per launch shape, no profiler
-              step 60 python3 bench/ncu_cache_case.py deepseek-v3 fp8 $r ours --shapes 2>&1 | tee -a "$OUT/ds_fp8_shapes.txt" \
-                | sort -t: -k2 -n | head -3
-            done ;;
-    verify) step "${SUITE_SECONDS:-300}" python3 -m pytest -q -p no:cacheprovider -n 14 --dist worksteal -rf \
-              --durations=15 tests > "$OUT/gpu_suite.txt" 2>&1 &
-            s_pid=$!
-            YARN_TRITON_AUTOTUNE=0 step 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
-              python3 bench/sanitize_cache.py > "$OUT/sanitizer.txt" 2>&1
-            echo "san rc=$?"
-            wait $s_pid; echo "suite rc=$?" ;;
+    shapes) shapes_of ${SHAPES_ROWS:-decode-1 decode-8} ;;
+    verify) suite_and_san 14 ;;
     why) # (WHY_FULL=1: also the plain store's profile and each launch shape's graph time)
          ms="ours"; [ -n "${WHY_FULL:-}" ] && ms="ours moves"
          for m in $ms; do
@@ -121,11 +121,7 @@ for part in "$@"; do
              --force-overwrite python3 bench/ncu_cache_case.py deepseek-v3 fp8 decode-1 $m > "$OUT/ncu_ds_$m.log" 2>&1
            ncu --import "$OUT/ds_fp8_d1_$m.ncu-rep" --page details > "$OUT/ds_fp8_d1_$m.txt" 2>&1
          done
-         if [ -n "${WHY_FULL:-}" ]; then
-           for r in decode-1 decode-8; do
-             step 60 python3 bench/ncu_cache_case.py deepseek-v3 fp8 $r ours --shapes 2>&1 | tee -a "$OUT/ds_fp8_shapes.txt" | tail -1
-           done
-         fi
+         [ -n "${WHY_FULL:-}" ] && shapes_of decode-1 decode-8
          for peer in ours liger; do
            a=""; [ $peer = liger ] && a="liger"
            step 60 ncu --profile-from-start off --set full --export "$OUT/decode256_$peer" --force-overwrite \
