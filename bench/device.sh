@@ -11,7 +11,9 @@
 #   fi      build FlashInfer's two bindings in the background (CPU only; `cache` waits for it)
 #   qkv     bench/bench_qkv.py --sweep: the fused QKV GEMM rows, ship line, every config (#26)
 #   ncu     Nsight Compute on one fused QKV launch and one plain Triton GEMM at 16K tokens
-#   cache   bench/bench_cache.py: the serving table (#24)
+#   cache   bench/bench_cache.py: the serving table (#24); CACHE_ARGS adds arguments (e.g. some
+#           rows: CACHE_ARGS="--models deepseek-v3 --caches fp8"; YARN_TRITON_TUNE_LOG=1 logs
+#           the tuner's timings into cache_log.txt)
 #   decode  bench/bench_rope.py decode rows, default and YARN_TRITON_LOW_PRECISION_ROTATION=1
 #   host    bench/profile_host.py: host time per eager call vs a trivial torch op (#25)
 #   titan   bench/torchtitan_train.sh: llama3 + deepseek_v3 loss curves, eager and compiled
@@ -86,7 +88,8 @@ for part in "$@"; do
          grep -hE "^  [a-zA-Z_0-9]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy" \
            "$OUT/qkv_16k_ncu.txt" "$OUT/cublas_16k_ncu.txt" 2>/dev/null | head -40 ;;
     cache) [ -n "$fi_pid" ] && { wait "$fi_pid"; tail -1 "$OUT/flashinfer_build.txt"; }
-           step "${CACHE_SECONDS:-220}" python3 bench/bench_cache.py --out "$OUT/cache.json" > "$OUT/cache_log.txt" 2>&1
+           step "${CACHE_SECONDS:-220}" python3 bench/bench_cache.py --out "$OUT/cache.json" ${CACHE_ARGS:-} \
+             > "$OUT/cache_log.txt" 2>&1
            echo "cache rc=$?" ;;
     decode) step 90 python3 bench/bench_rope.py --shapes decode-1,decode-64,decode-256 --no-sweep --no-qknorm --no-mrope \
               --no-host --out "$OUT/rope_decode.json" > "$OUT/rope_decode_log.txt" 2>&1

@@ -401,3 +401,28 @@ def test_tuner_times_the_untuned_shape_too(shape):
     assert cands.count(default) == 1 and len(set(cands)) == len(cands)
     if shape[:2] == (1, 128):
         assert max(c.head_groups for c in cands) == 128
+
+
+def test_tuner_times_close_candidates_twice_and_ranks_by_the_mean():
+    """The tuner's ranking (timings stubbed): a candidate that timed best once but slower on
+    its second look loses to a steadier one; a failed candidate (inf) and one far behind
+    are never timed again; one clear winner is not timed again; all failing gives None."""
+    from yarn_triton.kernels import configs
+
+    cands = ["lucky", "steady", "far", "broken"]
+    times = {"lucky": [2.60, 3.10], "steady": [2.70, 2.70], "far": [4.00], "broken": [float("inf")]}
+    calls = []
+
+    def timer(cfg):
+        calls.append(cfg)
+        return times[cfg][sum(c == cfg for c in calls) - 1]
+
+    lines = []
+    assert configs.pick_fastest(cands, timer, log=lines.append) == "steady"  # means 2.85 vs 2.70
+    assert calls == cands + ["steady", "lucky"]  # the finalists again, in reverse order
+    assert len(lines) == 6 and "again" in lines[-1]
+
+    calls.clear()
+    times.update(lucky=[2.0])
+    assert configs.pick_fastest(cands, timer) == "lucky" and calls == cands  # 2.70 > 2.0 * 1.15
+    assert configs.pick_fastest(["broken"], lambda c: float("inf")) is None
