@@ -98,9 +98,12 @@ def _tune(args: tuple, switches: dict, n_tokens: int, configs: list) -> Optional
 
     The candidates within ``_FINALIST_MARGIN`` of the best are timed again, in reverse
     order, and ranked by the mean of their two times (:func:`pick_fastest`). At decode
-    sizes the shapes lie a few percent apart: for DeepSeek-V3's 8-token FP8 serving call
-    the benchmark's one-pass pick (H100, 2026-12-06) is a shape whose graph time is 3.04 us
-    where another's is 2.69 (``bench/ncu_cache_case.py --shapes``).
+    sizes the shapes lie a few percent apart, and picks have differed between processes:
+    for DeepSeek-V3's 8-token FP8 serving call on an H100 (2026-12-06), one benchmark
+    process picked a shape whose graph time is 3.04 us where another's is 2.69 (the next
+    process picked the 2.69 one, and there each finalist's second time was within 0.02 us
+    of its first: that flip was not one noisy timing, and its cause is not known). The
+    second look costs a few graph timings and guards against drift within a tuning run.
     ``YARN_TRITON_TUNE_LOG=1`` prints every timing to stderr."""
     # With the cache write, k's output is the cache: it is not copied (the whole cache
     # could be large); the candidates write the scratch k's rotation into the caller's
