@@ -16,6 +16,7 @@
 #           the tuner's timings into cache_log.txt)
 #   decode  bench/bench_rope.py decode rows, default and YARN_TRITON_LOW_PRECISION_ROTATION=1
 #   host    bench/profile_host.py: host time per eager call vs a trivial torch op (#25)
+#   args    bench/launch_args_probe.py: a Triton launch's host cost against its argument count
 #   titan   bench/torchtitan_train.sh: llama3 + deepseek_v3 loss curves, eager and compiled
 #   suite   the GPU test suite (-rf names failures)
 #   san     compute-sanitizer memcheck on the serving ops
@@ -99,6 +100,8 @@ for part in "$@"; do
             echo "decode low-precision rotation rc=$?" ;;
     host) step 60 python3 bench/profile_host.py --calls 3000 --rounds 5 > "$OUT/host.txt" 2>&1
           echo "host rc=$?" ;;
+    args) step 60 python3 bench/launch_args_probe.py > "$OUT/launch_args.txt" 2>&1
+          echo "args rc=$?" ;;
     titan) step "${TITAN_SECONDS:-420}" bash bench/torchtitan_train.sh > "$OUT/torchtitan.txt" 2>&1
            echo "titan rc=$?" ;;
     suite) step "${SUITE_SECONDS:-300}" python3 -m pytest -q -p no:cacheprovider -n 16 --dist worksteal -rf --durations=15 \
@@ -145,6 +148,7 @@ done
 [ -f "$OUT/sanitizer.txt" ] && tail -1 "$OUT/sanitizer.txt"
 [ -f "$OUT/torchtitan.txt" ] && tail -8 "$OUT/torchtitan.txt"
 [ -f "$OUT/host.txt" ] && grep -E "add_|apply_rope" "$OUT/host.txt"
+[ -f "$OUT/launch_args.txt" ] && cat "$OUT/launch_args.txt"
 [ -f "$OUT/rope_decode_log.txt" ] && grep -A4 "^device time" "$OUT/rope_decode_log.txt"
 [ -f "$OUT/rope_decode_lowrot_log.txt" ] && grep -A4 "^device time" "$OUT/rope_decode_lowrot_log.txt"
 [ -f "$OUT/cache_log.txt" ] && tail -30 "$OUT/cache_log.txt"
