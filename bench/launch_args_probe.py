@@ -7,9 +7,9 @@ C launch function of a replayed plan alone costs about 0.7x a trivial torch op o
 host. This builds kernels of the same body (one load, one store) with 2 to 15 pointers,
 0 to 50 int arguments and 0 to 36 constexprs, and times, per call, the C launch function
 that a replayed plan calls (``launcher._direct_launch``) and Triton's ``compiled.run``,
-beside ``q.add_(0)`` and ``torch.empty_like(q)``, all in one process. Wall time per call
-of 20,000 back-to-back calls, median of 5 rounds. It says whether fewer arguments could
-take the eager ``apply_rope`` under 3x a trivial op.
+beside ``q.add_(0)`` and ``torch.empty_like(q)``, all in one process: wall time per call of
+20,000 back-to-back calls (``timing.host_us``), median of 5 rounds. It says whether fewer
+arguments could take the eager ``apply_rope`` under 3x a trivial op.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+from timing import host_us  # noqa: E402
 
 from yarn_triton.kernels.launcher import _RAW_STREAM, _direct_launch  # noqa: E402
 
@@ -49,18 +52,6 @@ def _load(src: str, name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.k
-
-
-def per_call_us(fn, calls: int = 20000) -> float:
-    for _ in range(200):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e6
 
 
 def main() -> None:
@@ -89,7 +80,7 @@ def main() -> None:
     samples = {name: [] for name in rows}
     for _ in range(5):
         for name, fn in rows.items():
-            samples[name].append(per_call_us(fn))
+            samples[name].append(host_us(fn, calls=20000))
     base = statistics.median(samples["q.add_(0)"])
     print(f"host time per call, median of 5 x 20000 calls ({torch.cuda.get_device_name()}; torch {torch.__version__})")
     for name, s in samples.items():
