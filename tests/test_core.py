@@ -419,7 +419,7 @@ def test_tuner_times_close_candidates_twice_and_ranks_by_the_mean():
 
     lines = []
     assert configs.pick_fastest(cands, timer, log=lines.append) == "steady"  # means 2.85 vs 2.70
-    assert calls == cands + ["steady", "lucky"]  # the finalists again, in reverse order
+    assert calls == cands + ["steady", "lucky"]  # the finalists again, in reverse order of their first times
     assert len(lines) == 6 and "again" in lines[-1]
 
     calls.clear()
