@@ -14,8 +14,10 @@ two mutated arguments (unbind views, or two tensors of their own), registered as
 On an H100 (torch 2.11, 2026-12-06): every case is right with aot_eager; with Inductor the
 serving op loses the v cache's writes when the caches are passed in (as unbind views, and
 as two separate tensors), is right when the whole cache is passed in and split inside, and
-the two-line kernel loses its second argument's writes as a ``triton_op`` and as a
-``custom_op`` alike: torch's bug, not the kernel's. On the CPU (torch 2.13) all are right.
+the two-line kernel on unbind views loses its second argument's writes as a ``triton_op``
+and as a ``custom_op`` alike: torch's bug, not the kernel's (on two tensors of their own,
+it loses them as a ``triton_op`` and is right as a ``custom_op``). On the CPU (torch 2.13)
+all are right.
 
     python bench/compile_alias_probe.py [--only cache_unbind_fp8] [--backends aot_eager,inductor]
 """

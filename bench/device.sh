@@ -56,12 +56,18 @@ shapes_of() {  # shapes_of ROWS...: graph time per launch shape of DeepSeek-V3 F
       | sort -t: -k2 -n | head -3
   done
 }
-suite_and_san() {  # suite_and_san WORKERS: the GPU suite in the background, the sanitizer beside it
+gpu_suite() {  # gpu_suite WORKERS: the GPU test suite (-rf names failures)
   step "${SUITE_SECONDS:-300}" python3 -m pytest -q -p no:cacheprovider -n "$1" --dist worksteal -rf \
-    --durations=15 tests > "$OUT/gpu_suite.txt" 2>&1 &
-  local s_pid=$!
-  YARN_TRITON_AUTOTUNE=0 step 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    --durations=15 tests > "$OUT/gpu_suite.txt" 2>&1
+}
+sanitizer() {  # sanitizer SECONDS: compute-sanitizer memcheck on the serving ops
+  YARN_TRITON_AUTOTUNE=0 step "$1" compute-sanitizer --tool memcheck --error-exitcode 3 \
     python3 bench/sanitize_cache.py > "$OUT/sanitizer.txt" 2>&1
+}
+suite_and_san() {  # suite_and_san WORKERS: the GPU suite in the background, the sanitizer beside it
+  gpu_suite "$1" &
+  local s_pid=$!
+  sanitizer 150
   echo "san rc=$?"
   wait $s_pid; echo "suite rc=$?"
 }
@@ -104,11 +110,9 @@ for part in "$@"; do
           echo "args rc=$?" ;;
     titan) step "${TITAN_SECONDS:-420}" bash bench/torchtitan_train.sh > "$OUT/torchtitan.txt" 2>&1
            echo "titan rc=$?" ;;
-    suite) step "${SUITE_SECONDS:-300}" python3 -m pytest -q -p no:cacheprovider -n 16 --dist worksteal -rf --durations=15 \
-             tests > "$OUT/gpu_suite.txt" 2>&1
+    suite) gpu_suite 16
            echo "suite rc=$?" ;;
-    san) YARN_TRITON_AUTOTUNE=0 step 100 compute-sanitizer --tool memcheck --error-exitcode 3 \
-           python3 bench/sanitize_cache.py > "$OUT/sanitizer.txt" 2>&1
+    san) sanitizer 100
          echo "san rc=$?" ;;
     probe) (step 150 python3 bench/compile_alias_probe.py > "$OUT/probe.txt" 2>&1
             TORCH_LOGS=aot_graphs,output_code step 90 python3 bench/compile_alias_probe.py --only minimal_unbind_triton_op \
