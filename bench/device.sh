@@ -104,7 +104,9 @@ for part in "$@"; do
             YARN_TRITON_LOW_PRECISION_ROTATION=1 step 90 python3 bench/bench_rope.py --shapes decode-1,decode-64,decode-256 \
               --no-sweep --no-qknorm --no-mrope --no-host --out "$OUT/rope_decode_lowrot.json" > "$OUT/rope_decode_lowrot_log.txt" 2>&1
             echo "decode low-precision rotation rc=$?" ;;
-    host) step 60 python3 bench/profile_host.py --calls 3000 --rounds 5 > "$OUT/host.txt" 2>&1
+    host) h="$OUT/host.txt"; n=1  # (named again, the part runs again: host_2.txt, ...)
+          while [ -e "$h" ]; do n=$((n + 1)); h="$OUT/host_$n.txt"; done
+          step "${HOST_SECONDS:-120}" python3 bench/profile_host.py --calls 3000 --rounds 5 > "$h" 2>&1
           echo "host rc=$?" ;;
     args) step 60 python3 bench/launch_args_probe.py > "$OUT/launch_args.txt" 2>&1
           echo "args rc=$?" ;;
@@ -151,7 +153,7 @@ done
 [ -f "$OUT/gpu_suite.txt" ] && { grep -E "^(FAILED|ERROR)" "$OUT/gpu_suite.txt" | head -20; tail -1 "$OUT/gpu_suite.txt"; }
 [ -f "$OUT/sanitizer.txt" ] && tail -1 "$OUT/sanitizer.txt"
 [ -f "$OUT/torchtitan.txt" ] && tail -8 "$OUT/torchtitan.txt"
-[ -f "$OUT/host.txt" ] && grep -E "add_|apply_rope" "$OUT/host.txt"
+for h in "$OUT"/host*.txt; do [ -f "$h" ] && { echo "$h:"; grep -E "add_|apply_rope|launch" "$h"; }; done
 [ -f "$OUT/launch_args.txt" ] && cat "$OUT/launch_args.txt"
 [ -f "$OUT/rope_decode_log.txt" ] && grep -A4 "^device time" "$OUT/rope_decode_log.txt"
 [ -f "$OUT/rope_decode_lowrot_log.txt" ] && grep -A4 "^device time" "$OUT/rope_decode_lowrot_log.txt"

@@ -193,6 +193,9 @@ def main() -> None:
     }
     stub_rows = ("apply_rope_ (in place, positions)", "apply_rope (autograd, q/k require grad)",
                  "apply_qk_norm_rope (autograd)")
+    # the same calls with the plans launching through Triton's C launch function instead of
+    # the packed launcher (the rows' plans lose their packed spec for the timing loop)
+    triton_rows = stub_rows[:2]
     launch = plan.launch
     compiled = None if cpu else launch._aligned
     if compiled is not None:
@@ -203,10 +206,15 @@ def main() -> None:
         g0, g1, g2 = launch.grid
         rows["  compiled launcher alone"] = lambda: compiled.run(
             g0, g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
-        if launch._direct is not None:  # what a replayed plan calls on this Triton
+        if launch._direct is not None:  # Triton's C launch function, which a replay calls without ours
             c_launch, head = launch._direct
-            rows["  C launch function alone (a replay's launch)"] = lambda: c_launch(
-                g0, g1, g2, stream, *head, *args)
+            rows["  Triton's C launch function alone"] = lambda: c_launch(g0, g1, g2, stream, *head, *args)
+        if launch._packed is not None:  # what a replayed plan calls where the packed launcher builds
+            packed, packed_spec = launch._packed
+            ptrs_t = tuple(ptrs)
+            rows["  packed launch alone (a replay's launch)"] = lambda: packed(packed_spec, stream, ptrs_t, 0)
+        else:
+            print(f"(no packed launcher: {launcher.packed_launch.unavailable_reason()})")
     elif not cpu:
         print("(the plan's pointers are not all 16-byte aligned: no 'compiled launcher alone' row)")
 
@@ -217,6 +225,8 @@ def main() -> None:
         timed[name] = fn
         if not cpu and name in stub_rows:  # the stub swapped in around this row's timing loop
             timed[name + " [launch stubbed]"] = fn
+        if not cpu and name in triton_rows:
+            timed[name + " [Triton's launcher]"] = fn
     if cpu:  # every launch stubbed for the whole run
         launcher.PreparedLaunch.__call__ = lambda self, ptrs, pos_base, tensors, bits=None: None
     samples = {name: [] for name in timed}
@@ -229,6 +239,15 @@ def main() -> None:
                         samples[name].append(per_call_us(fn, a.calls, sync))
                     finally:
                         launcher.PreparedLaunch.__call__ = real_call
+                elif name.endswith("[Triton's launcher]"):
+                    kept = {id(pl.launch): (pl.launch, pl.launch._packed) for pl in op.plans._PLANS.values()}
+                    for lp, _ in kept.values():
+                        lp._packed = None
+                    try:
+                        samples[name].append(per_call_us(fn, a.calls, sync))
+                    finally:
+                        for lp, packed_of in kept.values():
+                            lp._packed = packed_of
                 else:
                     samples[name].append(per_call_us(fn, a.calls, sync))
     finally:

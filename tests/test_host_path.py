@@ -444,6 +444,8 @@ def test_direct_launch_passes_what_tritons_launcher_would(kdev, gen, monkeypatch
     monkeypatch.setattr(plan, "_by_align", {})
     monkeypatch.setattr(plan, "_aligned", None)
     monkeypatch.setattr(plan, "_direct", None)
+    monkeypatch.setattr(plan, "_packed", None)
+    monkeypatch.setattr(kl.packed_launch, "ENABLED", False)  # Triton's launcher is what this test is about
     launcher = _Launcher36()
     monkeypatch.setattr(kl, "INTERPRETED", False)
     monkeypatch.setattr(kl, "FAST_LAUNCH", True)

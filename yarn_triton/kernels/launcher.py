@@ -11,7 +11,8 @@ choice (``HW_SINCOS``, ``_sincos``), ``FAST_LAUNCH`` and the compiled kernels
 ``_COMPILED``. The kernel is launched by its name in this module (and in ``configs``, whose
 tuner times it).
 
-Imports ``rope_kernel`` and ``configs``.
+Imports ``rope_kernel``, ``configs`` and ``packed_launch`` (the launcher a replay uses where
+it can be built).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 import triton
 
+from . import packed_launch
 from .configs import LaunchConfig, _grid, _meta, _next_pow2, _tok_class, _tune, candidate_configs, heuristic_config
 from .rope_kernel import INTERPRETED, rope_kernel
 
@@ -103,7 +105,7 @@ class PreparedLaunch:
     """
 
     __slots__ = ("args", "switches", "cfg", "grid", "device", "_constexprs", "_by_align", "_aligned", "_direct",
-                 "_tail")
+                 "_packed", "_tail")
 
     def __init__(self, args, switches, cfg, grid):
         # the pointer slots are left empty: a cached plan must not keep the first call's
@@ -119,6 +121,7 @@ class PreparedLaunch:
         self._by_align = {}
         self._aligned = None  # the common case: every pointer 16-byte aligned, 32-bit pos_base
         self._direct = None  # (C launch function, its arguments between stream and the kernel's)
+        self._packed = None  # (packed_launch's C launch, the spec of this plan's aligned kernel)
         # the kernel's arguments after the pointers and pos_base, constexprs included
         self._tail = (*self.args[_N_PTRS + 2:], *self._constexprs)
 
@@ -141,6 +144,11 @@ class PreparedLaunch:
             return
         if bits is None:
             bits = _reduce(_or, ptrs)
+        packed = self._packed
+        # the common replay first, tested inline (aligned pointers, a 32-bit pos_base): it runs on every eager call
+        if packed is not None and not bits & 15 and -2147483648 <= pos_base <= 2147483647 and not _HOOKED():
+            packed[0](packed[1], _RAW_STREAM(self.device), ptrs, pos_base)
+            return
         narrow = -(1 << 31) <= pos_base < (1 << 31)
         common = not bits & 15 and narrow
         if common and self._direct is not None and not _HOOKED():
@@ -157,6 +165,7 @@ class PreparedLaunch:
                 if common:
                     self._aligned = compiled
                     self._direct = _direct_launch(compiled)
+                    self._packed = self._packed_launch(compiled, pos_base)
         args = (*ptrs, self.args[_N_PTRS], pos_base, *self._tail)
         g0, g1, g2 = self.grid
         if _HOOKED():
@@ -164,6 +173,16 @@ class PreparedLaunch:
         else:
             compiled.run(g0, g1, g2, _RAW_STREAM(self.device), compiled.function, compiled.packed_metadata,
                          None, None, None, *args)
+
+
+    def _packed_launch(self, compiled, pos_base: int) -> Optional[tuple]:
+        """``(C launch, spec)`` of the packed launcher (:mod:`.packed_launch`) for
+        ``compiled``, this plan's kernel for aligned pointers and a 32-bit ``pos_base``, or
+        None where it cannot stand in for Triton's launcher."""
+        values = [*self._args([0] * _N_PTRS, pos_base), *self._constexprs]
+        spec = packed_launch.spec_for(compiled, rope_kernel.arg_names, values, self.grid, self.device, _N_PTRS,
+                                      _N_PTRS + 1)
+        return None if spec is None else (packed_launch.module().launch, spec)
 
 
 def _direct_launch(compiled) -> Optional[tuple]:
@@ -481,12 +500,10 @@ _RAW_STREAM = torch._C._cuda_getCurrentRawStream if hasattr(torch._C, "_cuda_get
 _KNOBS = triton.knobs.runtime
 
 
-def _hook_set(hook) -> bool:
-    # Triton 3.6 keeps an always-present chain of hooks (empty unless a profiler added
-    # one); later versions keep None
-    return hook is not None and bool(getattr(hook, "calls", True))
-
-
 def _HOOKED() -> bool:
-    """Whether a profiler set Triton's launch hooks (then launches take Triton's own path)."""
-    return _hook_set(_KNOBS.launch_enter_hook) or _hook_set(_KNOBS.launch_exit_hook) or _RAW_STREAM is None
+    """Whether a profiler set Triton's launch hooks (then launches take Triton's own path).
+    (Triton 3.6 keeps an always-present chain of hooks, empty unless a profiler added one;
+    later versions keep None. Written out, without a helper per hook: every replay asks.)"""
+    enter, leave = _KNOBS.launch_enter_hook, _KNOBS.launch_exit_hook
+    return bool((enter is not None and getattr(enter, "calls", True)) or
+                (leave is not None and getattr(leave, "calls", True))) or _RAW_STREAM is None

@@ -1,0 +1,175 @@
+"""The packed launcher: a replayed plan's launch without re-parsing its fixed arguments.
+
+Triton's C launcher reads all 101 of ``rope_kernel``'s arguments from Python objects on
+every call; on an H100 host that is about a third of a plan replay's launch cost (measured by
+``bench/launch_args_probe.py``). A plan replays with only its 15 data pointers and
+``pos_base`` changed, so :func:`spec_for` packs everything else once, into the byte layout
+the CUDA driver reports for the compiled function (``cuFuncGetParamInfo``), and the small C
+module ``packed_launch.c`` copies that template, writes the pointers and ``pos_base`` and
+calls ``cuLaunchKernel`` (:func:`launch`).
+
+The C module is built on first use with the C compiler Triton itself needs (``CC``, else
+``gcc``/``cc``/``clang``), into ``$YARN_TRITON_CACHE_DIR`` (default
+``~/.cache/yarn_triton``), keyed by the source and the Python version. Anything missing (no
+compiler, a driver older than CUDA 12.4, a Triton whose compiled kernels hold their
+signature elsewhere, a layout that does not match the signature) makes :func:`spec_for`
+return None, and the plan keeps Triton's launcher: slower on the host, never different on
+the device. ``YARN_TRITON_PACKED_LAUNCH=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+ENABLED = os.environ.get("YARN_TRITON_PACKED_LAUNCH", "1") != "0"
+_SOURCE = Path(__file__).with_name("packed_launch.c")
+_MODULE_NAME = "_yarn_triton_launch"
+_HEADER = struct.Struct("<Q12I")  # packed_launch.c's Header
+
+# Triton's signature types of scalar arguments: how each is stored in the parameter buffer
+_SCALAR_FORMATS = {"i1": "b", "i8": "b", "u1": "B", "u8": "B", "i16": "h", "u16": "H", "i32": "i", "u32": "I",
+                   "i64": "q", "u64": "Q", "fp16": "e", "fp32": "f", "f32": "f", "fp64": "d"}
+
+_state = {"module": None, "tried": False, "error": None}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("YARN_TRITON_CACHE_DIR") or Path.home() / ".cache" / "yarn_triton")
+
+
+def _compiler() -> Optional[str]:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+
+
+def _build() -> Path:
+    """Compile ``packed_launch.c`` (once per source and Python version) and return the
+    shared object's path; raises when there is no compiler or it fails."""
+    source = _SOURCE.read_bytes()
+    tag = hashlib.sha256(source + sys.version.encode()).hexdigest()[:16]
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    target = _cache_dir() / f"{_MODULE_NAME}-{tag}{suffix}"
+    if target.exists():
+        return target
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (set CC, or install gcc)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    includes = {sysconfig.get_paths()["include"], sysconfig.get_paths()["platinclude"]}
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [cc, str(_SOURCE), "-O2", "-shared", "-fPIC", *(f"-I{d}" for d in includes), "-o", str(out), "-ldl"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        os.replace(out, target)  # atomic: a concurrent build loses nothing
+    return target
+
+
+def module():
+    """The built C module, or None (the reason in :func:`unavailable_reason`); built and
+    loaded once per process."""
+    if not _state["tried"]:
+        _state["tried"] = True
+        try:
+            path = _build()
+            spec = importlib.util.spec_from_file_location(_MODULE_NAME, path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            _state["module"] = mod
+        except Exception as exc:  # no compiler, no headers: Triton's launcher stays
+            _state["error"] = f"{type(exc).__name__}: {exc}"
+    return _state["module"]
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the packed launcher is not in use (None when it is, or was not yet needed)."""
+    if not ENABLED:
+        return "YARN_TRITON_PACKED_LAUNCH=0"
+    return _state["error"]
+
+
+def build_spec(function: int, grid: Sequence[int], block: int, shared: int, device: int, types: Sequence[str],
+               values: Sequence, layout: Sequence[Tuple[int, int]], n_ptrs: int, base_index: int) -> bytes:
+    """The spec of one launch (``packed_launch.c``'s layout), or ValueError when the
+    signature and the driver's parameter layout disagree.
+
+    ``types``/``values``: every kernel argument's Triton signature type (``"constexpr"``
+    for the ones compiled in) and value, in order; the first ``n_ptrs`` are the pointers
+    each call brings (their values unused) and ``values[base_index]`` is ``pos_base``, also
+    brought by each call. ``layout``: ``(offset, size)`` per parameter of the compiled
+    function, which are the non-constexpr arguments then Triton's trailing scratch pointers
+    (null here)."""
+    runtime = [i for i, ty in enumerate(types) if ty != "constexpr"]
+    extra = layout[len(runtime):]
+    if len(layout) < len(runtime) or any(size != 8 for _, size in extra):
+        raise ValueError(f"{len(layout)} parameters in the compiled function for {len(runtime)} arguments")
+    size = max((off + sz for off, sz in layout), default=0)
+    buf = bytearray(size)
+    ptr_off: List[int] = [0] * n_ptrs
+    base = None
+    for i, (off, sz) in zip(runtime, layout):
+        ty = types[i]
+        if ty.startswith("*"):
+            if sz != 8 or i >= n_ptrs:
+                raise ValueError(f"pointer argument {i} ({ty}): size {sz}, or past the {n_ptrs} call pointers")
+            ptr_off[i] = off
+            continue
+        fmt = _SCALAR_FORMATS.get(ty)
+        if fmt is None or struct.calcsize(fmt) != sz:
+            raise ValueError(f"argument {i}: type {ty!r} does not fit a {sz}-byte parameter")
+        if i == base_index:
+            if fmt not in ("i", "q"):
+                raise ValueError(f"pos_base has type {ty!r}")
+            base = (off, sz)
+            continue
+        struct.pack_into("<" + fmt, buf, off, values[i])
+    if base is None or sorted(set(range(n_ptrs)) - set(runtime)):
+        raise ValueError("pos_base or a call pointer was compiled in as a constant")
+    header = _HEADER.pack(function, *grid, block, shared, device, len(layout), n_ptrs, size, *base, 0)
+    return header + struct.pack(f"<{n_ptrs}I", *ptr_off) + struct.pack(f"<{len(layout)}I",
+                                                                        *(o for o, _ in layout)) + bytes(buf)
+
+
+def spec_for(compiled, arg_names: Sequence[str], values: Sequence, grid: Sequence[int], device: int,
+             n_ptrs: int, base_index: int) -> Optional[bytes]:
+    """The packed spec of ``compiled`` (a Triton ``CompiledKernel`` with its handles
+    loaded) launched on ``grid`` with ``values`` (every argument of the kernel, by
+    ``arg_names``; the call pointers' and ``pos_base``'s unused), or None where the packed
+    launcher cannot stand in for Triton's."""
+    md = getattr(compiled, "metadata", None)
+    if not ENABLED or md is None:
+        return None
+    mod = module()
+    if mod is None:
+        return None
+    if getattr(md, "num_ctas", 1) != 1 or getattr(md, "launch_pdl", False) or \
+            getattr(md, "launch_cooperative_grid", False) or getattr(md, "global_scratch_size", 0) or \
+            getattr(md, "profile_scratch_size", 0):
+        return None  # launch attributes or scratch buffers: Triton's launcher knows them
+    signature = getattr(getattr(compiled, "src", None), "signature", None)
+    if not isinstance(signature, dict) or list(signature) != list(arg_names):
+        return None
+    try:
+        mod.load_driver()
+        layout = mod.param_layout(compiled.function)
+        return build_spec(compiled.function, grid, 32 * md.num_warps, md.shared, device,
+                          list(signature.values()), values, layout, n_ptrs, base_index)
+    except (OSError, RuntimeError, ValueError, struct.error) as exc:
+        _state["error"] = f"{type(exc).__name__}: {exc}"
+        return None
+
+
+def launch(spec: bytes, stream: int, pointers: tuple, pos_base: int) -> None:
+    """Launch ``spec`` on ``stream`` with this call's ``pointers`` (a tuple of ints) and
+    ``pos_base``."""
+    _state["module"].launch(spec, stream, pointers, pos_base)
