@@ -126,6 +126,8 @@ def test_spec_refuses_a_layout_that_disagrees_with_the_signature():
         pl.build_spec(1, (1, 1, 1), 32, 0, 0, _TYPES, values, good[:5], _N_PTRS, _BASE)
     with pytest.raises(ValueError, match="parameters in the compiled function"):  # a third trailing int
         pl.build_spec(1, (1, 1, 1), 32, 0, 0, _TYPES, values, good + [(good[-1][0] + 8, 4)], _N_PTRS, _BASE)
+    with pytest.raises(ValueError, match="parameters in the compiled function"):  # three trailing pointers
+        pl.build_spec(1, (1, 1, 1), 32, 0, 0, _TYPES, values, good + [(good[-1][0] + 8, 8)], _N_PTRS, _BASE)
     folded = list(_TYPES)
     folded[1] = "constexpr"  # a call pointer compiled in (None)
     with pytest.raises(ValueError, match="compiled in"):
@@ -149,8 +151,29 @@ class _Source:
     signature = dict(zip("abcdefghijkl", _TYPES))
 
 
+def _ptx(n_params):
+    """A PTX entry as Triton's compiler writes it, with ``n_params`` parameters."""
+    params = ",\n".join(f"\t.param .u64 .ptr .global .align 1 k_param_{i}" if i % 3 == 0 else
+                        f"\t.param .u32 k_param_{i}" for i in range(n_params))
+    return f"//\n.version 8.7\n.target sm_90a\n.visible .entry k(\n{params}\n)\n.reqntid 32\n{{\n\tret;\n}}\n"
+
+
 class _Compiled:
     metadata, src, function = _Metadata(), _Source(), 0x10
+    asm = {"ptx": _ptx(len([t for t in _TYPES if t != "constexpr"]) + 2)}
+
+
+def test_ptx_parameter_count():
+    """The parameter count comes from the PTX entry (asking the driver past the last one
+    is an API error); no PTX, no count."""
+    for n in (0, 1, 12, 70):
+        c = _Compiled()
+        c.asm = {"ptx": _ptx(n)}
+        assert pl._ptx_param_count(c) == n
+    c = _Compiled()
+    c.asm = {"cubin": b"..."}
+    assert pl._ptx_param_count(c) is None
+    assert pl._ptx_param_count(object()) is None
 
 
 def test_no_compiler_keeps_tritons_launcher(monkeypatch, tmp_path):
@@ -180,9 +203,9 @@ def test_spec_for_only_where_tritons_launch_has_nothing_more(cmod, monkeypatch):
             return None
 
         @staticmethod
-        def param_layout(function):
+        def param_layout(function, count):
             assert function == 0x10
-            return _abi_layout(_TYPES)
+            return _abi_layout(_TYPES)[:count]
 
     monkeypatch.setattr(pl, "_state", {"module": Mod, "tried": True, "error": None})
     names = list("abcdefghijkl")
@@ -193,6 +216,13 @@ def test_spec_for_only_where_tritons_launch_has_nothing_more(cmod, monkeypatch):
         c = _Compiled()
         c.metadata = type("M", (_Metadata,), {field: value})()
         assert pl.spec_for(c, names, vals, (2, 1, 1), 0, _N_PTRS, _BASE) is None, field
+    # a PTX entry with one parameter fewer than the signature has arguments: refused
+    c = _Compiled()
+    c.asm = {"ptx": _ptx(len([t for t in _TYPES if t != "constexpr"]) - 1)}
+    assert pl.spec_for(c, names, vals, (2, 1, 1), 0, _N_PTRS, _BASE) is None
+    assert "parameters in the compiled function" in pl.unavailable_reason()
+    c.asm = {}
+    assert pl.spec_for(c, names, vals, (2, 1, 1), 0, _N_PTRS, _BASE) is None
 
 
 def _serving_calls(dev, gen):

@@ -182,29 +182,44 @@ static PyObject *load_driver(PyObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-/* param_layout(function: int) -> [(offset, size), ...] of the compiled function's parameters. */
-static PyObject *param_layout(PyObject *self, PyObject *arg) {
+/* param_layout(function: int, count: int) -> [(offset, size), ...] of the compiled function's
+ * first `count` parameters. (The caller knows the count, from the PTX: asking past the last
+ * parameter would be an API error, which compute-sanitizer reports.) */
+static PyObject *param_layout(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "param_layout(function, count)");
+        return NULL;
+    }
     if (cu_launch == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "packed launch: load_driver() first");
         return NULL;
     }
-    unsigned long long f = PyLong_AsUnsignedLongLong(arg);
+    unsigned long long f = PyLong_AsUnsignedLongLong(args[0]);
     if (f == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
-    PyObject *out = PyList_New(0);
+    Py_ssize_t count = PyLong_AsSsize_t(args[1]);
+    if (count == -1 && PyErr_Occurred())
+        return NULL;
+    if (count < 0 || count > MAX_PARAMS) {
+        PyErr_Format(PyExc_ValueError, "packed launch: %zd parameters (at most %d)", count, MAX_PARAMS);
+        return NULL;
+    }
+    PyObject *out = PyList_New(count);
     if (out == NULL)
         return NULL;
-    for (size_t i = 0; i <= MAX_PARAMS; i++) {
+    for (Py_ssize_t i = 0; i < count; i++) {
         size_t off = 0, size = 0;
-        if (cu_param_info((CUfunction)(uintptr_t)f, i, &off, &size) != 0)
-            break;  /* CUDA_ERROR_INVALID_VALUE past the last parameter */
+        CUresult err = cu_param_info((CUfunction)(uintptr_t)f, (size_t)i, &off, &size);
+        if (err != 0) {
+            Py_DECREF(out);
+            return cuda_error("cuFuncGetParamInfo", err);
+        }
         PyObject *item = Py_BuildValue("(nn)", (Py_ssize_t)off, (Py_ssize_t)size);
-        if (item == NULL || PyList_Append(out, item) < 0) {
-            Py_XDECREF(item);
+        if (item == NULL) {
             Py_DECREF(out);
             return NULL;
         }
-        Py_DECREF(item);
+        PyList_SET_ITEM(out, i, item);
     }
     return out;
 }
@@ -263,7 +278,8 @@ static PyObject *launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 static PyMethodDef methods[] = {
     {"load_driver", load_driver, METH_NOARGS, "Resolve the CUDA driver functions (raises when missing)."},
-    {"param_layout", param_layout, METH_O, "[(offset, size)] of a CUfunction's parameters."},
+    {"param_layout", (PyCFunction)(void (*)(void))param_layout, METH_FASTCALL,
+     "[(offset, size)] of a CUfunction's first count parameters."},
     {"pack", (PyCFunction)(void (*)(void))pack, METH_FASTCALL, "The packed arguments of a call, as bytes."},
     {"launch", (PyCFunction)(void (*)(void))launch, METH_FASTCALL, "Launch a spec on a stream."},
     {NULL, NULL, 0, NULL},

@@ -4,7 +4,8 @@ Triton's C launcher reads all 101 of ``rope_kernel``'s arguments from Python obj
 every call; on an H100 host that is about a third of a plan replay's launch cost (measured by
 ``bench/launch_args_probe.py``). A plan replays with only its 15 data pointers and
 ``pos_base`` changed, so :func:`spec_for` packs everything else once, into the byte layout
-the CUDA driver reports for the compiled function (``cuFuncGetParamInfo``), and the small C
+the CUDA driver reports for the compiled function (``cuFuncGetParamInfo``, for as many
+parameters as its PTX entry declares), and the small C
 module ``packed_launch.c`` copies that template, writes the pointers and ``pos_base`` and
 calls ``cuLaunchKernel`` (:func:`launch`).
 
@@ -12,7 +13,7 @@ The C module is built on first use with the C compiler Triton itself needs (``CC
 ``gcc``/``cc``/``clang``), into ``$YARN_TRITON_CACHE_DIR`` (default
 ``~/.cache/yarn_triton``), keyed by the source and the Python version. Anything missing (no
 compiler, a driver older than CUDA 12.4, a Triton whose compiled kernels hold their
-signature elsewhere, a layout that does not match the signature) makes :func:`spec_for`
+signature or PTX elsewhere, a layout that does not match the signature) makes :func:`spec_for`
 return None, and the plan keeps Triton's launcher: slower on the host, never different on
 the device. ``YARN_TRITON_PACKED_LAUNCH=0`` turns it off.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -111,7 +113,7 @@ def build_spec(function: int, grid: Sequence[int], block: int, shared: int, devi
     (null here)."""
     runtime = [i for i, ty in enumerate(types) if ty != "constexpr"]
     extra = layout[len(runtime):]
-    if len(layout) < len(runtime) or any(size != 8 for _, size in extra):
+    if len(layout) < len(runtime) or len(extra) > 2 or any(size != 8 for _, size in extra):
         raise ValueError(f"{len(layout)} parameters in the compiled function for {len(runtime)} arguments")
     size = max((off + sz for off, sz in layout), default=0)
     buf = bytearray(size)
@@ -159,14 +161,30 @@ def spec_for(compiled, arg_names: Sequence[str], values: Sequence, grid: Sequenc
     signature = getattr(getattr(compiled, "src", None), "signature", None)
     if not isinstance(signature, dict) or list(signature) != list(arg_names):
         return None
+    count = _ptx_param_count(compiled)
+    if count is None:
+        return None
     try:
         mod.load_driver()
-        layout = mod.param_layout(compiled.function)
+        layout = mod.param_layout(compiled.function, count)
         return build_spec(compiled.function, grid, 32 * md.num_warps, md.shared, device,
                           list(signature.values()), values, layout, n_ptrs, base_index)
     except (OSError, RuntimeError, ValueError, struct.error) as exc:
         _state["error"] = f"{type(exc).__name__}: {exc}"
         return None
+
+
+def _ptx_param_count(compiled) -> Optional[int]:
+    """How many parameters the compiled kernel's PTX entry declares (every argument Triton
+    passes, its trailing scratch pointers included), or None without its PTX. This is the
+    check that no parameter goes unpacked: the driver reports each parameter's place but
+    not how many there are, except by failing past the last."""
+    try:
+        ptx = compiled.asm["ptx"]
+    except (AttributeError, KeyError, TypeError):
+        return None
+    entry = re.search(r"\.entry\s+[\w$]+\s*\((.*?)\)", ptx if isinstance(ptx, str) else "", re.S)
+    return None if entry is None else len(re.findall(r"\.param\b", entry.group(1)))
 
 
 def launch(spec: bytes, stream: int, pointers: tuple, pos_base: int) -> None:
