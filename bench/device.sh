@@ -114,7 +114,7 @@ for part in "$@"; do
            echo "titan rc=$?" ;;
     suite) gpu_suite 16
            echo "suite rc=$?" ;;
-    san) sanitizer 100
+    san) sanitizer "${SAN_SECONDS:-150}"
          echo "san rc=$?" ;;
     probe) (step 150 python3 bench/compile_alias_probe.py > "$OUT/probe.txt" 2>&1
             TORCH_LOGS=aot_graphs,output_code step 90 python3 bench/compile_alias_probe.py --only minimal_unbind_triton_op \
