@@ -101,7 +101,10 @@ class PreparedLaunch:
     call signature (shapes, strides, dtypes, switches), so a repeated call skips the
     geometry and goes straight to :meth:`__call__`. The compiled kernel is picked by the
     pointers' 16-byte alignment and ``pos_base``'s width, the only things a same-signature
-    call can change that Triton specializes on.
+    call can change that Triton specializes on. A replay launches through the packed
+    launcher (:mod:`.packed_launch`: the arguments that never change packed once, per call
+    only the pointers and ``pos_base``) where it could be built, else through Triton's C
+    launch function.
     """
 
     __slots__ = ("args", "switches", "cfg", "grid", "device", "_constexprs", "_by_align", "_aligned", "_direct",
@@ -173,7 +176,6 @@ class PreparedLaunch:
         else:
             compiled.run(g0, g1, g2, _RAW_STREAM(self.device), compiled.function, compiled.packed_metadata,
                          None, None, None, *args)
-
 
     def _packed_launch(self, compiled, pos_base: int) -> Optional[tuple]:
         """``(C launch, spec)`` of the packed launcher (:mod:`.packed_launch`) for

@@ -182,18 +182,26 @@ static PyObject *load_driver(PyObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* What every entry that calls the driver checks first: its argument count, and that
+ * load_driver() ran. */
+static int driver_entry(Py_ssize_t nargs, Py_ssize_t want, const char *usage) {
+    if (nargs != want) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    if (cu_launch == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "packed launch: load_driver() first");
+        return -1;
+    }
+    return 0;
+}
+
 /* param_layout(function: int, count: int) -> [(offset, size), ...] of the compiled function's
  * first `count` parameters. (The caller knows the count, from the PTX: asking past the last
  * parameter would be an API error, which compute-sanitizer reports.) */
 static PyObject *param_layout(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "param_layout(function, count)");
+    if (driver_entry(nargs, 2, "param_layout(function, count)") < 0)
         return NULL;
-    }
-    if (cu_launch == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "packed launch: load_driver() first");
-        return NULL;
-    }
     unsigned long long f = PyLong_AsUnsignedLongLong(args[0]);
     if (f == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
@@ -240,14 +248,8 @@ static PyObject *pack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
 
 /* launch(spec, stream, pointers, pos_base) -> None, on the stream (an int, cudaStream_t). */
 static PyObject *launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "launch(spec, stream, pointers, pos_base)");
+    if (driver_entry(nargs, 4, "launch(spec, stream, pointers, pos_base)") < 0)
         return NULL;
-    }
-    if (cu_launch == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "packed launch: load_driver() first");
-        return NULL;
-    }
     Header h;
     const uint32_t *param_off;
     unsigned char buf[MAX_SIZE] __attribute__((aligned(16)));

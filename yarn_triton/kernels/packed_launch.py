@@ -70,7 +70,7 @@ def _build() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         cmd = [cc, str(_SOURCE), "-O2", "-shared", "-fPIC", *(f"-I{d}" for d in includes), "-o", str(out), "-ldl"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
         os.replace(out, target)  # atomic: a concurrent build loses nothing
