@@ -293,11 +293,16 @@ def run_case(case, device):
 # database), so the runs together keep covering the space.
 _SWEEP_EXAMPLES = int(os.environ.get("YARN_TRITON_SWEEP_EXAMPLES", "160")) if INTERPRETED \
     else int(os.environ.get("YARN_TRITON_GPU_EXAMPLES", "60"))
+# The sweep runs as 4 shards of a quarter of the examples each (each draws its own): one
+# test of 160 examples took 104 s on CI's 2 cores, the longest single test, which the other
+# worker could not share; as shards, the workers split it.
+_SWEEP_SHARDS = 4
 
 
-@settings(max_examples=_SWEEP_EXAMPLES, **_HYP)
+@pytest.mark.parametrize("shard", range(_SWEEP_SHARDS))
+@settings(max_examples=-(-_SWEEP_EXAMPLES // _SWEEP_SHARDS), **_HYP)
 @given(case=cases())
-def test_sweep_matches_float64_reference(kdev, case):
+def test_sweep_matches_float64_reference(kdev, shard, case):
     run_case(case, kdev)
 
 
