@@ -464,6 +464,36 @@ def test_direct_launch_passes_what_tritons_launcher_would(kdev, gen, monkeypatch
     assert launcher.c_calls[-1][13 + kl._N_PTRS + 1] == 54321
 
 
+def test_replay_takes_the_packed_launcher_only_for_aligned_pointers_and_a_32bit_base(kdev, gen, monkeypatch):
+    """Where a plan holds a packed spec, an aligned replay with a 32-bit ``pos_base`` goes
+    to it with this call's pointers and base on the tensors' stream, and nothing reaches
+    Triton's launcher; a misaligned pointer or a 64-bit ``pos_base`` does not go to it."""
+    p = _params()
+    q = torch.randn(1, 3, 4, 64, generator=gen).to(kdev)
+    pos = torch.randint(0, 1 << 20, (1, 3), generator=gen).to(kdev)
+    op.plans._PLANS.clear()
+    yt.apply_rope_(q, None, pos, p)
+    plan = next(iter(op.plans._PLANS.values())).launch
+    for name, value in (("_by_align", {}), ("_aligned", None), ("_direct", None), ("_packed", None)):
+        monkeypatch.setattr(plan, name, value)  # (as in the test above: made-up pointers must not launch)
+    launcher = _Launcher36()
+    monkeypatch.setattr(kl, "INTERPRETED", False)
+    monkeypatch.setattr(kl, "FAST_LAUNCH", True)
+    monkeypatch.setattr(kl, "_RAW_STREAM", lambda device: 777)
+    monkeypatch.setattr(kl, "_HOOKED", lambda: False)
+    monkeypatch.setattr(kl, "_compile", lambda *a: _Compiled(launcher))
+    ptrs = tuple(16 * (i + 1) for i in range(kl._N_PTRS))
+    plan(ptrs, 5, ptrs)  # new specialization: Triton's own __call__
+    packed_calls = []
+    monkeypatch.setattr(plan, "_packed", (lambda *a: packed_calls.append(a), b"spec"))
+    plan(ptrs, 12345, ptrs)
+    assert packed_calls == [(b"spec", 777, ptrs, 12345)] and len(launcher.c_calls) == 1
+    odd = (ptrs[0] + 2,) + ptrs[1:]
+    plan(odd, 7, odd)  # misaligned: a specialization of its own, through Triton
+    plan(ptrs, 1 << 40, ptrs)  # 64-bit pos_base: likewise
+    assert len(packed_calls) == 1 and launcher.py_calls == 3
+
+
 def test_direct_launch_only_for_the_launcher_shape_it_knows():
     """Scratch to allocate, or another launcher signature (Triton 3.9 takes the metadata
     and hooks by name): Triton's own path."""

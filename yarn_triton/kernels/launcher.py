@@ -147,16 +147,15 @@ class PreparedLaunch:
             return
         if bits is None:
             bits = _reduce(_or, ptrs)
-        packed = self._packed
-        # the common replay first, tested inline (aligned pointers, a 32-bit pos_base): it runs on every eager call
-        if packed is not None and not bits & 15 and -2147483648 <= pos_base <= 2147483647 and not _HOOKED():
-            packed[0](packed[1], _RAW_STREAM(self.device), ptrs, pos_base)
-            return
         narrow = -(1 << 31) <= pos_base < (1 << 31)
         common = not bits & 15 and narrow
-        if common and self._direct is not None and not _HOOKED():
-            launch, head = self._direct
-            launch(*self.grid, _RAW_STREAM(self.device), *head, *ptrs, self.args[_N_PTRS], pos_base, *self._tail)
+        if common and (self._packed is not None or self._direct is not None) and not _HOOKED():
+            if self._packed is not None:  # the packed launcher, where it could be built
+                launch, spec = self._packed
+                launch(spec, _RAW_STREAM(self.device), ptrs, pos_base)
+            else:
+                launch, head = self._direct
+                launch(*self.grid, _RAW_STREAM(self.device), *head, *ptrs, self.args[_N_PTRS], pos_base, *self._tail)
             return
         compiled = self._aligned if common else None
         if compiled is None:

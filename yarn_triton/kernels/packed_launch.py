@@ -7,7 +7,7 @@ every call; on an H100 host that is about a third of a plan replay's launch cost
 the CUDA driver reports for the compiled function (``cuFuncGetParamInfo``, for as many
 parameters as its PTX entry declares), and the small C
 module ``packed_launch.c`` copies that template, writes the pointers and ``pos_base`` and
-calls ``cuLaunchKernel`` (:func:`launch`).
+calls ``cuLaunchKernel`` (the module's ``launch(spec, stream, pointers, pos_base)``).
 
 The C module is built on first use with the C compiler Triton itself needs (``CC``, else
 ``gcc``/``cc``/``clang``), into ``$YARN_TRITON_CACHE_DIR`` (default
@@ -135,7 +135,7 @@ def build_spec(function: int, grid: Sequence[int], block: int, shared: int, devi
             base = (off, sz)
             continue
         struct.pack_into("<" + fmt, buf, off, values[i])
-    if base is None or sorted(set(range(n_ptrs)) - set(runtime)):
+    if base is None or set(range(n_ptrs)) - set(runtime):
         raise ValueError("pos_base or a call pointer was compiled in as a constant")
     header = _HEADER.pack(function, *grid, block, shared, device, len(layout), n_ptrs, size, *base, 0)
     return header + struct.pack(f"<{n_ptrs}I", *ptr_off) + struct.pack(f"<{len(layout)}I",
@@ -185,9 +185,3 @@ def _ptx_param_count(compiled) -> Optional[int]:
         return None
     entry = re.search(r"\.entry\s+[\w$]+\s*\((.*?)\)", ptx if isinstance(ptx, str) else "", re.S)
     return None if entry is None else len(re.findall(r"\.param\b", entry.group(1)))
-
-
-def launch(spec: bytes, stream: int, pointers: tuple, pos_base: int) -> None:
-    """Launch ``spec`` on ``stream`` with this call's ``pointers`` (a tuple of ints) and
-    ``pos_base``."""
-    _state["module"].launch(spec, stream, pointers, pos_base)
