@@ -428,30 +428,35 @@ class _Compiled:
         self.run, self.function, self.packed_metadata = run, 0xF00, (1, 1, 0)
 
 
-def test_direct_launch_passes_what_tritons_launcher_would(kdev, gen, monkeypatch):
-    """A replayed plan calls the C launch function itself (``_direct_launch``) with exactly
-    the arguments Triton's own ``__call__`` gives it: same grid, stream, flags, metadata,
-    pointers, ``pos_base`` and every other argument, constexprs included."""
+def _uncompiled_plan_on_a_stubbed_launcher(monkeypatch, gen, kdev, with_k=True):
+    """A real plan's launch, made as if it had not compiled yet (on a GPU the real one holds
+    the real kernel and its launchers, which must never see made-up pointers), with the
+    launch path outside Triton stubbed: stream 777, no hooks, and every compile giving a
+    ``_Compiled`` around the returned ``_Launcher36`` (which records what reaches it)."""
     p = _params()
     q = torch.randn(1, 3, 4, 64, generator=gen).to(kdev)
-    k = torch.randn(1, 3, 2, 64, generator=gen).to(kdev)
+    k = torch.randn(1, 3, 2, 64, generator=gen).to(kdev) if with_k else None
     pos = torch.randint(0, 1 << 20, (1, 3), generator=gen).to(kdev)
     op.plans._PLANS.clear()
     yt.apply_rope_(q, k, pos, p)
     plan = next(iter(op.plans._PLANS.values())).launch
-    # as a plan that has not compiled yet (on a GPU the real one already holds the real
-    # kernel and its C launch, which must never see these made-up pointers)
-    monkeypatch.setattr(plan, "_by_align", {})
-    monkeypatch.setattr(plan, "_aligned", None)
-    monkeypatch.setattr(plan, "_direct", None)
-    monkeypatch.setattr(plan, "_packed", None)
-    monkeypatch.setattr(kl.packed_launch, "ENABLED", False)  # Triton's launcher is what this test is about
+    for name, value in (("_by_align", {}), ("_aligned", None), ("_direct", None), ("_packed", None)):
+        monkeypatch.setattr(plan, name, value)
     launcher = _Launcher36()
     monkeypatch.setattr(kl, "INTERPRETED", False)
     monkeypatch.setattr(kl, "FAST_LAUNCH", True)
     monkeypatch.setattr(kl, "_RAW_STREAM", lambda device: 777)
     monkeypatch.setattr(kl, "_HOOKED", lambda: False)
     monkeypatch.setattr(kl, "_compile", lambda *a: _Compiled(launcher))
+    return plan, launcher
+
+
+def test_direct_launch_passes_what_tritons_launcher_would(kdev, gen, monkeypatch):
+    """A replayed plan calls the C launch function itself (``_direct_launch``) with exactly
+    the arguments Triton's own ``__call__`` gives it: same grid, stream, flags, metadata,
+    pointers, ``pos_base`` and every other argument, constexprs included."""
+    plan, launcher = _uncompiled_plan_on_a_stubbed_launcher(monkeypatch, gen, kdev)
+    monkeypatch.setattr(kl.packed_launch, "ENABLED", False)  # Triton's launcher is what this test is about
     ptrs = [16 * (i + 1) for i in range(kl._N_PTRS)]
     plan(ptrs, 12345, ptrs)  # new specialization: Triton's own __call__
     plan(ptrs, 12345, ptrs)  # replay: the C function directly
@@ -468,20 +473,7 @@ def test_replay_takes_the_packed_launcher_only_for_aligned_pointers_and_a_32bit_
     """Where a plan holds a packed spec, an aligned replay with a 32-bit ``pos_base`` goes
     to it with this call's pointers and base on the tensors' stream, and nothing reaches
     Triton's launcher; a misaligned pointer or a 64-bit ``pos_base`` does not go to it."""
-    p = _params()
-    q = torch.randn(1, 3, 4, 64, generator=gen).to(kdev)
-    pos = torch.randint(0, 1 << 20, (1, 3), generator=gen).to(kdev)
-    op.plans._PLANS.clear()
-    yt.apply_rope_(q, None, pos, p)
-    plan = next(iter(op.plans._PLANS.values())).launch
-    for name, value in (("_by_align", {}), ("_aligned", None), ("_direct", None), ("_packed", None)):
-        monkeypatch.setattr(plan, name, value)  # (as in the test above: made-up pointers must not launch)
-    launcher = _Launcher36()
-    monkeypatch.setattr(kl, "INTERPRETED", False)
-    monkeypatch.setattr(kl, "FAST_LAUNCH", True)
-    monkeypatch.setattr(kl, "_RAW_STREAM", lambda device: 777)
-    monkeypatch.setattr(kl, "_HOOKED", lambda: False)
-    monkeypatch.setattr(kl, "_compile", lambda *a: _Compiled(launcher))
+    plan, launcher = _uncompiled_plan_on_a_stubbed_launcher(monkeypatch, gen, kdev, with_k=False)
     ptrs = tuple(16 * (i + 1) for i in range(kl._N_PTRS))
     plan(ptrs, 5, ptrs)  # new specialization: Triton's own __call__
     packed_calls = []
