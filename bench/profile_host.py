@@ -12,8 +12,10 @@ launch stubbed, the compiled kernel's own launcher); the serving op
 ``apply_rope_and_cache_`` writing the token into a bf16 or an FP8 paged cache (its launch
 plan, ``op/cache_plans.py``); the out-of-place autograd
 ``apply_rope`` / ``apply_qk_norm_rope`` and their parts (signature lookup, the plan's
-out-of-place replay, an ``autograd.Function`` shell of the same arity allocating the same
-outputs, ``empty_like``, the whole call with the launch stubbed, the call with no grad).
+out-of-place replay, the C++ autograd node alone, an ``autograd.Function`` shell of the same
+arity allocating the same outputs, ``empty_like``, the whole call with the launch stubbed,
+the call with the Python ``autograd.Function`` in place of the C++ node, the call with no
+grad).
 
 ``--cpu-interpret`` runs the same calls on CPU tensors with ``TRITON_INTERPRET=1`` and every
 kernel launch stubbed out (``PreparedLaunch.__call__`` does nothing once the plans are
@@ -119,6 +121,9 @@ def main() -> None:
     if cpu:
         _patch_inv_freq_on_like_cuda()
 
+    node = op.native_node.wait()  # the autograd calls' C++ node, built before the first call
+    if node is None:
+        print(f"(no C++ autograd node: {op.native_node.unavailable_reason()})")
     bf = torch.bfloat16
     x = decode_host_inputs(dev, bf)  # the benchmark's host rows' inputs
     p, q, k, pos, qg, kg = x.p, x.q, x.k, x.pos, x.qg, x.kg
@@ -191,11 +196,16 @@ def main() -> None:
         "apply_rope (under torch.no_grad)": no_grad_copy,
         "apply_qk_norm_rope (autograd)": calls["apply_qk_norm_rope"],
     }
+    if node is not None:
+        node_state = ((None,) * 5, (None, None, None))
+        rows["  C++ autograd node alone (2 outputs)"] = lambda: node(None, node_state, qg, kg, None, None, False)
     stub_rows = ("apply_rope_ (in place, positions)", "apply_rope (autograd, q/k require grad)",
                  "apply_qk_norm_rope (autograd)")
     # the same calls with the plans launching through Triton's C launch function instead of
     # the packed launcher (the rows' plans lose their packed spec for the timing loop)
     triton_rows = stub_rows[:2]
+    # the autograd calls with the Python autograd.Function in place of the C++ node
+    function_rows = stub_rows[1:] if node is not None else ()
     launch = plan.launch
     compiled = None if cpu else launch._aligned
     if compiled is not None:
@@ -227,6 +237,8 @@ def main() -> None:
             timed[name + " [launch stubbed]"] = fn
         if not cpu and name in triton_rows:
             timed[name + " [Triton's launcher]"] = fn
+        if name in function_rows:
+            timed[name + " [Python Function]"] = fn
     if cpu:  # every launch stubbed for the whole run
         launcher.PreparedLaunch.__call__ = lambda self, ptrs, pos_base, tensors, bits=None: None
     samples = {name: [] for name in timed}
@@ -248,6 +260,12 @@ def main() -> None:
                     finally:
                         for lp, packed_of in kept.values():
                             lp._packed = packed_of
+                elif name.endswith("[Python Function]"):
+                    op.native_node.APPLY = None
+                    try:
+                        samples[name].append(per_call_us(fn, a.calls, sync))
+                    finally:
+                        op.native_node.APPLY = node
                 else:
                     samples[name].append(per_call_us(fn, a.calls, sync))
     finally:

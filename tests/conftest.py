@@ -23,6 +23,12 @@ def pytest_configure(config):
     recorder = kernel_paths.plugin()
     if recorder is not None:
         config.pluginmanager.register(recorder, "kernel_paths")
+    # The eager autograd's C++ node (yarn_triton/op/native_node.py) is otherwise built in
+    # the background by the first call that can use it, and calls before that take the
+    # Python Function: built here first, so that every test takes the same path (xdist
+    # workers, configured after the controller, load the controller's build).
+    from yarn_triton.op import native_node
+    native_node.wait()
 
 # Relative-error bounds of the kernel output vs the float64 truth, per dtype: storage
 # rounding of the output dominates (bf16 2**-8, fp16 2**-11, fp32 ~1e-7 with precise angles).

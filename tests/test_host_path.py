@@ -187,13 +187,28 @@ def _count_calls(monkeypatch, name):
     return calls
 
 
+@pytest.fixture(params=["cpp_node", "python_function"])
+def eager_node(request, monkeypatch):
+    """A replayed autograd call's node: the C++ one (``op/native_node.py``, built by
+    conftest) or the Python ``autograd.Function`` it stands in for. Returns the name the
+    outputs' ``grad_fn`` has."""
+    if request.param == "python_function":
+        monkeypatch.setattr(op.native_node, "APPLY", None)
+        return "_EagerRopeBackward"
+    if op.native_node.APPLY is None:
+        pytest.skip(f"no C++ node: {op.native_node.unavailable_reason()}")
+    return "YarnRopeBackward"
+
+
 @pytest.mark.parametrize("layout", ["neox", "deepseek"])
 @pytest.mark.parametrize("norm", [False, True], ids=["rope", "qk_norm"])
 @pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
-def test_replayed_autograd_call_matches_reference_with_fresh_data(kdev, gen, monkeypatch, layout, norm, inverse):
+def test_replayed_autograd_call_matches_reference_with_fresh_data(kdev, gen, monkeypatch, layout, norm, inverse,
+                                                                  eager_node):
     """Same signature, new values every call: outputs and every gradient (norm weights
     too) match autograd of the float64 reference, inputs stay untouched, and from the
-    second call on neither direction re-validates or takes the full launch path."""
+    second call on neither direction re-validates or takes the full launch path; with
+    either autograd node for the replays."""
     if norm and inverse:
         pytest.skip("the norm calls have no inverse")
     p = _params()
@@ -212,6 +227,7 @@ def test_replayed_autograd_call_matches_reference_with_fresh_data(kdev, gen, mon
             qo, ko = yt.apply_qk_norm_rope(*leaves[:2], pos.to(kdev), p, *leaves[2:], layout=layout)
         else:
             qo, ko = yt.apply_rope(*leaves, pos.to(kdev), p, layout=layout, inverse=inverse)
+        assert qo.grad_fn.name() == (eager_node if i else "_EagerRopeBackward") and ko.grad_fn is qo.grad_fn
         torch.autograd.backward((qo, ko), (gq.to(kdev), gk.to(kdev)))
         for t, b in zip(leaves, before):
             assert torch.equal(t.detach(), b)  # inputs not modified

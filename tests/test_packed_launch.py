@@ -7,7 +7,6 @@ GPU: every kind of plan launches through it, with results bit for bit those of T
 own launcher.
 """
 
-import importlib.util
 import random
 import struct
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 import yarn_triton as yt
-from yarn_triton import op
+from yarn_triton import native, op
 from yarn_triton.kernels import launcher as kl
 from yarn_triton.kernels import packed_launch as pl
 
@@ -39,7 +38,7 @@ def _abi_layout(types):
 @pytest.fixture(scope="module")
 def cmod(tmp_path_factory):
     """The C module built into a fresh cache folder (skipped where no compiler exists)."""
-    if pl._compiler() is None:
+    if native.compiler() is None:
         pytest.skip("no C compiler")
     mp = pytest.MonkeyPatch()
     mp.setenv("YARN_TRITON_CACHE_DIR", str(tmp_path_factory.mktemp("launch-cache")))
@@ -47,9 +46,7 @@ def cmod(tmp_path_factory):
         path = pl._build()
     finally:
         mp.undo()
-    spec = importlib.util.spec_from_file_location(pl._MODULE_NAME, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = native.load(pl._MODULE_NAME, path)
     assert mod.HEADER_SIZE == pl._HEADER.size
     return mod
 

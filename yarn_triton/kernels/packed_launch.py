@@ -20,18 +20,13 @@ the device. ``YARN_TRITON_PACKED_LAUNCH=0`` turns it off.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
 import re
-import shutil
 import struct
-import subprocess
-import sys
-import sysconfig
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
+
+from .. import native
 
 ENABLED = os.environ.get("YARN_TRITON_PACKED_LAUNCH", "1") != "0"
 _SOURCE = Path(__file__).with_name("packed_launch.c")
@@ -45,52 +40,16 @@ _SCALAR_FORMATS = {"i1": "b", "i8": "b", "u1": "B", "u8": "B", "i16": "h", "u16"
 _state = {"module": None, "tried": False, "error": None}
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("YARN_TRITON_CACHE_DIR") or Path.home() / ".cache" / "yarn_triton")
-
-
-def _compiler() -> Optional[str]:
-    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
-
-
 def _build() -> Path:
-    """Compile ``packed_launch.c`` (once per source and Python version) and return the
-    shared object's path; raises when there is no compiler or it fails."""
-    source = _SOURCE.read_bytes()
-    tag = hashlib.sha256(source + sys.version.encode()).hexdigest()[:16]
-    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    target = _cache_dir() / f"{_MODULE_NAME}-{tag}{suffix}"
-    if target.exists():
-        return target
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler (set CC, or install gcc)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    includes = {sysconfig.get_paths()["include"], sysconfig.get_paths()["platinclude"]}
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        cmd = [cc, str(_SOURCE), "-O2", "-shared", "-fPIC", *(f"-I{d}" for d in includes), "-o", str(out), "-ldl"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-        os.replace(out, target)  # atomic: a concurrent build loses nothing
-    return target
+    """Compile ``packed_launch.c`` (once per source and Python version: :mod:`yarn_triton.native`)
+    and return the shared object's path; raises when there is no compiler or it fails."""
+    return native.build(_MODULE_NAME, _SOURCE, ["-ldl"])
 
 
 def module():
     """The built C module, or None (the reason in :func:`unavailable_reason`); built and
     loaded once per process."""
-    if not _state["tried"]:
-        _state["tried"] = True
-        try:
-            path = _build()
-            spec = importlib.util.spec_from_file_location(_MODULE_NAME, path)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            _state["module"] = mod
-        except Exception as exc:  # no compiler, no headers: Triton's launcher stays
-            _state["error"] = f"{type(exc).__name__}: {exc}"
-    return _state["module"]
+    return native.load_once(_state, _MODULE_NAME, _build)  # (without it: Triton's launcher)
 
 
 def unavailable_reason() -> Optional[str]:

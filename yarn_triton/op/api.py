@@ -19,9 +19,10 @@ import torch.autograd.forward_ad as _forward_ad
 from ..kernels.configs import LaunchConfig
 from ..rope import RopeParams
 from . import dtensor as _dtensor
+from . import native_node as _native_node
 from . import plans as _plans
 from .checks import Norm, Offsets, QueryScale, _check_call, _check_config, _check_cu, mrope_list, mrope_spec, split_offsets
-from .eager import _EAGER_ROPE_APPLY, _EagerRope, _eager_copy
+from .eager import _EAGER_ROPE_APPLY, _EagerRope, _eager_copy, replay_with_node
 from .launch import _execute
 from .library import _cp_args, _q_scale_args
 from .plans import _remember, _signature
@@ -157,6 +158,11 @@ def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
     plain = not torch._C._are_functorch_transforms_active() and _forward_ad._current_level < 0
     if plain and not _needs_grad(q, k, norm):
         return _eager_copy(q, k, args, args[8], plan, key, norm)
+    if plain and plan is not None:  # a replay: the C++ autograd node, once built (same results, less host time)
+        node = _native_node.APPLY
+        if node is not None:
+            return replay_with_node(node, q, k, args, plan, key, norm)
+        _native_node.request()
     apply = _EAGER_ROPE_APPLY if plain else _EagerRope.apply
     if norm is None:
         return apply((args, plan, key, None, k is not None), q, k)

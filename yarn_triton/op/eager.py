@@ -50,23 +50,50 @@ class _EagerRope(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gq, gk):
-        args, _, _, norm, has_k = ctx.meta
-        if _versions(args) != ctx.versions:
-            raise RuntimeError("one of the variables needed for gradient computation has been modified by an inplace "
-                               "operation: the positions, offsets or cu_seqlens given to apply_rope changed before "
-                               "its backward, which recomputes the angles from them")
-        positions, offsets, cu_seqlens = args[0], args[1], args[2]
-        _, _, _, _, _, _, rot, layout, inverse, precise, params, q_scale, rotary_at, cp = args
-        gk = gk if has_k else None
-        key = _signature(gq, gk, positions, params, layout, rot, offsets, cu_seqlens, precise, not inverse, None,
-                         False, None, q_scale, rotary_at, cp)
-        # q_out = s * R(x) per token: dx = R^T(s * g), the same kernel inverted, same scale
-        dq, dk = _eager_copy(gq, gk, args, not inverse, _plans._PLANS.get(key), key)
-        if norm is None:
-            return None, dq, dk
-        q, k, q_weight, k_weight = ctx.saved_tensors
-        dq, dk, dqw, dkw = _norm_rope_backward(q, k, q_weight, k_weight, norm.eps, norm.kind, dq, dk)
-        return None, dq, dk, dqw, dkw
+        return (None, *_rope_backward(ctx.meta, ctx.versions, gq, gk, ctx.saved_tensors if ctx.meta[3] else None))
+
+
+def _rope_backward(meta, versions, gq, gk, saved):
+    """The gradients of (q, k), or with the norm of (q, k, q_weight, k_weight), for the
+    forward of ``meta`` whose position tensors had ``versions``; ``saved``: the forward's
+    (q, k, q_weight, k_weight) with the norm, else None. Both autograd nodes' backward."""
+    args, _, _, norm, has_k = meta
+    if _versions(args) != versions:
+        raise RuntimeError("one of the variables needed for gradient computation has been modified by an inplace "
+                           "operation: the positions, offsets or cu_seqlens given to apply_rope changed before "
+                           "its backward, which recomputes the angles from them")
+    positions, offsets, cu_seqlens = args[0], args[1], args[2]
+    _, _, _, _, _, _, rot, layout, inverse, precise, params, q_scale, rotary_at, cp = args
+    gk = gk if has_k else None
+    key = _signature(gq, gk, positions, params, layout, rot, offsets, cu_seqlens, precise, not inverse, None,
+                     False, None, q_scale, rotary_at, cp)
+    # q_out = s * R(x) per token: dx = R^T(s * g), the same kernel inverted, same scale
+    dq, dk = _eager_copy(gq, gk, args, not inverse, _plans._PLANS.get(key), key)
+    if norm is None:
+        return dq, dk
+    q, k, q_weight, k_weight = saved
+    return _norm_rope_backward(q, k, q_weight, k_weight, norm.eps, norm.kind, dq, dk)
+
+
+def _node_backward(state, gq, gk, saved):
+    """The C++ node's backward (``native_node.cpp``): ``state`` is ``(meta, versions)``."""
+    return _rope_backward(state[0], state[1], gq, gk, saved)
+
+
+def replay_with_node(apply, q, k, args, plan, key, norm):
+    """:class:`_EagerRope`'s forward for a replayed plan, with the C++ autograd node
+    (:mod:`.native_node`, whose ``apply`` is given) in place of the Python Function: the
+    node allocates the outputs and wires them into the graph, then the plan launches into
+    them. Arguments as for the Function; returns ``(q_out, k_out)``."""
+    meta = (args, plan, key, norm, k is not None)
+    state = (meta, _versions(args))
+    cu_seqlens = args[2]
+    if norm is None:
+        qo, ko = apply(_node_backward, state, q, k, None, None, cu_seqlens is not None)
+    else:
+        qo, ko = apply(_node_backward, state, q, k, norm.q_weight, norm.k_weight, cu_seqlens is not None)
+    plan.run(q, k, args[0], args[1], cu_seqlens, args[5], qo, ko, norm)
+    return qo, ko
 
 
 def _versions(args) -> tuple:
