@@ -156,13 +156,13 @@ def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens,
     # must keep refusing), Function.apply's Python wrapper adds nothing, and a call where
     # nothing needs a gradient gets the same result without the Function.
     plain = not torch._C._are_functorch_transforms_active() and _forward_ad._current_level < 0
-    if plain and not _needs_grad(q, k, norm):
-        return _eager_copy(q, k, args, args[8], plan, key, norm)
-    if plain and plan is not None:  # a replay: the C++ autograd node, once built (same results, less host time)
-        node = _native_node.APPLY
+    if plain and plan is not None:  # a replay: the C++ autograd node, once built (same results, less host time;
+        node = _native_node.APPLY  # it also allocates the outputs of a call that needs no gradient, and adds no node)
         if node is not None:
             return replay_with_node(node, q, k, args, plan, key, norm)
         _native_node.request()
+    if plain and not _needs_grad(q, k, norm):
+        return _eager_copy(q, k, args, args[8], plan, key, norm)
     apply = _EAGER_ROPE_APPLY if plain else _EagerRope.apply
     if norm is None:
         return apply((args, plan, key, None, k is not None), q, k)
