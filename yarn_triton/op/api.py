@@ -119,8 +119,9 @@ def _rope_copy_dtensor(q, k, positions, params, layout, rotary_dim, offsets, cu_
 def _rope_copy(q, k, positions, params, layout, rotary_dim, offsets, cu_seqlens, precise, inverse, check_cu, norm,
                q_scale=None, rotary_at="start", cp=None):
     """Out-of-place, differentiable rope (and norm, and query scale). Eager: a known signature skips the
-    checks (they passed for it) and replays its plan inside :class:`_EagerRope`, or
-    without autograd when nothing needs a gradient; torch.compile: the custom op. DTensor
+    checks (they passed for it) and replays its plan with the C++ autograd node where it
+    is built, else inside :class:`_EagerRope`, or without autograd when nothing needs a
+    gradient; torch.compile: the custom op. DTensor
     arguments (never on the plan path) run on their local shards."""
     if torch.compiler.is_compiling():
         if _dtensor.involved(q, k, positions, offsets, cu_seqlens, norm):

@@ -3,7 +3,8 @@
 Same forward and backward as the ``yarn_triton::rope`` op (:mod:`.library`), but called
 directly, since the dispatcher's round trips cost several times the kernel's own host
 time; both directions replay launch plans (:mod:`.plans`). ``torch.compile`` uses the op
-instead.
+instead. A replayed call takes the C++ autograd node (:mod:`.native_node`) where it is
+built (:func:`replay_with_node`), with the same backward (:func:`_rope_backward`).
 """
 
 from __future__ import annotations
