@@ -6,8 +6,8 @@
 // whose tokens past the last sequence keep q's values), and when grad mode is on and an
 // input requires grad, gives them one node whose backward calls the Python function
 // `backward(state, grad_q, grad_k, saved)`, which returns the gradients of (q, k) or of
-// (q, k, q_weight, k_weight). The caller (native_node.py) then launches the kernel into
-// the outputs. A torch.autograd.Function does the same from Python at several times the
+// (q, k, q_weight, k_weight). The caller (op/eager.py, replay_with_node) then launches the
+// kernel into the outputs. A torch.autograd.Function does the same from Python at several times the
 // host cost; this is its eager fast path, nothing more: the Python Function stays for
 // every other case.
 //
@@ -33,8 +33,8 @@ using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// Nodes are held by std::shared_ptr up to some torch 2.1x and by c10::intrusive_ptr
-// after; Node::getptr() exists in both and names the pointer type of this build.
+// Nodes are held by std::shared_ptr in torch 2.11 (and before) and by c10::intrusive_ptr
+// in 2.13; Node::getptr() exists in both and names the pointer type of this build.
 using NodePtr = decltype(std::declval<Node&>().getptr());
 constexpr bool kIntrusive = !std::is_same_v<NodePtr, std::shared_ptr<Node>>;
 
