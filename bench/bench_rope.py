@@ -472,6 +472,7 @@ def decode_host_inputs(device, dtype) -> types.SimpleNamespace:
 def host_costs(dtype, liger) -> dict:
     """Eager wall time per call, 1-token decode (32/8 heads, d128), every method."""
     import yarn_triton as yt
+    from yarn_triton.op import native_node
 
     x = decode_host_inputs("cuda", dtype)
     p, q, k, pos, qg, kg = x.p, x.q, x.k, x.pos, x.qg, x.kg
@@ -497,6 +498,9 @@ def host_costs(dtype, liger) -> dict:
     rows["ours apply_rope in torch.compile (fullgraph)"] = lambda: compiled(qg, kg, pos)
     if liger is not None:
         rows["liger"] = lambda: liger(qv, kv, cos, sin)
+    # the eager autograd call's C++ node is built in the background by the first call that
+    # can use it (about 10 s, then cached): waited for, so that the rows time the steady state
+    native_node.wait()
     for fn in rows.values():  # compile, tune, warm up
         fn()
     # rounds over all rows, median per row: one slow stretch of the host hits every row once
